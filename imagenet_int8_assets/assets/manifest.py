@@ -1,0 +1,77 @@
+"""raw_manifest: one row per file under the source, with a status and a reason."""
+
+
+import io
+
+import pandas as pd
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
+from imagenet_int8_assets.core.sources import scan_source
+from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_bytes, manifest_path
+from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+
+def read_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame:
+    path = manifest_path(settings.output_path)
+    if not path.is_file():
+        raise MissingArtifact(
+            f"No manifest at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
+        )
+    return pd.read_parquet(path)
+
+
+def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
+    return manifest[(manifest["class_folder"] == class_folder) & (manifest["status"] == "ok")]
+
+
+@asset(
+    name="raw_manifest",
+    group_name=GROUP,
+    kinds={"parquet"},
+    description=(
+        "Every file under the source: relative path (id), class folder, label index and text, "
+        "width, height, mode, format, bytes, status (ok / bad / skipped) and the reason. Bad and "
+        "skipped files are recorded here and left out of every later step."
+    ),
+)
+def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    source = settings.source_path()
+    context.log.info(f"Scanning {source} with {settings.worker_count()} worker process(es)")
+    frame, labels = scan_source(
+        source,
+        max_pixels=settings.max_pixels,
+        workers=settings.worker_count(),
+        progress=progress_logger(context.log.info, "files probed"),
+    )
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    path = manifest_path(settings.output_path)
+    atomic_write_bytes(path, buffer.getvalue())
+
+    status_counts = frame["status"].value_counts().to_dict()
+    per_class = (
+        frame.pivot_table(index="class_folder", columns="status", values="id", aggfunc="count", fill_value=0)
+        .reindex(columns=["ok", "bad", "skipped"], fill_value=0)
+        .reset_index()
+    )
+    per_class.insert(1, "label", per_class["class_folder"].map(labels.index))
+    per_class.insert(2, "label_text", per_class["class_folder"].map(labels.text))
+    problems = frame[frame["status"] != "ok"][["id", "status", "reason"]]
+    for row in problems.itertuples():
+        context.log.warning(f"{row.status}: {row.id}: {row.reason}")
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(path)),
+            "source": MetadataValue.path(str(source)),
+            "files": len(frame),
+            "ok": int(status_counts.get("ok", 0)),
+            "bad": int(status_counts.get("bad", 0)),
+            "skipped": int(status_counts.get("skipped", 0)),
+            "classes": len(labels.index),
+            "label_scheme": labels.scheme,
+            "label_note": labels.note,
+            "per_class": MetadataValue.md(markdown_table(per_class.to_dict("records"))),
+            "bad_and_skipped_files": MetadataValue.md(markdown_table(problems.head(200).to_dict("records"))),
+        }
+    )

@@ -1,0 +1,89 @@
+"""quantization_stats: per-channel statistics of the stored latents over every class."""
+
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PartitionsDefinition, asset
+
+from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
+from imagenet_int8_assets.core.quantize import ChannelStats, step
+from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_json, read_latents, stats_path
+from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+CHANNEL_COLUMNS = ["channel", "count", "min", "max", "mean", "std", "p0.1", "p1", "p50", "p99", "p99.9", "clip_fraction", "quant_rmse"]
+
+
+def build_quantization_asset(partitions_def: PartitionsDefinition):
+    @asset(
+        name="quantization_stats",
+        group_name=GROUP,
+        deps=["vae_latents"],
+        kinds={"json"},
+        description=(
+            "Per channel, over all classes and per class: min, max, mean, std, percentiles "
+            "(0.1, 1, 50, 99, 99.9), the fraction of values clipped by the uint8 range and the "
+            "quantization RMSE. Reads one class at a time (constant memory)."
+        ),
+    )
+    def quantization_stats(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+        keys = partitions_def.get_partition_keys()
+        overall: ChannelStats | None = None
+        per_class_rows, per_class_json, missing = [], {}, []
+        for key in keys:
+            try:
+                ids, arrays, _ = read_latents(settings.output_path, key)
+            except MissingArtifact:
+                missing.append(key)
+                continue
+            latent = arrays["latent"]
+            stats = ChannelStats(latent.shape[1], settings.quant_range)
+            stats.update(latent)
+            if overall is None:
+                overall = ChannelStats(latent.shape[1], settings.quant_range)
+            overall.merge(stats)
+            summary = stats.summary()
+            per_class_json[key] = summary
+            n = sum(r["count"] for r in summary)
+            per_class_rows.append(
+                {
+                    "class": key,
+                    "images": len(ids),
+                    "mean": sum(r["mean"] * r["count"] for r in summary) / n if n else float("nan"),
+                    "clip_fraction": sum(r["clip_fraction"] * r["count"] for r in summary) / n if n else float("nan"),
+                    "quant_rmse": (sum(r["quant_rmse"] ** 2 * r["count"] for r in summary) / n) ** 0.5 if n else float("nan"),
+                }
+            )
+        if missing:
+            raise MissingArtifact(
+                f"vae_latents is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}"
+                f"{' ...' if len(missing) > 20 else ''}. Materialize those partitions first."
+            )
+        channels = overall.summary() if overall is not None else []
+        total = sum(r["count"] for r in channels)
+        clip = sum(r["clip_fraction"] * r["count"] for r in channels) / total if total else 0.0
+        rmse = (sum(r["quant_rmse"] ** 2 * r["count"] for r in channels) / total) ** 0.5 if total else 0.0
+        path = stats_path(settings.output_path)
+        atomic_write_json(
+            path,
+            {
+                "quant_range": settings.quant_range,
+                "step": step(settings.quant_range),
+                "overall": channels,
+                "per_class": per_class_json,
+                "clip_fraction": clip,
+                "quant_rmse": rmse,
+            },
+        )
+        context.log.info(f"{total} latent values: clip fraction {clip:.4%}, quantization RMSE {rmse:.4f}")
+        return MaterializeResult(
+            metadata={
+                "path": MetadataValue.path(str(path)),
+                "quant_range": settings.quant_range,
+                "quant_step": step(settings.quant_range),
+                "values": total,
+                "clip_fraction": clip,
+                "quant_rmse": rmse,
+                "per_channel": MetadataValue.md(markdown_table(channels, CHANNEL_COLUMNS)),
+                "per_class": MetadataValue.md(markdown_table(per_class_rows)),
+            }
+        )
+
+    return quantization_stats

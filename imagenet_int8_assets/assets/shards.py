@@ -1,0 +1,186 @@
+"""mds_shards (one MDS folder per class) and mds_dataset (the merged, readable dataset)."""
+
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetExecutionContext,
+    BackfillPolicy,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PartitionsDefinition,
+    asset,
+    asset_check,
+)
+
+from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest
+from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
+from imagenet_int8_assets.core.encode import non_finite_count
+from imagenet_int8_assets.core.quantize import quantize
+from imagenet_int8_assets.core.sources import class_labels
+from imagenet_int8_assets.core.storage import mds_root, read_latents, remove_leftovers
+from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+# `core.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
+# (about 10 s). It is imported inside the asset bodies so that loading the definitions (the UI,
+# every run's start-up) stays fast.
+
+READER_SNIPPET = """```python
+from imagenet_int8_assets.reader import open_dataset   # registers the 'uint8' encoding
+ds = open_dataset("{root}")                           # StreamingDataset (local folder)
+sample = ds[0]  # {{'latent': float32 (4, 32, 32), 'label': int, 'label_as_text': str}}
+```
+The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(local=..., remote="{root}")`) reads it unchanged."""
+
+
+def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: BackfillPolicy):
+    @asset(
+        name="mds_shards",
+        group_name=GROUP,
+        partitions_def=partitions_def,
+        backfill_policy=backfill_policy,
+        deps=["vae_latents", raw_manifest],
+        kinds={"mosaicml"},
+        description=(
+            "One class as MosaicML MDS shards in the published Imagenet.int8 schema "
+            "(vae_output: custom 'uint8' encoding, 4096 bytes = 4x32x32 C-order; label; "
+            "label_as_text), quantized round-to-nearest over +-range, in mds/<class>/."
+        ),
+    )
+    def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+        from imagenet_int8_assets.core import mds
+
+        labels = class_labels(partitions_def.get_partition_keys())
+        root = mds_root(settings.output_path)
+        for key in context.partition_keys:
+            ids, arrays, meta = read_latents(settings.output_path, key)
+            latent = arrays["latent"]
+            bad = non_finite_count(latent)
+            if bad:
+                raise Failure(
+                    f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
+                    "(the latents_are_finite check explains which) before writing shards."
+                )
+            u8 = quantize(latent, settings.quant_range)
+            count = mds.write_class_shards(
+                root / key,
+                u8,
+                labels.index[key],
+                labels.text[key],
+                {**meta, "quant_range": settings.quant_range, "label": labels.index[key], "label_as_text": labels.text[key]},
+            )
+            index = mds.read_index(root / key)
+            context.add_asset_metadata(
+                {
+                    "path": MetadataValue.path(str(root / key)),
+                    "samples": count,
+                    "shards": len(index["shards"]),
+                    "label": labels.index[key],
+                    "label_as_text": labels.text[key],
+                    "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
+                },
+                partition_key=key,
+            )
+            context.log.info(f"{key}: {count} samples in {len(index['shards'])} shard(s)")
+        return MaterializeResult()
+
+    @asset_check(
+        asset=mds_shards,
+        partitions_def=partitions_def,
+        blocking=True,
+        additional_deps=[raw_manifest],
+        description="Blocks the merged dataset when a class's MDS sample count differs from the manifest's 'ok' count.",
+    )
+    def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings) -> AssetCheckResult:
+        from imagenet_int8_assets.core import mds
+
+        manifest = read_manifest(settings)
+        root = mds_root(settings.output_path)
+        rows = []
+        for key in context.partition_keys:
+            expected = len(ok_rows(manifest, key))
+            written = mds.index_sample_count(mds.read_index(root / key))
+            rows.append({"partition": key, "manifest_ok": expected, "mds_samples": written})
+        failing = [r["partition"] for r in rows if r["manifest_ok"] != r["mds_samples"]]
+        return AssetCheckResult(
+            passed=not failing,
+            description=(
+                "every class has exactly its manifest's good images"
+                if not failing
+                else f"counts differ for {', '.join(failing)}: files changed or failed to crop since "
+                "the manifest was built; re-materialize raw_manifest, then these partitions"
+            ),
+            metadata={"partitions": MetadataValue.md(markdown_table(rows)), "failing": ", ".join(failing)},
+        )
+
+    @asset(
+        name="mds_dataset",
+        group_name=GROUP,
+        deps=[mds_shards, "quantization_stats"],
+        kinds={"mosaicml"},
+        description=(
+            "The merged dataset: mds/index.json lists every class's shards in class order, so "
+            "StreamingDataset (and the published readers) read mds/ as one dataset. Checks that "
+            "every class was built with the same settings and that the result opens."
+        ),
+    )
+    def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+        from imagenet_int8_assets.core import mds
+
+        keys = partitions_def.get_partition_keys()
+        root = mds_root(settings.output_path)
+        infos, missing = {}, []
+        for key in keys:
+            try:
+                infos[key] = mds.read_build_info(root / key)
+            except FileNotFoundError:
+                missing.append(key)
+        if missing:
+            raise Failure(
+                f"mds_shards is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}. "
+                "Materialize those partitions (or run `imagenet-int8 build`)."
+            )
+        conflicts = mds.inconsistent_classes(infos)
+        if conflicts:
+            raise Failure(
+                "Classes were built with different settings and cannot form one dataset:\n- "
+                + "\n- ".join(conflicts)
+                + "\nRe-materialize the minority classes with the current settings."
+            )
+        summary = mds.merge_class_indexes(root, keys)
+        removed = remove_leftovers(root)
+        strays = mds.stray_entries(root, keys)
+        check = mds.verify_readable(root)
+        if check["samples"] != summary["samples"]:
+            raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
+        first = next(iter(infos.values()))
+        fallback = bool(first.get("vae", {}).get("fallback_reason"))
+        mds.write_dataset_info(root, first, summary)
+        metadata = {
+            "path": MetadataValue.path(str(root)),
+            "samples": summary["samples"],
+            "shards": summary["shards"],
+            "classes": len(keys),
+            "bytes": int(sum(p.stat().st_size for p in root.rglob("*.mds"))),
+            "vae": first["vae"]["requested"],
+            "vae_fallback": fallback,
+            "latent_value": first["latent_value"],
+            "quant_range": first["quant_range"],
+            "crop_recipe": first["crops"]["recipe"],
+            "per_class": MetadataValue.md(
+                markdown_table([{"class": k, "samples": v} for k, v in summary["per_class"].items()])
+            ),
+            "read_it": MetadataValue.md(READER_SNIPPET.format(root=root)),
+            "stray_entries": ", ".join(strays),
+            "leftovers_removed": len(removed),
+        }
+        if fallback:
+            metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."
+            context.log.warning(metadata["WARNING"])
+        if strays:
+            context.log.warning(f"Entries in {root} not in the dataset (left alone): {', '.join(strays)}")
+        context.log.info(f"Dataset at {root}: {summary['samples']} samples, {summary['shards']} shards")
+        return MaterializeResult(metadata=metadata)
+
+    return mds_shards, mds_count_matches_manifest, mds_dataset

@@ -1,0 +1,140 @@
+"""uint8 quantization of latents, and streaming per-channel statistics.
+
+The published readers decode ``z = (u / 255 - 0.5) * 24`` (range +-12, step 24/255). Our encoder
+is its exact inverse with round-to-nearest and clipping, so ``quantize(dequantize(u)) == u`` for
+every byte and the error of an in-range value is at most half a step (RMS step/sqrt(12) for
+uniformly spread values). The published build truncated instead of rounding (REFERENCE s1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_RANGE = 12.0
+LEVELS = 255
+PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
+# Histogram used for percentiles: bins of width 1/128 (< a tenth of the +-12 step) over +-64.
+HIST_LIMIT = 64.0
+HIST_BINS = 1 << 14
+
+
+def step(value_range: float = DEFAULT_RANGE) -> float:
+    """One quantization step: 2 * range / 255 (0.0941 for +-12)."""
+    return 2.0 * value_range / LEVELS
+
+
+def quantize(z: np.ndarray, value_range: float = DEFAULT_RANGE) -> np.ndarray:
+    """float latents -> uint8, round to nearest, clipped to [-range, range]."""
+    u = np.rint((np.asarray(z, dtype=np.float64) / (2.0 * value_range) + 0.5) * LEVELS)
+    return np.clip(u, 0, LEVELS).astype(np.uint8)
+
+
+def dequantize(u: np.ndarray, value_range: float = DEFAULT_RANGE) -> np.ndarray:
+    """uint8 -> float32 latents, exactly the published decoder ``(u / 255 - 0.5) * 2 * range``."""
+    return ((np.asarray(u, dtype=np.float32) / np.float32(LEVELS) - np.float32(0.5))
+            * np.float32(2.0 * value_range))
+
+
+@dataclass
+class ChannelStats:
+    """Mergeable running statistics of (N, C, H, W) latents, per channel."""
+
+    channels: int
+    value_range: float = DEFAULT_RANGE
+    count: np.ndarray = field(init=False)
+    total: np.ndarray = field(init=False)
+    total_sq: np.ndarray = field(init=False)
+    minimum: np.ndarray = field(init=False)
+    maximum: np.ndarray = field(init=False)
+    clipped: np.ndarray = field(init=False)
+    quant_sq_err: np.ndarray = field(init=False)
+    hist: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        c = self.channels
+        self.count = np.zeros(c, np.int64)
+        self.total = np.zeros(c, np.float64)
+        self.total_sq = np.zeros(c, np.float64)
+        self.minimum = np.full(c, np.inf)
+        self.maximum = np.full(c, -np.inf)
+        self.clipped = np.zeros(c, np.int64)
+        self.quant_sq_err = np.zeros(c, np.float64)
+        # bins 1..HIST_BINS cover [-HIST_LIMIT, HIST_LIMIT); 0 and HIST_BINS+1 are under/overflow
+        self.hist = np.zeros((c, HIST_BINS + 2), np.int64)
+
+    def update(self, latents: np.ndarray) -> None:
+        z = np.asarray(latents, dtype=np.float64)
+        if z.ndim != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"expected (N, {self.channels}, H, W) latents, got {z.shape}")
+        if z.shape[0] == 0:
+            return
+        per_channel = np.moveaxis(z, 1, 0).reshape(self.channels, -1)
+        err = dequantize(quantize(per_channel, self.value_range), self.value_range) - per_channel
+        edges = np.floor((per_channel + HIST_LIMIT) * (HIST_BINS / (2 * HIST_LIMIT))).astype(np.int64) + 1
+        edges = np.clip(edges, 0, HIST_BINS + 1)
+        for c in range(self.channels):
+            v = per_channel[c]
+            self.count[c] += v.size
+            self.total[c] += v.sum()
+            self.total_sq[c] += np.square(v).sum()
+            self.minimum[c] = min(self.minimum[c], v.min())
+            self.maximum[c] = max(self.maximum[c], v.max())
+            self.clipped[c] += int(np.count_nonzero(np.abs(v) > self.value_range))
+            self.quant_sq_err[c] += np.square(err[c]).sum()
+            self.hist[c] += np.bincount(edges[c], minlength=HIST_BINS + 2)
+
+    def merge(self, other: ChannelStats) -> None:
+        if other.channels != self.channels or other.value_range != self.value_range:
+            raise ValueError("cannot merge statistics of different layouts or ranges")
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.minimum = np.minimum(self.minimum, other.minimum)
+        self.maximum = np.maximum(self.maximum, other.maximum)
+        self.clipped += other.clipped
+        self.quant_sq_err += other.quant_sq_err
+        self.hist += other.hist
+
+    def percentile(self, channel: int, q: float) -> float:
+        """Percentile ``q`` (0-100) from the histogram, accurate to one bin (1/128)."""
+        n = int(self.count[channel])
+        if n == 0:
+            return float("nan")
+        target = q / 100.0 * n
+        cum = np.cumsum(self.hist[channel])
+        idx = int(np.searchsorted(cum, target, side="left"))
+        idx = min(idx, HIST_BINS + 1)
+        if idx == 0:
+            return float(self.minimum[channel])
+        if idx == HIST_BINS + 1:
+            return float(self.maximum[channel])
+        below = cum[idx - 1]
+        inside = self.hist[channel, idx]
+        frac = (target - below) / inside if inside else 0.0
+        width = 2 * HIST_LIMIT / HIST_BINS
+        value = -HIST_LIMIT + (idx - 1 + frac) * width
+        return float(np.clip(value, self.minimum[channel], self.maximum[channel]))
+
+    def summary(self) -> list[dict]:
+        """One dict per channel: min, max, mean, std, percentiles, clip fraction, RMSE."""
+        rows = []
+        for c in range(self.channels):
+            n = int(self.count[c])
+            mean = self.total[c] / n if n else float("nan")
+            var = max(0.0, self.total_sq[c] / n - mean * mean) if n else float("nan")
+            row = {
+                "channel": c,
+                "count": n,
+                "min": float(self.minimum[c]) if n else float("nan"),
+                "max": float(self.maximum[c]) if n else float("nan"),
+                "mean": float(mean),
+                "std": float(np.sqrt(var)) if n else float("nan"),
+            }
+            for q in PERCENTILES:
+                row[f"p{q:g}"] = self.percentile(c, q)
+            row["clip_fraction"] = float(self.clipped[c] / n) if n else float("nan")
+            row["quant_rmse"] = float(np.sqrt(self.quant_sq_err[c] / n)) if n else float("nan")
+            rows.append(row)
+        return rows

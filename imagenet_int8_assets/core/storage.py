@@ -1,0 +1,216 @@
+"""On-disk layout of the intermediate artifacts, and atomic writes.
+
+Layout under the output root (``IMAGENET_INT8_OUTPUT``)::
+
+    manifest/manifest.parquet        raw manifest (one row per source file)
+    crops/<class>/images.npy         uint8 (N, S, S, 3) crops, C order, lossless
+    crops/<class>/meta.json          {"ids": [...], "failed": [{"id", "reason"}], "recipe", "size"}
+    latents/<class>/latents.npz      float32 mean, std, latent (N, C, h, w) and ids
+    latents/<class>/meta.json        provenance (VAE, weights, device, latent value, seed, ...)
+    stats/quantization_stats.json    per-channel statistics, overall and per class
+    mds/<class>/                     MDS shards of one class (see ``core.mds``)
+    mds/index.json                   merged index over all classes
+
+Every partition folder is written to a hidden sibling (``.tmp-<name>-<random>``) and swapped in
+with renames, so a killed run never leaves a half-written folder under a real name; leftovers
+are removed the next time that partition is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete temporary/trash siblings left by killed runs (for ``name``, or all of them)."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        for prefix in (TMP_PREFIX, TRASH_PREFIX):
+            if entry.name.startswith(prefix) and (
+                name is None or entry.name.startswith(f"{prefix}{name}-")
+            ):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces ``final`` as a whole.
+
+    On an exception the temporary folder is deleted and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final.parent, final.name)
+    token = uuid.uuid4().hex[:8]
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{token}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    trash = final.parent / f"{TRASH_PREFIX}{final.name}-{token}"
+    if final.exists():
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+
+
+def manifest_path(output: str | os.PathLike) -> Path:
+    return Path(output) / "manifest" / "manifest.parquet"
+
+
+def crops_dir(output: str | os.PathLike, class_folder: str) -> Path:
+    return Path(output) / "crops" / class_folder
+
+
+def latents_dir(output: str | os.PathLike, class_folder: str) -> Path:
+    return Path(output) / "latents" / class_folder
+
+
+def stats_path(output: str | os.PathLike) -> Path:
+    return Path(output) / "stats" / "quantization_stats.json"
+
+
+def mds_root(output: str | os.PathLike) -> Path:
+    return Path(output) / "mds"
+
+
+class MissingArtifact(FileNotFoundError):
+    """An upstream partition has not been materialized (or was written by another version)."""
+
+
+def _read_meta(folder: Path, what: str, asset: str) -> dict:
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        raise MissingArtifact(
+            f"No {what} at {str(folder)!r}. Materialize the {asset!r} asset for this partition "
+            "first (or run `imagenet-int8 build`)."
+        )
+    return json.loads(meta_file.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Crops
+
+
+def write_crops(
+    output: str | os.PathLike,
+    class_folder: str,
+    ids: list[str],
+    images: np.ndarray,
+    meta: dict,
+) -> Path:
+    """Store one class's crops atomically. ``images`` is uint8 (N, S, S, 3)."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(ids):
+        raise ValueError(f"crops must be (N, S, S, 3) with N == len(ids); got {images.shape}")
+    final = crops_dir(output, class_folder)
+    with atomic_dir(final) as tmp:
+        np.save(tmp / "images.npy", images, allow_pickle=False)
+        atomic_write_json(tmp / "meta.json", {**meta, "ids": list(ids), "count": len(ids)})
+    return final
+
+
+def read_crops(
+    output: str | os.PathLike, class_folder: str, mmap: bool = False
+) -> tuple[list[str], np.ndarray]:
+    """One class's crops: (ids, uint8 array N x S x S x 3), rows in the order of ``ids``.
+
+    ``mmap=True`` maps the file instead of reading it (for classes larger than memory).
+    """
+    ids, images, _ = read_crops_with_meta(output, class_folder, mmap=mmap)
+    return ids, images
+
+
+def read_crops_with_meta(
+    output: str | os.PathLike, class_folder: str, mmap: bool = False
+) -> tuple[list[str], np.ndarray, dict]:
+    folder = crops_dir(output, class_folder)
+    meta = _read_meta(folder, "crops", "preprocessed_crops")
+    # numpy cannot map a zero-length array: read empty classes normally
+    use_mmap = mmap and meta.get("count", 1) > 0
+    images = np.load(folder / "images.npy", mmap_mode="r" if use_mmap else None, allow_pickle=False)
+    ids = list(meta["ids"])
+    if images.shape[0] != len(ids):
+        raise MissingArtifact(f"{folder}: {images.shape[0]} crops but {len(ids)} ids; re-materialize it")
+    return ids, images, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Latents
+
+
+def write_latents(
+    output: str | os.PathLike,
+    class_folder: str,
+    ids: list[str],
+    arrays: dict[str, np.ndarray],
+    meta: dict,
+) -> Path:
+    """Store one class's latents (float32 arrays keyed by name, first axis = image) atomically."""
+    for name, arr in arrays.items():
+        if arr.shape[0] != len(ids):
+            raise ValueError(f"latents[{name!r}] has {arr.shape[0]} rows for {len(ids)} ids")
+    final = latents_dir(output, class_folder)
+    with atomic_dir(final) as tmp:
+        np.savez(
+            tmp / "latents.npz",
+            ids=np.array(ids, dtype=str),
+            **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+        )
+        atomic_write_json(tmp / "meta.json", {**meta, "count": len(ids)})
+    return final
+
+
+def read_latents(
+    output: str | os.PathLike, class_folder: str
+) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """(ids, {"mean", "std", "latent", ...}, meta) for one class."""
+    folder = latents_dir(output, class_folder)
+    meta = _read_meta(folder, "latents", "vae_latents")
+    with np.load(folder / "latents.npz", allow_pickle=False) as data:
+        ids = [str(x) for x in data["ids"]]
+        arrays = {k: data[k] for k in data.files if k != "ids"}
+    return ids, arrays, meta

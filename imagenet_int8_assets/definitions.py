@@ -1,0 +1,37 @@
+"""The one Definitions object (used by workspace.yaml, `dagster dev` and `dagster asset materialize`).
+
+Partitions are the class folders found under the source when this module loads; settings come
+from IMAGENET_INT8_* environment variables (see resources.py and the README).
+"""
+
+from __future__ import annotations
+
+from dagster import BackfillPolicy, Definitions
+
+from imagenet_int8_assets.assets.crops import build_crops_asset
+from imagenet_int8_assets.assets.latents import build_latents_assets
+from imagenet_int8_assets.assets.manifest import raw_manifest
+from imagenet_int8_assets.assets.quantization import build_quantization_asset
+from imagenet_int8_assets.assets.shards import build_shards_assets
+from imagenet_int8_assets.partitions import class_partitions
+from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
+
+
+def build_definitions(
+    settings: ImagenetInt8Settings | None = None, partitions_per_run: int | None = None
+) -> Definitions:
+    settings = settings if settings is not None else ImagenetInt8Settings.from_env()
+    partitions = class_partitions(settings)
+    policy = BackfillPolicy.multi_run(partitions_per_run or max_partitions_per_run())
+    crops = build_crops_asset(partitions, policy)
+    latents, latents_check = build_latents_assets(partitions, policy)
+    stats = build_quantization_asset(partitions)
+    shards, shards_check, dataset = build_shards_assets(partitions, policy)
+    return Definitions(
+        assets=[raw_manifest, crops, latents, stats, shards, dataset],
+        asset_checks=[latents_check, shards_check],
+        resources={"settings": settings},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,13 @@
+"""One static partition per class folder found under the source when definitions load."""
+
+from __future__ import annotations
+
+from dagster import StaticPartitionsDefinition
+
+from imagenet_int8_assets.core.sources import list_class_folders
+from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+
+def class_partitions(settings: ImagenetInt8Settings) -> StaticPartitionsDefinition:
+    """Partition keys are the class folder names, sorted (= label order for ImageNet wnids)."""
+    return StaticPartitionsDefinition(list_class_folders(settings.source_path()))
