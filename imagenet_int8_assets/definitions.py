@@ -6,7 +6,9 @@ from IMAGENET_INT8_* environment variables (see resources.py and the README).
 
 from __future__ import annotations
 
-from dagster import BackfillPolicy, Definitions
+import warnings
+
+from dagster import BackfillPolicy, BetaWarning, Definitions, PreviewWarning
 
 from imagenet_int8_assets.assets.crops import build_crops_asset
 from imagenet_int8_assets.assets.latents import build_latents_assets
@@ -23,10 +25,14 @@ def build_definitions(
     settings = settings if settings is not None else ImagenetInt8Settings.from_env()
     partitions = class_partitions(settings)
     policy = BackfillPolicy.multi_run(partitions_per_run or max_partitions_per_run())
-    crops = build_crops_asset(partitions, policy)
-    latents, latents_check = build_latents_assets(partitions, policy)
-    stats = build_quantization_asset(partitions)
-    shards, shards_check, dataset = build_shards_assets(partitions, policy)
+    with warnings.catch_warnings():
+        # backfill policies and partitioned checks are marked beta/preview in 1.13; we pin it
+        warnings.simplefilter("ignore", BetaWarning)
+        warnings.simplefilter("ignore", PreviewWarning)
+        crops = build_crops_asset(partitions, policy)
+        latents, latents_check = build_latents_assets(partitions, policy)
+        stats = build_quantization_asset(partitions)
+        shards, shards_check, dataset = build_shards_assets(partitions, policy)
     return Definitions(
         assets=[raw_manifest, crops, latents, stats, shards, dataset],
         asset_checks=[latents_check, shards_check],

@@ -185,7 +185,7 @@ def _resolve_pretrained(spec: str) -> tuple[Path, VaeInfo]:
         snapshot = Path(snapshot_download(repo_id=spec, allow_patterns=list(WEIGHT_FILES)))
     except Exception as exc:  # network, auth, missing cache: all need the same advice
         raise VaeLoadError(
-            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {exc}. "
+            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
             + _help_text(spec)
         ) from exc
     weights = snapshot / WEIGHT_FILES[1]

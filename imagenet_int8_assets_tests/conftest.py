@@ -1,0 +1,77 @@
+"""Shared fixtures: small generated datasets, per-test temp dirs, and one built dataset."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from imagenet_int8_assets.sample import synthetic_picture
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def own_tmpdir(tmp_path_factory, monkeypatch):
+    """StreamingDataset leaves shared memory and lock files in the temp dir: one per test."""
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size=(300, 240)) -> Path:
+    """``classes`` maps class folder -> number of JPEGs; returns ``root``."""
+    for c, (name, count) in enumerate(sorted(classes.items())):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            w, h = size if i % 2 == 0 else size[::-1]
+            synthetic_picture(w, h, (40 + 50 * c % 200, 90, 200 - 40 * c % 200), seed=97 * c + i).save(
+                folder / f"{name}_{i:04d}.JPEG", quality=90
+            )
+    return root
+
+
+def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, partitions_per_run: int = 50):
+    """Materialize the whole graph as `imagenet-int8 build` does; returns the run results."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    keys = defs.resolve_assets_def("preprocessed_crops").partitions_def.get_partition_keys()
+    results = [job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")])]
+    for start in range(0, len(keys), partitions_per_run):
+        batch = keys[start : start + partitions_per_run]
+        results.append(
+            job.execute_in_process(
+                instance=instance,
+                asset_selection=[dg.AssetKey(k) for k in ("preprocessed_crops", "vae_latents", "mds_shards")],
+                tags={
+                    "dagster/asset_partition_range_start": batch[0],
+                    "dagster/asset_partition_range_end": batch[-1],
+                },
+                raise_on_error=False,
+            )
+        )
+    results.append(
+        job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey("quantization_stats"), dg.AssetKey("mds_dataset")],
+            raise_on_error=False,
+        )
+    )
+    return results
+
+
+@pytest.fixture(scope="session")
+def built_sample(tmp_path_factory):
+    """The bundled sample dataset built once with tiny-random through a real Dagster instance."""
+    from imagenet_int8_assets.definitions import build_definitions
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    out = tmp_path_factory.mktemp("built")
+    settings = ImagenetInt8Settings(output=str(out / "out"), vae="tiny-random", device="cpu", workers=1)
+    defs = build_definitions(settings, partitions_per_run=3)
+    instance = dg.DagsterInstance.ephemeral()
+    results = materialize_all(defs, instance, partitions_per_run=3)
+    return {"settings": settings, "defs": defs, "instance": instance, "results": results}

@@ -1,0 +1,74 @@
+"""uint8 codec and streaming statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imagenet_int8_assets.core.quantize import HIST_LIMIT, HIST_BINS, ChannelStats, dequantize, quantize, step
+
+
+def test_published_decoder_round_trips_every_byte():
+    u = np.arange(256, dtype=np.uint8)
+    z = dequantize(u)
+    np.testing.assert_allclose(z, (u.astype(np.float32) / 255.0 - 0.5) * 24.0, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(quantize(z), u)
+    assert z[0] == -12.0 and z[-1] == 12.0
+
+
+def test_rounds_to_nearest_and_clips():
+    rng = np.random.default_rng(0)
+    z = rng.uniform(-12, 12, 100_000)
+    err = dequantize(quantize(z)) - z
+    assert np.abs(err).max() <= step() / 2 + 1e-6
+    assert abs(err.mean()) < 1e-3  # no truncation bias (the published build's was -step/2)
+    assert np.sqrt(np.mean(err**2)) == pytest.approx(step() / np.sqrt(12), rel=0.02)
+    assert quantize(np.array([-100.0, 100.0, -12.0, 12.0])).tolist() == [0, 255, 0, 255]
+    # just below a decision boundary rounds down, just above rounds up
+    boundary = dequantize(np.array([100], np.uint8))[0] + step() / 2
+    assert quantize(np.array([boundary - 1e-4, boundary + 1e-4])).tolist() == [100, 101]
+
+
+def test_other_ranges():
+    u = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(quantize(dequantize(u, 8.0), 8.0), u)
+    assert step(8.0) == pytest.approx(16 / 255)
+
+
+def test_channel_stats_match_numpy_and_merge():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 7.7, (30, 4, 8, 8)) + np.arange(4)[None, :, None, None]
+    b = rng.normal(1, 3.0, (20, 4, 8, 8))
+    whole = ChannelStats(4)
+    whole.update(np.concatenate([a, b]))
+    merged = ChannelStats(4)
+    for part in (a, b):
+        s = ChannelStats(4)
+        s.update(part)
+        merged.merge(s)
+    data = np.concatenate([a, b])
+    width = 2 * HIST_LIMIT / HIST_BINS
+    for stats in (whole, merged):
+        rows = stats.summary()
+        for c, row in enumerate(rows):
+            v = data[:, c].ravel()
+            assert row["count"] == v.size
+            assert row["mean"] == pytest.approx(v.mean(), abs=1e-9)
+            assert row["std"] == pytest.approx(v.std(), rel=1e-9)
+            assert row["min"] == v.min() and row["max"] == v.max()
+            ordered = np.sort(v)
+            for q in (0.1, 1, 50, 99, 99.9):
+                # the histogram answer lies between the order statistics around rank q% (+- a bin)
+                rank = q / 100 * v.size
+                lo = ordered[max(0, int(np.floor(rank)) - 1)] - width
+                hi = ordered[min(v.size - 1, int(np.ceil(rank)))] + width
+                assert lo <= row[f"p{q:g}"] <= hi, (c, q)
+            assert row["clip_fraction"] == pytest.approx(np.mean(np.abs(v) > 12))
+            assert row["quant_rmse"] == pytest.approx(np.sqrt(np.mean((dequantize(quantize(v)) - v) ** 2)), rel=1e-5)
+    for row_whole, row_merged in zip(whole.summary(), merged.summary()):
+        assert row_merged == pytest.approx(row_whole, rel=1e-12)
+
+
+def test_stats_reject_wrong_layout():
+    with pytest.raises(ValueError):
+        ChannelStats(4).update(np.zeros((2, 16, 4, 4)))
