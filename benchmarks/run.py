@@ -20,8 +20,9 @@ What is measured (img/s; every ratio is ours / reference, so > 1 means ours is f
    ``model.encode(x).latent_dist.sample()`` on a contiguous float32 tensor in [-1, 1]. Both go
    from uint8 crops in host memory to latents in host memory, in fp32, with the same batch size.
 
-Every figure comes from the one timing helper, ``measure``: one untimed warm-up call, then
-``repeats`` timed calls, of which the fastest is reported (all are kept in the JSON).
+Every figure comes from the one timing helper, ``measure``: one untimed warm-up call per
+workload, then ``repeats`` timed calls per workload, taken round-robin so that a change of load on
+the machine hits all of them alike; the fastest call is reported (all are kept in the JSON).
 """
 
 from __future__ import annotations

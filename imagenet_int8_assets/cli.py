@@ -76,12 +76,18 @@ class _RunProgress:
         self._update()
 
 
+def error_text(error) -> str:
+    """The innermost cause of a Dagster SerializableErrorInfo (the user's actual error)."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error.message.strip() if error is not None else "failed"
+
+
 def _failures(result) -> list[str]:
     lines = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            lines.append(f"{event.step_key}: {error.message.strip() if error else 'failed'}")
+            lines.append(f"{event.step_key}: {error_text(event.event_specific_data.error)}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
             data = event.event_specific_data
             lines.append(f"check {data.check_name} failed: {data.description or ''}")
@@ -149,7 +155,7 @@ def build(settings, partitions_per_run: int | None, verbose: bool = False) -> in
         print("\nThe build did not finish:\n" + "\n".join(failures), file=sys.stderr)
         print(
             f"Fix the cause and run the same command again (finished classes are simply redone). "
-            f"Full logs: DAGSTER_HOME={home} dagster dev -w workspace.yaml",
+            f"Full logs: DAGSTER_HOME={home} dagster dev -m imagenet_int8_assets",
             file=sys.stderr,
         )
         return 1

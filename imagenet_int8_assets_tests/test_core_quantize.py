@@ -72,3 +72,16 @@ def test_channel_stats_match_numpy_and_merge():
 def test_stats_reject_wrong_layout():
     with pytest.raises(ValueError):
         ChannelStats(4).update(np.zeros((2, 16, 4, 4)))
+
+
+def test_non_finite_values_are_counted_not_mixed_in():
+    z = np.random.default_rng(2).normal(0, 1, (2, 4, 4, 4))
+    clean = ChannelStats(4)
+    clean.update(z)
+    z[0, 1, 0, 0], z[1, 1, 2, 2], z[0, 3, 1, 1] = np.nan, np.inf, -np.inf
+    dirty = ChannelStats(4)
+    dirty.update(z)
+    rows = dirty.summary()
+    assert [r["non_finite"] for r in rows] == [0, 2, 0, 1]
+    assert rows[1]["count"] == 2 * 16 - 2 and np.isfinite(rows[1]["mean"]) and np.isfinite(rows[3]["max"])
+    assert rows[0] == pytest.approx(clean.summary()[0])

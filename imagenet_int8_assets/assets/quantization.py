@@ -8,7 +8,7 @@ from imagenet_int8_assets.core.quantize import ChannelStats, step
 from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_json, read_latents, stats_path
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-CHANNEL_COLUMNS = ["channel", "count", "min", "max", "mean", "std", "p0.1", "p1", "p50", "p99", "p99.9", "clip_fraction", "quant_rmse"]
+CHANNEL_COLUMNS = ["channel", "count", "min", "max", "mean", "std", "p0.1", "p1", "p50", "p99", "p99.9", "clip_fraction", "quant_rmse", "non_finite"]
 
 
 def build_quantization_asset(partitions_def: PartitionsDefinition):
@@ -81,6 +81,7 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
                 "values": total,
                 "clip_fraction": clip,
                 "quant_rmse": rmse,
+                "non_finite_values": sum(r["non_finite"] for r in channels),
                 "per_channel": MetadataValue.md(markdown_table(channels, CHANNEL_COLUMNS)),
                 "per_class": MetadataValue.md(markdown_table(per_class_rows)),
             }

@@ -34,6 +34,22 @@ sample = ds[0]  # {{'latent': float32 (4, 32, 32), 'label': int, 'label_as_text'
 The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(local=..., remote="{root}")`) reads it unchanged."""
 
 
+def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
+    """Per class: the manifest's good images against the samples in the class's MDS index."""
+    from imagenet_int8_assets.core import mds
+
+    manifest = read_manifest(settings)
+    root = mds_root(settings.output_path)
+    return [
+        {
+            "partition": key,
+            "manifest_ok": len(ok_rows(manifest, key)),
+            "mds_samples": mds.index_sample_count(mds.read_index(root / key)),
+        }
+        for key in keys
+    ]
+
+
 def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: BackfillPolicy):
     @asset(
         name="mds_shards",
@@ -93,15 +109,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         description="Blocks the merged dataset when a class's MDS sample count differs from the manifest's 'ok' count.",
     )
     def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings) -> AssetCheckResult:
-        from imagenet_int8_assets.core import mds
-
-        manifest = read_manifest(settings)
-        root = mds_root(settings.output_path)
-        rows = []
-        for key in context.partition_keys:
-            expected = len(ok_rows(manifest, key))
-            written = mds.index_sample_count(mds.read_index(root / key))
-            rows.append({"partition": key, "manifest_ok": expected, "mds_samples": written})
+        rows = count_rows(settings, context.partition_keys)
         failing = [r["partition"] for r in rows if r["manifest_ok"] != r["mds_samples"]]
         return AssetCheckResult(
             passed=not failing,
@@ -147,6 +155,13 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 "Classes were built with different settings and cannot form one dataset:\n- "
                 + "\n- ".join(conflicts)
                 + "\nRe-materialize the minority classes with the current settings."
+            )
+        mismatched = [r for r in count_rows(settings, keys) if r["manifest_ok"] != r["mds_samples"]]
+        if mismatched:
+            raise Failure(
+                "MDS sample counts differ from the manifest for: "
+                + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
+                + ". Re-materialize raw_manifest and then those partitions."
             )
         summary = mds.merge_class_indexes(root, keys)
         removed = remove_leftovers(root)

@@ -49,6 +49,7 @@ class ChannelStats:
     minimum: np.ndarray = field(init=False)
     maximum: np.ndarray = field(init=False)
     clipped: np.ndarray = field(init=False)
+    non_finite: np.ndarray = field(init=False)
     quant_sq_err: np.ndarray = field(init=False)
     hist: np.ndarray = field(init=False)
 
@@ -60,6 +61,7 @@ class ChannelStats:
         self.minimum = np.full(c, np.inf)
         self.maximum = np.full(c, -np.inf)
         self.clipped = np.zeros(c, np.int64)
+        self.non_finite = np.zeros(c, np.int64)
         self.quant_sq_err = np.zeros(c, np.float64)
         # bins 1..HIST_BINS cover [-HIST_LIMIT, HIST_LIMIT); 0 and HIST_BINS+1 are under/overflow
         self.hist = np.zeros((c, HIST_BINS + 2), np.int64)
@@ -71,19 +73,24 @@ class ChannelStats:
         if z.shape[0] == 0:
             return
         per_channel = np.moveaxis(z, 1, 0).reshape(self.channels, -1)
-        err = dequantize(quantize(per_channel, self.value_range), self.value_range) - per_channel
-        edges = np.floor((per_channel + HIST_LIMIT) * (HIST_BINS / (2 * HIST_LIMIT))).astype(np.int64) + 1
-        edges = np.clip(edges, 0, HIST_BINS + 1)
         for c in range(self.channels):
             v = per_channel[c]
+            finite = np.isfinite(v)
+            if not finite.all():  # NaN/Inf are counted, never mixed into the statistics
+                self.non_finite[c] += int(v.size - np.count_nonzero(finite))
+                v = v[finite]
+            if v.size == 0:
+                continue
+            err = dequantize(quantize(v, self.value_range), self.value_range) - v
+            bins = np.floor((v + HIST_LIMIT) * (HIST_BINS / (2 * HIST_LIMIT))).astype(np.int64) + 1
             self.count[c] += v.size
             self.total[c] += v.sum()
             self.total_sq[c] += np.square(v).sum()
             self.minimum[c] = min(self.minimum[c], v.min())
             self.maximum[c] = max(self.maximum[c], v.max())
             self.clipped[c] += int(np.count_nonzero(np.abs(v) > self.value_range))
-            self.quant_sq_err[c] += np.square(err[c]).sum()
-            self.hist[c] += np.bincount(edges[c], minlength=HIST_BINS + 2)
+            self.quant_sq_err[c] += np.square(err).sum()
+            self.hist[c] += np.bincount(np.clip(bins, 0, HIST_BINS + 1), minlength=HIST_BINS + 2)
 
     def merge(self, other: ChannelStats) -> None:
         if other.channels != self.channels or other.value_range != self.value_range:
@@ -94,6 +101,7 @@ class ChannelStats:
         self.minimum = np.minimum(self.minimum, other.minimum)
         self.maximum = np.maximum(self.maximum, other.maximum)
         self.clipped += other.clipped
+        self.non_finite += other.non_finite
         self.quant_sq_err += other.quant_sq_err
         self.hist += other.hist
 
@@ -134,6 +142,7 @@ class ChannelStats:
             }
             for q in PERCENTILES:
                 row[f"p{q:g}"] = self.percentile(c, q)
+            row["non_finite"] = int(self.non_finite[c])
             row["clip_fraction"] = float(self.clipped[c] / n) if n else float("nan")
             row["quant_rmse"] = float(np.sqrt(self.quant_sq_err[c] / n)) if n else float("nan")
             rows.append(row)

@@ -1,0 +1,151 @@
+"""The Dagster layer on small generated datasets: partitions, checks that block, clear failures."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+import torch
+
+from imagenet_int8_assets.cli import error_text
+from imagenet_int8_assets.core.mds import read_index
+from imagenet_int8_assets.core.sources import SourceError
+from imagenet_int8_assets.core.storage import mds_root
+from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.definitions import build_definitions
+from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError, max_partitions_per_run
+from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+
+PARTITIONED = ("preprocessed_crops", "vae_latents", "mds_shards")
+
+
+def _setup(tmp_path, classes, **settings_kw):
+    source = make_image_folder(tmp_path / "src", classes)
+    options = {"vae": "tiny-random", "device": "cpu", "workers": 1, **settings_kw}
+    settings = ImagenetInt8Settings(source=str(source), output=str(tmp_path / "out"), **options)
+    return settings, build_definitions(settings, partitions_per_run=10), dg.DagsterInstance.ephemeral()
+
+
+def _failed_steps(result) -> dict[str, str]:
+    return {
+        e.step_key: error_text(e.event_specific_data.error)
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE"
+    }
+
+
+def _check_results(result) -> dict[str, bool]:
+    return {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def test_partitions_are_the_class_folders_and_the_graph_is_linked(tmp_path):
+    _, defs, _ = _setup(tmp_path, {"n01440764": 1, "zebra": 1, "apple": 1})
+    assert defs.resolve_assets_def("vae_latents").partitions_def.get_partition_keys() == ["apple", "n01440764", "zebra"]
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    assert parents == {
+        "raw_manifest": set(),
+        "preprocessed_crops": {"raw_manifest"},
+        "vae_latents": {"preprocessed_crops"},
+        "quantization_stats": {"vae_latents"},
+        "mds_shards": {"vae_latents", "raw_manifest"},
+        "mds_dataset": {"mds_shards", "quantization_stats"},
+    }
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).description
+
+
+def test_empty_class_is_an_empty_partition_not_an_error(tmp_path):
+    settings, defs, instance = _setup(tmp_path, {"full": 2})
+    (tmp_path / "src" / "empty").mkdir()
+    defs = build_definitions(settings, partitions_per_run=10)
+    results = materialize_all(defs, instance)
+    assert all(r.success for r in results)
+    assert read_index(mds_root(settings.output_path) / "empty")["shards"] == []
+    assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")).asset_materialization.metadata["samples"].value == 2
+
+
+def test_non_finite_latents_block_the_shards(tmp_path):
+    """A VAE whose weights overflow: the blocking check stops the run before MDS is written."""
+    model, _ = load_vae("tiny-random")
+    with torch.no_grad():
+        model.quant_conv.bias[0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-vae")
+    settings, defs, instance = _setup(tmp_path, {"a": 2, "b": 1}, vae=str(tmp_path / "nan-vae"))
+    results = materialize_all(defs, instance)
+    batch = results[1]
+    assert not batch.success
+    assert _check_results(batch) == {"latents_are_finite": False}
+    assert "latents_are_finite" in " ".join(_failed_steps(batch))
+    assert not (mds_root(settings.output_path) / "a").exists()
+    assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")) is None
+    # the statistics still run and say how many values were unusable instead of turning NaN
+    stats = instance.get_latest_materialization_event(dg.AssetKey("quantization_stats")).asset_materialization
+    assert stats.metadata["non_finite_values"].value == 3 * 32 * 32  # channel 0 of 3 images
+
+
+def test_count_check_blocks_when_files_change_after_the_manifest(tmp_path):
+    settings, defs, instance = _setup(tmp_path, {"a": 3, "b": 2})
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    (tmp_path / "src" / "a" / "a_0001.JPEG").write_bytes(b"corrupted after the scan")
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey(k) for k in PARTITIONED],
+        tags={"dagster/asset_partition_range_start": "a", "dagster/asset_partition_range_end": "b"},
+        raise_on_error=False,
+    )
+    assert _check_results(result) == {"latents_are_finite": True, "mds_count_matches_manifest": False}
+    crops = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("preprocessed_crops"), asset_partitions=["a"]), limit=1
+    ).records[0]
+    assert crops.asset_materialization.metadata["failed"].value == 1
+    assert "a_0001.JPEG" in crops.asset_materialization.metadata["failures"].value
+    final = job.execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey("quantization_stats"), dg.AssetKey("mds_dataset")],
+        raise_on_error=False,
+    )
+    assert not final.success
+    assert "a (2 written, 3 ok)" in _failed_steps(final)["mds_dataset"]
+
+
+def test_dataset_refuses_classes_built_with_different_settings(tmp_path):
+    settings, defs, instance = _setup(tmp_path, {"a": 1, "b": 1})
+    assert all(r.success for r in materialize_all(defs, instance))
+    adm_settings = ImagenetInt8Settings(
+        source=settings.source, output=settings.output, vae="tiny-random", device="cpu", workers=1, crop_recipe="adm"
+    )
+    adm = build_definitions(adm_settings, partitions_per_run=10)
+    job = adm.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(
+        instance=instance, partition_key="b", asset_selection=[dg.AssetKey(k) for k in PARTITIONED]
+    ).success
+    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("mds_dataset")], raise_on_error=False)
+    message = _failed_steps(result)["mds_dataset"]
+    assert "[b]" in message and "crops.recipe=adm" in message and "Re-materialize" in message
+
+
+def test_missing_upstream_says_what_to_materialize(tmp_path):
+    _, defs, instance = _setup(tmp_path, {"a": 1})
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=instance, partition_key="a", asset_selection=[dg.AssetKey("vae_latents")], raise_on_error=False
+    )
+    assert "Materialize the 'preprocessed_crops' asset" in _failed_steps(result)["vae_latents"]
+
+
+def test_settings_errors_name_the_variable(tmp_path):
+    with pytest.raises(SourceError, match="IMAGENET_INT8_SOURCE"):
+        build_definitions(ImagenetInt8Settings(source=str(tmp_path / "missing"), output=str(tmp_path)))
+    with pytest.raises(SettingsError, match="IMAGENET_INT8_CROP_RECIPE"):
+        ImagenetInt8Settings.from_env({"IMAGENET_INT8_CROP_RECIPE": "squash"})
+    with pytest.raises(SettingsError, match="IMAGENET_INT8_BATCH_SIZE"):
+        ImagenetInt8Settings.from_env({"IMAGENET_INT8_BATCH_SIZE": "many"})
+    with pytest.raises(SettingsError, match="IMAGENET_INT8_MAX_PARTITIONS_PER_RUN"):
+        max_partitions_per_run({"IMAGENET_INT8_MAX_PARTITIONS_PER_RUN": "0"})
+    settings = ImagenetInt8Settings.from_env({"IMAGENET_INT8_SEED": "7", "IMAGENET_INT8_VAE": "tiny-random"})
+    assert settings.seed == 7 and settings.vae == "tiny-random" and settings.is_sample
