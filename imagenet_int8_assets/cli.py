@@ -184,17 +184,18 @@ def _summary(settings) -> str:
     ]
     if vae.get("fallback_reason"):
         lines.append(
-            "  WARNING: real VAE weights were not available, so this demo used RANDOM weights "
-            "(sdxl-random): the pipeline is real, the latents are not meaningful."
+            f"  WARNING: real VAE weights were not available, so this demo used RANDOM weights "
+            f"({settings.vae_fallback}): the pipeline is real, the latents are not meaningful."
         )
     lines += [
         "",
         "Read it:",
-        f'  python -c "from imagenet_int8_assets.reader import open_dataset; ds = open_dataset(\'{root}\'); '
+        f'  {sys.executable} -c "from imagenet_int8_assets.reader import open_dataset; ds = open_dataset(\'{root}\'); '
         "s = ds[0]; print(len(ds), s['latent'].shape, s['label'], s['label_as_text'])\"",
         "See the runs and assets in the UI:",
         f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} IMAGENET_INT8_OUTPUT={settings.output_path} "
-        "dagster dev -m imagenet_int8_assets",
+        + ("" if settings.is_sample else f"IMAGENET_INT8_SOURCE={settings.source_path()} ")
+        + f"{Path(sys.executable).parent / 'dagster'} dev -m imagenet_int8_assets",
     ]
     return "\n".join(lines)
 
@@ -221,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from imagenet_int8_assets.core.sources import SourceError
+    from imagenet_int8_assets.core.vae import PRESETS
+
+    RANDOM_PRESETS = [name for name, preset in PRESETS.items() if preset.random_config is not None]
     from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError
 
     overrides = {
@@ -232,7 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": args.workers,
     }
     if args.command == "demo":
-        overrides.update(source=SAMPLE_SOURCE, vae_fallback="sdxl-random")
+        fallback = os.environ.get("IMAGENET_INT8_DEMO_VAE_FALLBACK", "").strip() or "sdxl-random"
+        if fallback not in RANDOM_PRESETS:
+            print(
+                f"imagenet-int8: IMAGENET_INT8_DEMO_VAE_FALLBACK={fallback!r} must be one of "
+                + ", ".join(RANDOM_PRESETS),
+                file=sys.stderr,
+            )
+            return 2
+        overrides.update(source=SAMPLE_SOURCE, vae_fallback=fallback)
     try:
         settings = ImagenetInt8Settings.from_env(**overrides)
         code = build(settings, args.max_partitions_per_run, args.verbose)

@@ -1,0 +1,103 @@
+"""`imagenet-int8` and `dagster asset materialize`, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from imagenet_int8_assets.core.mds import index_sample_count, read_index
+from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
+
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
+    env.update(
+        IMAGENET_INT8_OUTPUT=str(tmp_path / "out"),
+        IMAGENET_INT8_VAE="tiny-random",
+        IMAGENET_INT8_DEVICE="cpu",
+        IMAGENET_INT8_WORKERS="1",
+        TMPDIR=os.environ["TMPDIR"],
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(args, env, cwd=REPO, timeout=600):
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
+    source = make_image_folder(tmp_path / "src", {"n01440764": 3, "n02676566": 2, "n09999999x": 0})
+    (source / "n02676566" / "broken.JPEG").write_bytes(b"\xff\xd8\xff garbage")
+    env = _env(tmp_path)
+    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "2"], env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"Dataset: {tmp_path / 'out' / 'mds'}" in proc.stdout
+    assert "5 samples in 3 classes" in proc.stdout and "1 bad" in proc.stdout
+    assert "12/12" in proc.stderr  # the progress bar reached its end: 1 + 3 classes * 3 + 2 steps
+    home = tmp_path / "out" / "dagster_home"
+    assert (home / "dagster.yaml").is_file()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 4  # manifest, 2 batches of up to 2 classes, final
+        assert instance.get_materialized_partitions(dg.AssetKey("mds_shards")) == {"n01440764", "n02676566", "n09999999x"}
+        assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")) is not None
+    info = json.loads((tmp_path / "out" / "mds" / "build.json").read_text())
+    assert info["samples"] == 5 and info["vae"]["requested"] == "tiny-random"
+
+
+def test_build_errors_are_clear_and_nonzero(tmp_path):
+    env = _env(tmp_path)
+    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "nowhere")], env)
+    assert proc.returncode == 2 and "IMAGENET_INT8_SOURCE" in proc.stderr
+    source = make_image_folder(tmp_path / "src", {"a": 1})
+    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--vae", "stabilityai/sdxl-vae"], env)
+    assert proc.returncode == 1
+    assert "The build did not finish" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert "RANDOM" not in proc.stdout + proc.stderr  # only the demo may fall back
+
+
+def test_demo_falls_back_loudly_and_says_how_to_read(tmp_path):
+    env = _env(tmp_path)
+    del env["IMAGENET_INT8_VAE"]  # the real default, unavailable offline: the demo's fallback
+    env["IMAGENET_INT8_DEMO_VAE_FALLBACK"] = "tiny-random"  # keep the test fast on CPU
+    proc = _run([str(BIN / "imagenet-int8"), "demo"], env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "VAE FALLBACK" in proc.stderr and "RANDOM weights" in proc.stdout
+    assert "21 samples in 4 classes" in proc.stdout and "open_dataset" in proc.stdout
+    read = proc.stdout.split("Read it:\n")[1].splitlines()[0].strip()
+    check = subprocess.run(read, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.split()[:4] == ["21", "(4,", "32,", "32)"]
+
+
+def test_dagster_asset_materialize_one_partition(tmp_path):
+    source = make_image_folder(tmp_path / "src", {"n01440764": 2, "n01443537": 3})
+    env = _env(tmp_path, IMAGENET_INT8_SOURCE=str(source), DAGSTER_HOME=str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    dagster = str(BIN / "dagster")
+    proc = _run([dagster, "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _run(
+        [dagster, "asset", "materialize", "-m", "imagenet_int8_assets",
+         "--select", "preprocessed_crops,vae_latents,mds_shards", "--partition", "n01443537"],
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "out"
+    manifest = pd.read_parquet(out / "manifest" / "manifest.parquet")
+    assert index_sample_count(read_index(out / "mds" / "n01443537")) == 3 == (manifest["class_folder"] == "n01443537").sum()
+    assert not (out / "mds" / "n01440764").exists()  # only the selected partition ran
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("vae_latents")) == {"n01443537"}
