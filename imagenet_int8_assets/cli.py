@@ -13,25 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-SHIPPED_DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")
 PARTITIONED_STEPS = ("preprocessed_crops", "vae_latents", "mds_shards")
 FINAL_STEPS = ("quantization_stats", "mds_dataset")
-
-
-def prepare_dagster_home(output: Path) -> Path:
-    """Use DAGSTER_HOME, or ``<output>/dagster_home``; install the shipped dagster.yaml there."""
-    home = Path(os.environ.get("DAGSTER_HOME") or output / "dagster_home").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(SHIPPED_DAGSTER_YAML, home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
@@ -101,9 +89,10 @@ def build(settings, partitions_per_run: int | None, verbose: bool = False) -> in
     from tqdm import tqdm
 
     from imagenet_int8_assets.definitions import build_definitions
+    from imagenet_int8_assets.instance import prepare_dagster_home
     from imagenet_int8_assets.resources import max_partitions_per_run
 
-    home = prepare_dagster_home(settings.output_path)
+    home = prepare_dagster_home(settings.output_path / "dagster_home")
     per_run = partitions_per_run or max_partitions_per_run()
     defs = build_definitions(settings, per_run)
     job = defs.resolve_implicit_global_asset_job_def()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from dagster import BackfillPolicy, BetaWarning, Definitions, PreviewWarning
+from dagster import BackfillPolicy, BetaWarning, Definitions, PreviewWarning, in_process_executor
 
 from imagenet_int8_assets.assets.crops import build_crops_asset
 from imagenet_int8_assets.assets.latents import build_latents_assets
@@ -37,6 +37,9 @@ def build_definitions(
         assets=[raw_manifest, crops, latents, stats, shards, dataset],
         asset_checks=[latents_check, shards_check],
         resources={"settings": settings},
+        # The steps of a run are sequential; one process per run pays the heavy imports (torch,
+        # streaming) once instead of once per step, and shares nothing it should not.
+        executor=in_process_executor,
     )
 
 

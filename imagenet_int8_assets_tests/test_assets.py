@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imagenet_int8_assets.cli import error_text
-from imagenet_int8_assets.core.mds import read_index
+from imagenet_int8_assets.core.mds_index import read_index
 from imagenet_int8_assets.core.sources import SourceError
 from imagenet_int8_assets.core.storage import mds_root
 from imagenet_int8_assets.core.vae import load_vae

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from imagenet_int8_assets.core.mds import index_sample_count, read_index
+from imagenet_int8_assets.core.mds_index import index_sample_count, read_index
 from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
 
 BIN = Path(sys.executable).parent
@@ -101,3 +101,32 @@ def test_dagster_asset_materialize_one_partition(tmp_path):
     assert not (out / "mds" / "n01440764").exists()  # only the selected partition ran
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         assert instance.get_materialized_partitions(dg.AssetKey("vae_latents")) == {"n01443537"}
+
+
+def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path):
+    import signal
+    import time
+
+    source = make_image_folder(tmp_path / "src", {f"class{i}": 6 for i in range(4)})
+    env = _env(tmp_path)
+    args = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latents = tmp_path / "out" / "latents"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (latents.is_dir() and any(latents.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # somewhere in the middle of the per-class runs
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out" / "mds" / "index.json").exists()
+
+    rerun = _run(args, env, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    out = tmp_path / "out"
+    hidden = [p for p in out.rglob(".*") if p.name.startswith((".tmp-", ".trash-"))]
+    assert hidden == []
+    index = json.loads((out / "mds" / "index.json").read_text())
+    names = [s["raw_data"]["basename"] for s in index["shards"]]
+    assert len(names) == len(set(names)) == 4
+    assert sum(s["samples"] for s in index["shards"]) == 24
+    assert sorted(p.name for p in (out / "mds").iterdir()) == ["build.json", "class0", "class1", "class2", "class3", "index.json"]

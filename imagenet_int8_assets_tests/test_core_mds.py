@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from streaming import StreamingDataset
 
-from imagenet_int8_assets.core import mds
+from imagenet_int8_assets.core import mds, mds_index
 from imagenet_int8_assets.core.quantize import dequantize
 from imagenet_int8_assets.reader import LatentStreamingDataset, open_dataset
 
@@ -42,10 +42,10 @@ def test_class_index_has_the_published_schema(three_classes):
 
 def test_merged_index_reads_every_sample_once_in_class_order(three_classes):
     root, data, labels = three_classes
-    summary = mds.merge_class_indexes(root, sorted(data))
+    summary = mds_index.merge_class_indexes(root, sorted(data))
     assert summary == {"samples": 12, "shards": 2, "per_class": {"n01440764": 5, "n01443537": 0, "n02676566": 7}}
     again = (root / "index.json").read_bytes()
-    mds.merge_class_indexes(root, sorted(data))
+    mds_index.merge_class_indexes(root, sorted(data))
     assert (root / "index.json").read_bytes() == again  # idempotent
     ds = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
     assert ds.num_samples == 12
@@ -76,7 +76,7 @@ def test_reader_helper_works_in_spawned_dataloader_workers(three_classes):
     import torch
 
     root, data, labels = three_classes
-    mds.merge_class_indexes(root, sorted(data))
+    mds_index.merge_class_indexes(root, sorted(data))
     ds = open_dataset(root, shuffle=False)
     assert isinstance(ds, LatentStreamingDataset)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="spawn")
@@ -92,7 +92,7 @@ def test_reader_helper_works_in_spawned_dataloader_workers(three_classes):
 def test_rewriting_a_class_replaces_it_atomically(three_classes):
     root, data, labels = three_classes
     mds.write_class_shards(root / "n01440764", _class_latents(9, 2), *labels["n01440764"], {"seed": 1})
-    assert mds.index_sample_count(mds.read_index(root / "n01440764")) == 2
+    assert mds_index.index_sample_count(mds_index.read_index(root / "n01440764")) == 2
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="4, 32, 32"):
         mds.write_class_shards(root / "x", np.zeros((1, 16, 32, 32), np.uint8), 0, "x", {})
@@ -102,6 +102,6 @@ def test_rewriting_a_class_replaces_it_atomically(three_classes):
 def test_inconsistent_builds_are_named():
     a = {"vae": {"requested": "stabilityai/sdxl-vae"}, "crops": {"recipe": "imagenet.int8", "size": 256}, "seed": 0, "latent_value": "sample", "quant_range": 12.0}
     b = {**a, "crops": {"recipe": "adm", "size": 256}}
-    assert mds.inconsistent_classes({"x": a, "y": a}) == []
-    lines = mds.inconsistent_classes({"x": a, "y": a, "z": b})
+    assert mds_index.inconsistent_classes({"x": a, "y": a}) == []
+    lines = mds_index.inconsistent_classes({"x": a, "y": a, "z": b})
     assert len(lines) == 2 and "[z]" in lines[1] and "crops.recipe=adm" in lines[1]

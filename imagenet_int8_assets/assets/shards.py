@@ -16,6 +16,7 @@ from dagster import (
 
 from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
+from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
 from imagenet_int8_assets.core.sources import class_labels
@@ -23,8 +24,8 @@ from imagenet_int8_assets.core.storage import mds_root, read_latents, remove_lef
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 # `core.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
-# (about 10 s). It is imported inside the asset bodies so that loading the definitions (the UI,
-# every run's start-up) stays fast.
+# (about 10 s). Only the two steps that write or open shards import it, inside their bodies, so
+# loading the definitions and running the checks stay fast; index files go through mds_index.
 
 READER_SNIPPET = """```python
 from imagenet_int8_assets.reader import open_dataset   # registers the 'uint8' encoding
@@ -36,15 +37,13 @@ The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(loca
 
 def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
-    from imagenet_int8_assets.core import mds
-
     manifest = read_manifest(settings)
     root = mds_root(settings.output_path)
     return [
         {
             "partition": key,
             "manifest_ok": len(ok_rows(manifest, key)),
-            "mds_samples": mds.index_sample_count(mds.read_index(root / key)),
+            "mds_samples": mds_index.index_sample_count(mds_index.read_index(root / key)),
         }
         for key in keys
     ]
@@ -86,7 +85,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 labels.text[key],
                 {**meta, "quant_range": settings.quant_range, "label": labels.index[key], "label_as_text": labels.text[key]},
             )
-            index = mds.read_index(root / key)
+            index = mds_index.read_index(root / key)
             context.add_asset_metadata(
                 {
                     "path": MetadataValue.path(str(root / key)),
@@ -141,7 +140,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         infos, missing = {}, []
         for key in keys:
             try:
-                infos[key] = mds.read_build_info(root / key)
+                infos[key] = mds_index.read_build_info(root / key)
             except FileNotFoundError:
                 missing.append(key)
         if missing:
@@ -149,7 +148,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 f"mds_shards is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}. "
                 "Materialize those partitions (or run `imagenet-int8 build`)."
             )
-        conflicts = mds.inconsistent_classes(infos)
+        conflicts = mds_index.inconsistent_classes(infos)
         if conflicts:
             raise Failure(
                 "Classes were built with different settings and cannot form one dataset:\n- "
@@ -163,15 +162,15 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
                 + ". Re-materialize raw_manifest and then those partitions."
             )
-        summary = mds.merge_class_indexes(root, keys)
+        summary = mds_index.merge_class_indexes(root, keys)
         removed = remove_leftovers(root)
-        strays = mds.stray_entries(root, keys)
+        strays = mds_index.stray_entries(root, keys)
         check = mds.verify_readable(root)
         if check["samples"] != summary["samples"]:
             raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
         first = next(iter(infos.values()))
         fallback = bool(first.get("vae", {}).get("fallback_reason"))
-        mds.write_dataset_info(root, first, summary)
+        mds_index.write_dataset_info(root, first, summary)
         metadata = {
             "path": MetadataValue.path(str(root)),
             "samples": summary["samples"],

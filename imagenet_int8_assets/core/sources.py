@@ -11,7 +11,6 @@ Every file under a class folder becomes one manifest row with a status:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
