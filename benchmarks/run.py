@@ -231,13 +231,15 @@ def _digests(arrays: Sequence[np.ndarray]) -> list[str]:
 
 
 def benchmark_crops(paths: list[str], workers: int, repeats: int) -> dict[str, Any]:
-    startup = measure({"pool": start_pool}, range(workers), repeats, range(workers))["pool"][0]
+    startup = None
+    if workers > 1:
+        startup = measure({"pool": start_pool}, range(workers), repeats, range(workers))["pool"][0].best
     rows, digests = [], {}
     for processes in sorted({1, workers}):
         workloads = {
-            "reference imagenet.int8": lambda ps: crop_reference(ps, processes),
-            "ours imagenet.int8": lambda ps: crop_ours(ps, "imagenet.int8", processes),
-            "ours adm": lambda ps: crop_ours(ps, "adm", processes),
+            "reference imagenet.int8": lambda ps, n=processes: crop_reference(ps, n),
+            "ours imagenet.int8": lambda ps, n=processes: crop_ours(ps, "imagenet.int8", n),
+            "ours adm": lambda ps, n=processes: crop_ours(ps, "adm", n),
         }
         # A pool cannot be warmed ahead of a call that starts its own, so pool runs warm up on
         # the whole set (file cache, imports); in-process runs on a few images.
@@ -260,7 +262,7 @@ def benchmark_crops(paths: list[str], workers: int, repeats: int) -> dict[str, A
         "size": SIZE,
         "workers": workers,
         "repeats": repeats,
-        "pool_startup_s": round(startup.best, 4),
+        "pool_startup_s": None if startup is None else round(startup, 4),
         "rows": rows,
         "pixel_identical": not mismatched,
         "pixel_mismatched_images": sorted(mismatched),
@@ -370,8 +372,13 @@ def report(results: dict[str, Any]) -> str:
         out += [
             "",
             f"Crop throughput: {crops['images']} JPEGs -> {crops['size']}x{crops['size']}, best of "
-            f"{crops['repeats']}; the {crops['workers']}-process rows include starting a spawn pool "
-            f"(measured alone: {crops['pool_startup_s']:.2f} s)",
+            f"{crops['repeats']}"
+            + (
+                f"; the {crops['workers']}-process rows include starting a spawn pool (measured "
+                f"alone: {crops['pool_startup_s']:.2f} s)"
+                if crops["pool_startup_s"] is not None
+                else ""
+            ),
             format_table(
                 ("processes", "crop", "img/s", "vs reference"),
                 [
@@ -436,6 +443,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.skip_encode:  # fail before the crop part, not after it
+        from imagenet_int8_assets.core.vae import VaeLoadError, resolve_device
+
+        try:
+            args.device = resolve_device(args.device)
+        except VaeLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     results: dict[str, Any] = {
         "machine": machine_facts(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
