@@ -18,6 +18,7 @@ are removed the next time that partition is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,15 @@ import numpy as np
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

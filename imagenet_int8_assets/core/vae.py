@@ -19,10 +19,11 @@ fast; they are imported when a model is actually built.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from imagenet_int8_assets.core.storage import file_sha256
 
 SDXL_CONFIG: dict[str, Any] = {
     "in_channels": 3,
@@ -139,14 +140,6 @@ def build_random_vae(config: dict[str, Any], seed: int = RANDOM_WEIGHTS_SEED):
     return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _help_text(spec: str) -> str:
     return (
         f"To use {spec!r} without network access: (1) on a machine with access run "
@@ -172,7 +165,7 @@ def _resolve_pretrained(spec: str) -> tuple[Path, VaeInfo]:
             requested=spec,
             source="local-folder",
             folder=str(folder.resolve()),
-            weights_sha256=_sha256(weights) if weights else None,
+            weights_sha256=file_sha256(weights) if weights else None,
         )
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise VaeLoadError(
@@ -200,7 +193,7 @@ def _resolve_pretrained(spec: str) -> tuple[Path, VaeInfo]:
         repo_id=spec,
         revision=snapshot.name,
         folder=str(snapshot),
-        weights_sha256=_sha256(weights),
+        weights_sha256=file_sha256(weights),
     )
 
 
