@@ -99,7 +99,8 @@ def reference_encode(model, images: np.ndarray, device: str, batch_size: int) ->
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(images[start : start + batch_size])
             x = (batch.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous().to(device)
-            out.append(model.encode(x).latent_dist.sample().cpu())
+            encoded = model.encode(x)  # AutoencoderKL: a posterior; AuraEquiVAE: the latent itself
+            out.append((encoded.latent_dist.sample() if hasattr(encoded, "latent_dist") else encoded).cpu())
     return torch.cat(out).numpy()
 
 
@@ -274,20 +275,23 @@ def benchmark_crops(paths: list[str], workers: int, repeats: int) -> dict[str, A
 # --------------------------------------------------------------------------------------------
 
 
-def benchmark_encode(crops: np.ndarray, vae: str, device: str, batch_size: int, repeats: int) -> dict[str, Any]:
+def benchmark_encode(
+    crops: np.ndarray, vae: str, device: str, batch_size: int, repeats: int, precision: str = "fp32"
+) -> dict[str, Any]:
     import torch
 
     from imagenet_int8_assets.core.encode import encode_posterior
-    from imagenet_int8_assets.core.vae import load_vae, resolve_device
+    from imagenet_int8_assets.core.vae import LoadedVae, load_vae, resolve_device
 
     device = resolve_device(device)
-    model, info = load_vae(vae)
+    loaded = load_vae(vae)
+    info, model = loaded.info, loaded.model
     reference_model = model.to(device)
-    # As the vae_latents asset sets it up.
-    ours_model = copy.deepcopy(reference_model).to(device, memory_format=torch.channels_last)
+    # As the vae_latents asset sets it up (channels_last, the configured precision).
+    ours = LoadedVae(copy.deepcopy(reference_model), info).to(device)
     workloads = {
         "reference": lambda imgs: reference_encode(reference_model, imgs, device, batch_size),
-        "ours": lambda imgs: encode_posterior(ours_model, imgs, device, batch_size),
+        "ours": lambda imgs: encode_posterior(ours, imgs, device, batch_size, precision),
     }
     measured = measure(workloads, crops, repeats, crops[:batch_size])
     return {
@@ -296,7 +300,7 @@ def benchmark_encode(crops: np.ndarray, vae: str, device: str, batch_size: int, 
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_model(),
-        "dtype": "float32",
+        "dtype": "float32 (reference), " + precision + " (ours)",
         "batch_size": batch_size,
         "images": len(crops),
         "warmup_images": min(batch_size, len(crops)),
@@ -428,6 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", default="sdxl-random", help="VAE preset, Hub id or folder (default sdxl-random)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--batch-size", type=int, default=8, help="encode batch size (default 8)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="our encode precision (default fp32)")
     p.add_argument("--encode-images", type=int, default=8, help="timed images per encode pass (default 8)")
     p.add_argument("--encode-repeats", type=int, default=1, help="timed encode passes; the best is reported (default 1)")
     p.add_argument("--skip-encode", action="store_true", help="skip the encode benchmark")
@@ -466,7 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Timing encode ({args.vae}) ...", file=sys.stderr, flush=True)
             sources = [crop_file(p) for p in paths[: args.encode_images]]
             crops = np.stack([sources[i % len(sources)] for i in range(args.encode_images)])
-            results["encode"] = benchmark_encode(crops, args.vae, args.device, args.batch_size, args.encode_repeats)
+            results["encode"] = benchmark_encode(
+                crops, args.vae, args.device, args.batch_size, args.encode_repeats, args.precision
+            )
     print(report(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,8 @@ def _summary(settings) -> str:
         f"Dataset: {root}",
         f"  {info['samples']} samples in {len(info['per_class'])} classes; manifest: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "bad", "skipped")),
-        f"  VAE {vae['requested']} ({vae['source']}), latent value {info['latent_value']}, "
-        f"{info['dequantize']}",
+        f"  VAE {vae['requested']} ({vae['source']}), latents {tuple(info['latent_shape'])} "
+        f"({info['latent_value']}, {info['precision']}), {info['dequantize']}",
     ]
     if vae.get("fallback_reason"):
         lines.append(
@@ -189,9 +189,25 @@ def _summary(settings) -> str:
     return "\n".join(lines)
 
 
+def presets_table() -> str:
+    """The VAE presets and their declared properties, as a text table."""
+    from imagenet_int8_assets.core.vae import PRESETS
+
+    rows = [p.describe() for p in PRESETS.values()]
+    columns = ["name", "channels", "downsample", "posterior", "scaling", "shift", "range", "weights"]
+    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    lines += ["", "Input range of every preset: [-1, 1]. Stored latents are raw (scaling/shift are recorded only)."]
+    lines += [f"{row['name']}: {row['description']}" for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imagenet-int8", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("presets", help="list the VAE presets and their properties")
     for name, help_text in (
         ("build", "materialize the whole graph for every class (settings from IMAGENET_INT8_* or flags)"),
         ("demo", "build the bundled sample dataset (falls back to random SDXL weights when offline)"),
@@ -203,17 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--vae", help="VAE preset, Hub id or folder (IMAGENET_INT8_VAE)")
         p.add_argument("--device", help="auto, cpu or cuda (IMAGENET_INT8_DEVICE)")
         p.add_argument("--batch-size", type=int, help="images per forward pass (IMAGENET_INT8_BATCH_SIZE)")
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="encode precision (IMAGENET_INT8_PRECISION)")
         p.add_argument("--workers", type=int, help="processes for scan and crops (IMAGENET_INT8_WORKERS)")
         p.add_argument(
             "--max-partitions-per-run", type=int, help="classes per batched run (IMAGENET_INT8_MAX_PARTITIONS_PER_RUN)"
         )
         p.add_argument("-v", "--verbose", action="store_true", help="show Dagster INFO logs")
     args = parser.parse_args(argv)
+    if args.command == "presets":
+        print(presets_table())
+        return 0
 
     from imagenet_int8_assets.core.sources import SourceError
-    from imagenet_int8_assets.core.vae import PRESETS
-
-    RANDOM_PRESETS = [name for name, preset in PRESETS.items() if preset.random_config is not None]
+    from imagenet_int8_assets.core.vae import RANDOM_PRESETS
     from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError
 
     overrides = {
@@ -222,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vae": args.vae,
         "device": args.device,
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "workers": args.workers,
     }
     if args.command == "demo":

@@ -12,11 +12,10 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from imagenet_int8_assets.core.encode import LATENT_VALUES
+from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import default_workers
 from imagenet_int8_assets.core.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
-from imagenet_int8_assets.core.quantize import DEFAULT_RANGE
 from imagenet_int8_assets.core.vae import DEFAULT_VAE
 from imagenet_int8_assets.sample import generate_sample_dataset
 
@@ -31,6 +30,9 @@ ENV = {
     "device": "IMAGENET_INT8_DEVICE",
     "batch_size": "IMAGENET_INT8_BATCH_SIZE",
     "crop_recipe": "IMAGENET_INT8_CROP_RECIPE",
+    "crop_size": "IMAGENET_INT8_CROP_SIZE",
+    "precision": "IMAGENET_INT8_PRECISION",
+    "store_flip": "IMAGENET_INT8_STORE_FLIP",
     "seed": "IMAGENET_INT8_SEED",
     "latent_value": "IMAGENET_INT8_LATENT_VALUE",
     "quant_range": "IMAGENET_INT8_QUANT_RANGE",
@@ -54,10 +56,12 @@ class ImagenetInt8Settings(ConfigurableResource):
     device: str = Field(default="auto", description="auto (GPU when present), cpu or cuda.")
     batch_size: int = Field(default=16, description="Images per VAE forward pass.")
     crop_recipe: str = Field(default=DEFAULT_RECIPE, description=f"One of {', '.join(RECIPES)}.")
-    crop_size: int = Field(default=256, description="Crop side in pixels (the published build: 256).")
+    crop_size: int = Field(default=256, description="Crop side in pixels: 256 (published) or 512 (a multiple of 8).")
+    precision: str = Field(default="fp32", description="Encode precision: fp32, bf16 or fp16 (NaN/Inf samples are redone in fp32).")
+    store_flip: bool = Field(default=False, description="Also store the latent of the horizontally flipped crop (vae_output_flip).")
     seed: int = Field(default=0, description="Run seed for per-image latent sampling.")
     latent_value: str = Field(default="sample", description="Stored latent: 'sample' (seeded per image) or 'mean'.")
-    quant_range: float = Field(default=DEFAULT_RANGE, description="uint8 range +-R (published: 12).")
+    quant_range: float = Field(default=0.0, description="uint8 range +-R; 0 = the VAE's default (SDXL: 12, as published).")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="Refuse images declaring more pixels.")
     workers: int = Field(default=0, description="Processes for scanning and cropping (0 = all cores).")
 
@@ -70,7 +74,12 @@ class ImagenetInt8Settings(ConfigurableResource):
                 raw = env[var].strip()
                 kind = cls.model_fields[name].annotation
                 try:
-                    values[name] = kind(raw) if kind in (int, float) else raw
+                    if kind is bool:
+                        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                            raise ValueError
+                        values[name] = raw.lower() in ("1", "true", "yes", "on")
+                    else:
+                        values[name] = kind(raw) if kind in (int, float) else raw
                 except ValueError:
                     raise SettingsError(f"{var}={raw!r} is not a valid {kind.__name__}.") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -91,9 +100,11 @@ class ImagenetInt8Settings(ConfigurableResource):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV.get(name, name)} must be positive, got {getattr(self, name)}.")
         if self.crop_size % 8:
-            raise SettingsError(f"crop_size must be a multiple of 8, got {self.crop_size}.")
-        if self.quant_range <= 0:
-            raise SettingsError(f"IMAGENET_INT8_QUANT_RANGE must be positive, got {self.quant_range}.")
+            raise SettingsError(f"IMAGENET_INT8_CROP_SIZE must be a multiple of 8 (256 or 512), got {self.crop_size}.")
+        if self.quant_range < 0:
+            raise SettingsError(f"IMAGENET_INT8_QUANT_RANGE must be positive (or 0 for the VAE's default), got {self.quant_range}.")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"IMAGENET_INT8_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}.")
 
     # ---- derived values -------------------------------------------------------------------
 
@@ -110,6 +121,10 @@ class ImagenetInt8Settings(ConfigurableResource):
         if self.is_sample:
             return generate_sample_dataset(self.output_path / "sample_source")
         return Path(self.source).expanduser().resolve()
+
+    def range_for(self, vae_default: float) -> float:
+        """The uint8 range: the configured one, or the VAE's default when not set (0)."""
+        return self.quant_range if self.quant_range > 0 else vae_default
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else default_workers()

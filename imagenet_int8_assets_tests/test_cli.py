@@ -130,3 +130,14 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
     assert len(names) == len(set(names)) == 4
     assert sum(s["samples"] for s in index["shards"]) == 24
     assert sorted(p.name for p in (out / "mds").iterdir()) == ["build.json", "class0", "class1", "class2", "class3", "index.json"]
+
+
+def test_presets_command_lists_every_preset_with_its_properties(tmp_path):
+    from imagenet_int8_assets.core.vae import PRESETS
+
+    proc = _run([str(BIN / "imagenet-int8"), "presets"], _env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line and not line.startswith(" ")}
+    for name, preset in PRESETS.items():
+        assert name in lines and lines[name][1] == str(preset.latent_channels)
+    assert lines["fal/AuraEquiVAE"][3] == "none" and lines["stabilityai/sdxl-vae"][6] == "12.0"

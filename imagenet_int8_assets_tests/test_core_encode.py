@@ -36,3 +36,52 @@ def test_image_seed_is_stable():
 def test_non_finite_count():
     assert non_finite_count(np.array([1.0, np.nan, np.inf]), np.array([-np.inf, 0.0])) == 3
     assert non_finite_count(np.zeros(4)) == 0
+
+
+def _overflowing_vae():
+    """tiny-random with a huge first convolution: fp16 overflows on busy images, not on flat ones."""
+    import torch
+
+    from imagenet_int8_assets.core.vae import load_vae
+
+    vae = load_vae("tiny-random")
+    with torch.no_grad():
+        vae.model.encoder.conv_in.weight.mul_(1e5)
+    return vae
+
+
+def _busy_and_flat():
+    rng = np.random.default_rng(0)
+    busy = rng.integers(0, 256, (2, 64, 64, 3))
+    flat = np.full((3, 64, 64, 3), 128)
+    return np.concatenate([busy, flat]).astype(np.uint8)
+
+
+def test_fp16_overflow_is_reencoded_in_fp32_per_sample():
+    import torch
+
+    from imagenet_int8_assets.core.encode import encode_posterior, to_model_input
+
+    vae, crops = _overflowing_vae(), _busy_and_flat()
+    with torch.inference_mode():  # the guard is needed: plain fp16 really overflows here
+        raw, _ = vae.cast(torch.float16).encode(to_model_input(crops, "cpu").half())
+    assert torch.isfinite(raw).flatten(1).all(1).tolist() == [False, False, True, True, True]
+    fp16 = encode_posterior(vae, crops, "cpu", batch_size=5, precision="fp16")
+    fp32 = encode_posterior(vae, crops, "cpu", batch_size=5, precision="fp32")
+    assert fp16.reencoded_fp32 == 2 and fp32.reencoded_fp32 == 0
+    assert np.isfinite(fp16.mean).all() and np.isfinite(fp16.std).all()
+    np.testing.assert_array_equal(fp16.mean[:2], fp32.mean[:2])  # redone exactly in fp32
+    assert 0 < np.abs(fp16.mean[2:] - fp32.mean[2:]).max() < 0.05  # the rest stayed fp16
+
+
+def test_precision_error_is_reported_in_quantization_steps():
+    from imagenet_int8_assets.core.encode import precision_error
+    from imagenet_int8_assets.core.vae import load_vae
+
+    crops = _busy_and_flat()
+    vae = load_vae("tiny-random")
+    bf16 = precision_error(vae, crops, "cpu", "bf16", 12.0)
+    assert bf16["images"] == 5 and 0 < bf16["rms_steps"] <= bf16["max_steps"] < 50
+    assert precision_error(vae, crops, "cpu", "fp32", 12.0)["max_steps"] == 0.0
+    guarded = precision_error(_overflowing_vae(), crops, "cpu", "fp16", 12.0)
+    assert guarded["reencoded_fp32"] == 2 and np.isfinite(guarded["max_steps"])

@@ -94,8 +94,8 @@ def test_rewriting_a_class_replaces_it_atomically(three_classes):
     mds.write_class_shards(root / "n01440764", _class_latents(9, 2), *labels["n01440764"], {"seed": 1})
     assert mds_index.index_sample_count(mds_index.read_index(root / "n01440764")) == 2
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
-    with pytest.raises(ValueError, match="4, 32, 32"):
-        mds.write_class_shards(root / "x", np.zeros((1, 16, 32, 32), np.uint8), 0, "x", {})
+    with pytest.raises(ValueError, match="do not match"):
+        mds.write_class_shards(root / "x", np.zeros((2, 4, 32, 32), np.uint8), 0, "x", {}, flips_u8=np.zeros((1, 4, 32, 32), np.uint8))
     assert not (root / "x").exists()
 
 
@@ -105,3 +105,32 @@ def test_inconsistent_builds_are_named():
     assert mds_index.inconsistent_classes({"x": a, "y": a}) == []
     lines = mds_index.inconsistent_classes({"x": a, "y": a, "z": b})
     assert len(lines) == 2 and "[z]" in lines[1] and "crops.recipe=adm" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "shape, value_range",
+    [((16, 32, 32), 8.0), ((4, 64, 64), 12.0), ((4, 32, 32), 8.58)],
+)
+def test_other_layouts_use_the_builtin_ndarray_encoding_and_read_back(tmp_path, shape, value_range):
+    root = tmp_path / "mds"
+    codes = np.random.default_rng(3).integers(0, 256, (3, *shape), dtype=np.uint8)
+    flips = codes[..., ::-1].copy()
+    mds.write_class_shards(root / "c", codes, 5, "five", {"seed": 0}, value_range=value_range, flips_u8=flips)
+    encoding = "ndarray:uint8:" + ",".join(map(str, shape))
+    shard = mds_index.read_index(root / "c")["shards"][0]
+    assert dict(zip(shard["column_names"], shard["column_encodings"])) == {
+        "label": "str", "label_as_text": "str", "vae_output": encoding, "vae_output_flip": encoding
+    }
+    info = json.loads((root / "c" / "build.json").read_text())
+    assert info["latent_shape"] == list(shape) and info["dequantize"] == f"z = (u / 255 - 0.5) * {2 * value_range:g}"
+    mds_index.merge_class_indexes(root, ["c"])
+    mds_index.write_dataset_info(root, info, {"samples": 3, "per_class": {"c": 3}})
+    ds = open_dataset(root)
+    for i in range(3):
+        sample = ds[i]
+        assert sample["latent"].shape == shape and sample["label"] == 5
+        np.testing.assert_allclose(sample["latent"], dequantize(codes[i], value_range), atol=1e-6)
+        np.testing.assert_allclose(sample["latent_flip"], dequantize(flips[i], value_range), atol=1e-6)
+    # a plain StreamingDataset needs no registration for these columns
+    plain = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
+    np.testing.assert_array_equal(plain[0]["vae_output"], codes[0])

@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.encode import encode_posterior, non_finite_count, select_latent
+from imagenet_int8_assets.core.encode import encode_posterior, non_finite_count, precision_error, select_latent
 from imagenet_int8_assets.core.storage import read_crops_with_meta, read_latents, write_latents
 from imagenet_int8_assets.core.vae import load_vae, resolve_device
 from imagenet_int8_assets.resources import ImagenetInt8Settings
@@ -27,6 +27,26 @@ FALLBACK_BANNER = (
     "with {source!r} RANDOM WEIGHTS. The latents are NOT meaningful; use them only to try the "
     "pipeline. Reason: {reason}"
 )
+
+
+def _numerics_report(vae, images: np.ndarray, device: str, value_range: float) -> dict:
+    """Once per run, on up to 4 crops: bf16 and fp16 against fp32; Aura's equivariance error."""
+    from imagenet_int8_assets.core.encode import PRECISIONS
+
+    report = {
+        "precision_vs_fp32": {
+            p: precision_error(vae, images[:4], device, p, value_range) for p in PRECISIONS if p != "fp32"
+        }
+    }
+    if vae.info.family == "aura":
+        import torch
+
+        from imagenet_int8_assets.core.aura import equivariance_error
+
+        x = torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
+        with torch.inference_mode():
+            report["equivariance_error"] = equivariance_error(lambda t: vae.encode(t)[0], x, value_range=value_range)
+    return report
 
 
 def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: BackfillPolicy):
@@ -47,55 +67,70 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
         ),
     )
     def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        import torch
-
         device = resolve_device(settings.device)
         started = time.monotonic()
-        model, info = load_vae(settings.vae, fallback=settings.vae_fallback or None)
-        model = model.to(device, memory_format=torch.channels_last)
+        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(device)
+        info = vae.info
         load_s = time.monotonic() - started
-        if info.is_fallback:
-            context.log.warning(
-                FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
-            )
-        context.log.info(
-            f"Loaded VAE {info.requested!r} ({info.source}) on {device} in {load_s:.1f}s for "
-            f"{len(context.partition_keys)} partition(s)"
+        banner = (
+            FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
+            if info.is_fallback
+            else None
         )
+        if banner:
+            context.log.warning(banner)
+        context.log.info(
+            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {device} in {load_s:.1f}s for "
+            f"{len(context.partition_keys)} partition(s), precision {settings.precision}"
+        )
+        value_range = settings.range_for(info.quant_range)
         provenance = {
             "vae": info.as_dict(),
             "device": device,
-            "dtype": "float32",
-            "latent_value": settings.latent_value,
+            "precision": settings.precision,
+            "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
             "seed": settings.seed,
+            "store_flip": settings.store_flip,
         }
+        run_checks: dict = {}
         for key in context.partition_keys:
             ids, images, crop_meta = read_crops_with_meta(settings.output_path, key, mmap=True)
+            if not run_checks and len(ids):
+                run_checks = _numerics_report(vae, images[:8], device, value_range)
+                for name, value in run_checks.items():
+                    context.log.info(f"{name}: {value}")
             t0 = time.monotonic()
-            mean, std = encode_posterior(
-                model,
-                images,
-                device,
-                settings.batch_size,
-                progress_logger(context.log.info, f"{key}: encoded", total=len(ids)),
-            )
-            latent = select_latent(mean, std, ids, settings.latent_value, settings.seed)
+            progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
+            post = encode_posterior(vae, images, device, settings.batch_size, settings.precision, progress=progress)
+            arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
+            if post.std is not None:
+                arrays["std"] = post.std
+            redone = post.reencoded_fp32
+            if settings.store_flip:
+                flipped = encode_posterior(vae, images, device, settings.batch_size, settings.precision, flip=True)
+                flip_ids = [f"{i}#hflip" for i in ids]
+                arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
+                redone += flipped.reencoded_fp32
             seconds = time.monotonic() - t0
-            bad = non_finite_count(mean, std, latent)
+            bad = non_finite_count(*arrays.values())
             meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
-            folder = write_latents(settings.output_path, key, ids, {"mean": mean, "std": std, "latent": latent}, meta)
+            folder = write_latents(settings.output_path, key, ids, arrays, meta)
+            latent = arrays["latent"]
             finite = latent[np.isfinite(latent)]
             partition_metadata = {
                 "path": MetadataValue.path(str(folder)),
                 "images": len(ids),
                 "latent_shape": str(tuple(latent.shape[1:])),
-                "latent_value": settings.latent_value,
+                "latent_value": provenance["latent_value"],
                 "vae": info.requested,
                 "vae_source": info.source,
                 "vae_revision": info.revision or "",
                 "vae_weights_sha256": info.weights_sha256 or "",
                 "vae_fallback": bool(info.is_fallback),
                 "device": device,
+                "precision": settings.precision,
+                "reencoded_in_fp32": redone,
+                "stored_flip": settings.store_flip,
                 "seconds": round(seconds, 3),
                 "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
                 "non_finite_values": bad,
@@ -103,11 +138,10 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
                 "latent_std": float(finite.std()) if finite.size else float("nan"),
                 "latent_min": float(finite.min()) if finite.size else float("nan"),
                 "latent_max": float(finite.max()) if finite.size else float("nan"),
+                **{k: MetadataValue.json(v) for k, v in run_checks.items()},
             }
-            if info.is_fallback:
-                partition_metadata["WARNING"] = FALLBACK_BANNER.format(
-                    requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason
-                )
+            if banner:
+                partition_metadata["WARNING"] = banner
             context.add_asset_metadata(partition_metadata, partition_key=key)
             context.log.info(f"{key}: {len(ids)} latents in {seconds:.1f}s -> {folder}")
         return MaterializeResult()

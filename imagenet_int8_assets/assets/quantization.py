@@ -4,7 +4,7 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PartitionsDefinition, asset
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
-from imagenet_int8_assets.core.quantize import ChannelStats, step
+from imagenet_int8_assets.core.quantize import ChannelStats, recommend_ranges, step
 from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_json, read_latents, stats_path
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
@@ -29,15 +29,16 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
         per_class_rows, per_class_json, missing = [], {}, []
         for key in keys:
             try:
-                ids, arrays, _ = read_latents(settings.output_path, key)
+                ids, arrays, meta = read_latents(settings.output_path, key)
             except MissingArtifact:
                 missing.append(key)
                 continue
             latent = arrays["latent"]
-            stats = ChannelStats(latent.shape[1], settings.quant_range)
+            value_range = settings.range_for(meta["vae"]["quant_range"])
+            stats = ChannelStats(latent.shape[1], value_range)
             stats.update(latent)
             if overall is None:
-                overall = ChannelStats(latent.shape[1], settings.quant_range)
+                overall = ChannelStats(latent.shape[1], value_range)
             overall.merge(stats)
             summary = stats.summary()
             per_class_json[key] = summary
@@ -60,12 +61,15 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
         total = sum(r["count"] for r in channels)
         clip = sum(r["clip_fraction"] * r["count"] for r in channels) / total if total else 0.0
         rmse = (sum(r["quant_rmse"] ** 2 * r["count"] for r in channels) / total) ** 0.5 if total else 0.0
+        value_range = overall.value_range if overall is not None else settings.range_for(0.0)
+        recommended = recommend_ranges(channels)
         path = stats_path(settings.output_path)
         atomic_write_json(
             path,
             {
-                "quant_range": settings.quant_range,
-                "step": step(settings.quant_range),
+                "quant_range": value_range,
+                "step": step(value_range),
+                "recommended": recommended,
                 "overall": channels,
                 "per_class": per_class_json,
                 "clip_fraction": clip,
@@ -76,8 +80,11 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
         return MaterializeResult(
             metadata={
                 "path": MetadataValue.path(str(path)),
-                "quant_range": settings.quant_range,
-                "quant_step": step(settings.quant_range),
+                "quant_range": value_range,
+                "quant_step": step(value_range),
+                "recommended_range": recommended["range"],
+                "recommended_per_channel": MetadataValue.json(recommended["per_channel"]),
+                "recommendation": recommended["note"],
                 "values": total,
                 "clip_fraction": clip,
                 "quant_rmse": rmse,

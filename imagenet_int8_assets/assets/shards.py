@@ -71,19 +71,22 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         for key in context.partition_keys:
             ids, arrays, meta = read_latents(settings.output_path, key)
             latent = arrays["latent"]
-            bad = non_finite_count(latent)
+            bad = non_finite_count(*arrays.values())
             if bad:
                 raise Failure(
                     f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
                     "(the latents_are_finite check explains which) before writing shards."
                 )
-            u8 = quantize(latent, settings.quant_range)
+            value_range = settings.range_for(meta["vae"]["quant_range"])
+            flips = arrays.get("latent_flip")
             count = mds.write_class_shards(
                 root / key,
-                u8,
+                quantize(latent, value_range),
                 labels.index[key],
                 labels.text[key],
-                {**meta, "quant_range": settings.quant_range, "label": labels.index[key], "label_as_text": labels.text[key]},
+                {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
+                value_range=value_range,
+                flips_u8=quantize(flips, value_range) if flips is not None else None,
             )
             index = mds_index.read_index(root / key)
             context.add_asset_metadata(
@@ -181,6 +184,10 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
             "vae_fallback": fallback,
             "latent_value": first["latent_value"],
             "quant_range": first["quant_range"],
+            "dequantize": first["dequantize"],
+            "latent_shape": str(tuple(first["latent_shape"])),
+            "schema": MetadataValue.json(first["schema"]),
+            "precision": first["precision"],
             "crop_recipe": first["crops"]["recipe"],
             "per_class": MetadataValue.md(
                 markdown_table([{"class": k, "samples": v} for k, v in summary["per_class"].items()])

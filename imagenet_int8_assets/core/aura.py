@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagenet_int8_assets.core.quantize import step
+
 AURA_REPO_ID = "fal/AuraEquiVAE"
 AURA_WEIGHTS_FILE = "vae_epoch_3_step_49501_bf16.pt"
 AURA_NUM_TENSORS = 232
@@ -414,7 +416,7 @@ def equivariance_error(
     error in quantization steps of an 8-bit code over [-value_range, value_range]
     (step = 2 * value_range / 255). ``x`` is an image batch (N, 3, H, W) or (3, H, W), torch or numpy.
     """
-    step = 2.0 * value_range / 255.0
+    unit = step(value_range)
     with torch.no_grad():
         base = encode_fn(x)
         result: dict[str, dict[str, float]] = {}
@@ -425,7 +427,7 @@ def equivariance_error(
             norm_b, norm_diff = float(np.linalg.norm(b)), float(np.linalg.norm(diff))
             result[name] = {
                 "relative": norm_diff / norm_b if norm_b > 0 else (0.0 if norm_diff == 0 else float("inf")),
-                "max_steps": float(np.abs(diff).max()) / step,
-                "rms_steps": float(np.sqrt(np.mean(diff**2))) / step,
+                "max_steps": float(np.abs(diff).max()) / unit,
+                "rms_steps": float(np.sqrt(np.mean(diff**2))) / unit,
             }
     return result

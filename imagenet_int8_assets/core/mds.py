@@ -22,7 +22,7 @@ import numpy as np
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds.encodings import Encoding, _encodings
 
-from imagenet_int8_assets.core.mds_index import BUILD_INFO, COLUMNS, LATENT_SHAPE
+from imagenet_int8_assets.core.mds_index import BUILD_INFO, LATENT_SHAPE, columns_for, dequantize_formula
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
 from imagenet_int8_assets.core.storage import atomic_dir, atomic_write_json
 
@@ -56,43 +56,77 @@ def write_class_shards(
     label: int,
     label_text: str,
     build_info: dict,
+    value_range: float = DEFAULT_RANGE,
+    flips_u8: np.ndarray | None = None,
 ) -> int:
     """Write one class as MDS shards into ``folder`` (replaced atomically). Returns the count.
 
-    ``latents_u8`` is uint8 (N, 4, 32, 32). ``build_info`` is saved beside the index as
-    ``build.json`` (readers ignore it; the merge step checks every class agrees).
+    ``latents_u8`` is uint8 (N, C, H, W), quantized over +-``value_range``; ``flips_u8`` the same
+    for the flipped crops (a ``vae_output_flip`` column). The schema follows
+    ``mds_index.columns_for``. ``build_info`` is saved beside the index as ``build.json`` with the
+    schema, shape and dequantization added (readers ignore it; the merge step checks that every
+    class agrees, and our reader uses it).
     """
     latents_u8 = np.ascontiguousarray(latents_u8, dtype=np.uint8)
-    if latents_u8.shape[1:] != LATENT_SHAPE:
-        raise ValueError(
-            f"the Imagenet.int8 schema stores {LATENT_SHAPE} latents, got {latents_u8.shape[1:]}"
-        )
+    shape = tuple(latents_u8.shape[1:])
+    columns = columns_for(shape, value_range, with_flip=flips_u8 is not None)
+    if flips_u8 is not None and flips_u8.shape != latents_u8.shape:
+        raise ValueError(f"flipped latents {flips_u8.shape} do not match latents {latents_u8.shape}")
     register_uint8_encoding()
     with atomic_dir(folder) as tmp:
-        with MDSWriter(out=str(tmp), columns=COLUMNS, compression=None, size_limit=SIZE_LIMIT) as out:
-            for row in latents_u8:
-                out.write({"vae_output": row, "label": str(int(label)), "label_as_text": label_text})
+        with MDSWriter(out=str(tmp), columns=columns, compression=None, size_limit=SIZE_LIMIT) as out:
+            for i, row in enumerate(latents_u8):
+                sample = {"vae_output": row, "label": str(int(label)), "label_as_text": label_text}
+                if flips_u8 is not None:
+                    sample["vae_output_flip"] = np.ascontiguousarray(flips_u8[i], dtype=np.uint8)
+                out.write(sample)
         index = tmp / "index.json"
         if not index.is_file():  # an empty class: an index with no shards
             atomic_write_json(index, {"version": 2, "shards": []})
-        atomic_write_json(tmp / BUILD_INFO, {**build_info, "count": int(latents_u8.shape[0])})
+        atomic_write_json(
+            tmp / BUILD_INFO,
+            {
+                **build_info,
+                "count": int(latents_u8.shape[0]),
+                "schema": columns,
+                "latent_shape": list(shape),
+                "quant_range": float(value_range),
+                "dequantize": dequantize_formula(value_range),
+            },
+        )
     return int(latents_u8.shape[0])
 
 
 class LatentStreamingDataset(StreamingDataset):
     """StreamingDataset over an Imagenet.int8-style dataset whose samples are ready to train on.
 
-    Each sample is ``{"latent": float32 (4, 32, 32), "label": int, "label_as_text": str}``.
-    All StreamingDataset arguments apply (``local``, ``remote``, ``shuffle``, ``batch_size``...).
+    Each sample is ``{"latent": float32 (C, H, W), "label": int, "label_as_text": str}`` plus
+    ``"latent_flip"`` when the dataset stores flipped latents. ``latent_shape`` and
+    ``value_range`` describe the stored codes (``open_dataset`` reads them from ``build.json``;
+    the defaults are the published dataset's). All StreamingDataset arguments apply.
     """
+
+    def __init__(self, *args, latent_shape=LATENT_SHAPE, value_range: float = DEFAULT_RANGE, **kwargs):
+        self.latent_shape = tuple(latent_shape)
+        self.value_range = float(value_range)
+        super().__init__(*args, **kwargs)
+
+    def _latent(self, value) -> np.ndarray:
+        arr = np.asarray(value)
+        if arr.dtype == np.uint8:  # ndarray:uint8 column: dequantize with the recorded range
+            arr = dequantize(arr, self.value_range)
+        return arr.astype(np.float32, copy=False).reshape(self.latent_shape)
 
     def __getitem__(self, idx):  # type: ignore[override]
         sample = super().__getitem__(idx)
-        return {
-            "latent": np.asarray(sample["vae_output"], np.float32).reshape(LATENT_SHAPE),
+        out = {
+            "latent": self._latent(sample["vae_output"]),
             "label": int(sample["label"]),
             "label_as_text": sample["label_as_text"],
         }
+        if "vae_output_flip" in sample:
+            out["latent_flip"] = self._latent(sample["vae_output_flip"])
+        return out
 
 
 def verify_readable(root: str | os.PathLike) -> dict:

@@ -14,9 +14,29 @@ from typing import Any
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE
 from imagenet_int8_assets.core.storage import TMP_PREFIX, TRASH_PREFIX, atomic_write_json
 
-COLUMNS = {"vae_output": "uint8", "label": "str", "label_as_text": "str"}
+COLUMNS = {"vae_output": "uint8", "label": "str", "label_as_text": "str"}  # the published schema
 LATENT_SHAPE = (4, 32, 32)
 BUILD_INFO = "build.json"
+
+
+def columns_for(shape: tuple[int, ...], value_range: float, with_flip: bool = False) -> dict[str, str]:
+    """MDS columns for latents of ``shape`` quantized over +-``value_range``.
+
+    The published schema (custom ``uint8`` encoding, decoded by every published reader with
+    ``(u / 255 - 0.5) * 24``) is used only where it is exact: 4x32x32 latents and range 12.
+    Anything else uses streaming's built-in ``ndarray:uint8:C,H,W``, which needs no registration
+    and returns shaped arrays; ``build.json`` then records the shape and the dequantization.
+    """
+    compatible = tuple(shape) == LATENT_SHAPE and float(value_range) == DEFAULT_RANGE
+    encoding = "uint8" if compatible else "ndarray:uint8:" + ",".join(str(int(d)) for d in shape)
+    columns = {"vae_output": encoding, "label": "str", "label_as_text": "str"}
+    if with_flip:
+        columns["vae_output_flip"] = encoding
+    return columns
+
+
+def dequantize_formula(value_range: float) -> str:
+    return f"z = (u / 255 - 0.5) * {2 * float(value_range):g}"
 
 
 def read_index(folder: str | os.PathLike) -> dict:
@@ -78,6 +98,9 @@ PROVENANCE_FIELDS = (
     ("latent_value",),
     ("seed",),
     ("quant_range",),
+    ("precision",),
+    ("latent_shape",),
+    ("schema",),
 )
 
 
@@ -88,6 +111,8 @@ def provenance_of(build_info: dict) -> tuple:
         value: Any = build_info
         for part in path:
             value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (list, dict)):
+            value = json.dumps(value, sort_keys=True)
         out.append((".".join(path), value))
     return tuple(out)
 
@@ -118,16 +143,5 @@ def inconsistent_classes(build_infos: dict[str, dict]) -> list[str]:
 
 def write_dataset_info(root: str | os.PathLike, build_info: dict, summary: dict) -> None:
     """``root/build.json``: how the dataset was built and how to decode it (readers ignore it)."""
-    value_range = float(build_info.get("quant_range", DEFAULT_RANGE))
     info = {k: v for k, v in build_info.items() if k not in ("count", "label", "label_as_text")}
-    atomic_write_json(
-        Path(root) / BUILD_INFO,
-        {
-            **info,
-            "samples": summary["samples"],
-            "per_class": summary["per_class"],
-            "schema": COLUMNS,
-            "latent_shape": list(LATENT_SHAPE),
-            "dequantize": f"z = (u / 255 - 0.5) * {2 * value_range:g}",
-        },
-    )
+    atomic_write_json(Path(root) / BUILD_INFO, {**info, "samples": summary["samples"], "per_class": summary["per_class"]})

@@ -147,3 +147,25 @@ class ChannelStats:
             row["quant_rmse"] = float(np.sqrt(self.quant_sq_err[c] / n)) if n else float("nan")
             rows.append(row)
         return rows
+
+
+def recommend_ranges(channels: list[dict], coverage: str = "p99.9", granularity: float = 0.5) -> dict:
+    """A symmetric range (and one per channel) that keeps the ``coverage`` percentiles unclipped.
+
+    Per channel: ``max(|p0.1|, |p99.9|)`` rounded up to ``granularity``; the common range is the
+    largest of those. ``channels`` is ``ChannelStats.summary()``.
+    """
+    low = {"p99.9": "p0.1", "p99": "p1"}[coverage]
+    per_channel = []
+    for row in channels:
+        if not row["count"]:
+            continue
+        bound = max(abs(row[low]), abs(row[coverage]))
+        per_channel.append(float(np.ceil(bound / granularity) * granularity))
+    common = max(per_channel) if per_channel else 0.0
+    note = (
+        f"+-{common:g} keeps {low}..{coverage} of every channel unclipped (step {step(common):.4f})"
+        if per_channel
+        else "no data"
+    )
+    return {"range": common, "per_channel": per_channel, "note": note}

@@ -1,24 +1,21 @@
 """VAE presets and loading.
 
-``IMAGENET_INT8_VAE`` takes a preset name, a Hugging Face Hub model id, or a local folder:
-
-- ``stabilityai/sdxl-vae``: the real SDXL VAE through diffusers ``from_pretrained`` (Hub, a
-  local folder, or the offline HF cache);
-- ``tiny-random``: an f8, 4-channel AutoencoderKL with small widths and seeded random weights
-  (tests and smoke runs: the latent layout of SDXL at a tiny fraction of the cost);
-- ``sdxl-random``: the full SDXL VAE architecture with seeded random weights (offline
-  benchmarks: the real cost without the real weights);
-- any other string: a Hub id or a local diffusers AutoencoderKL folder.
+``IMAGENET_INT8_VAE`` takes a preset name, a Hugging Face Hub model id, or a local folder. Every
+preset declares its latent layout, input range, whether it has a posterior (mean/std), its
+scaling/shift factors (recorded only: stored latents stay raw) and its default uint8 range;
+``imagenet-int8 presets`` lists them. Real-weight presets load through the Hub (or the offline
+HF cache, or a local folder); ``*-random`` presets build the same architecture (or a tiny one)
+with fixed random weights for tests, smoke runs and offline benchmarks.
 
 Loading never falls back silently: ``load_vae`` raises ``VaeLoadError`` saying why and what to do.
-Only the demo passes ``fallback="sdxl-random"``, and the returned ``VaeInfo`` then says so.
+Only the demo passes ``fallback=...``, and the returned ``VaeInfo`` then says so.
 
-Nothing here imports torch or diffusers at module import time, so the Dagster definitions load
-fast; they are imported when a model is actually built.
+torch and diffusers are imported only when a model is built, so the Dagster definitions load fast.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,50 +36,111 @@ SDXL_CONFIG: dict[str, Any] = {
     "scaling_factor": 0.13025,
     "force_upcast": True,
 }
-TINY_CONFIG: dict[str, Any] = {
+TINY = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 256}
+FLUX_CONFIG: dict[str, Any] = {
     **SDXL_CONFIG,
-    "block_out_channels": [8, 16, 32, 32],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 256,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 RANDOM_WEIGHTS_SEED = 0
+# The published +-12 for SDXL is 1.5633 units of *scaled* latent (12 * 0.13025). Presets without
+# a better-known range get the same number of scaled units: range = 1.5633 / scaling_factor.
+SDXL_RANGE_IN_SCALED_UNITS = 12 * 0.13025
+
+
+def default_range(scaling_factor: float) -> float:
+    return round(SDXL_RANGE_IN_SCALED_UNITS / scaling_factor, 2)
 
 
 @dataclass(frozen=True)
 class VaePreset:
     name: str
     description: str
-    hub_id: str | None = None  # real weights
-    random_config: dict[str, Any] | None = None  # seeded random weights
+    family: str = "autoencoder-kl"  # or "aura"
+    hub_id: str | None = None  # real weights on the Hub
+    subfolder: str | None = None  # e.g. "vae" inside a pipeline repository
+    weights_file: str | None = None  # Aura: the single weights file
+    config: Any = None  # the architecture: AutoencoderKL kwargs, or "aura" / "aura-tiny"
+    random: bool = False  # True: built from ``config`` with fixed random weights, no download
     latent_channels: int = 4
     downsample: int = 8
-    scaling_factor: float = 0.13025
+    input_range: str = "[-1, 1]"
+    has_posterior: bool = True
+    scaling_factor: float | None = 0.13025
+    shift_factor: float | None = None
     quant_range: float = 12.0
+    notes: str = ""
+
+    @property
+    def is_random(self) -> bool:
+        return self.random
+
+    def describe(self) -> dict[str, Any]:
+        source = "random weights" if self.is_random else f"{self.hub_id}{'/' + self.subfolder if self.subfolder else ''}"
+        return {
+            "name": self.name,
+            "weights": source,
+            "channels": self.latent_channels,
+            "downsample": self.downsample,
+            "input": self.input_range,
+            "posterior": "mean+std" if self.has_posterior else "none",
+            "scaling": self.scaling_factor,
+            "shift": self.shift_factor,
+            "range": self.quant_range,
+            "description": self.description,
+        }
 
 
-PRESETS: dict[str, VaePreset] = {
-    p.name: p
-    for p in (
-        VaePreset(
-            "stabilityai/sdxl-vae",
-            "SDXL VAE, the published Imagenet.int8 encoder (real weights)",
-            hub_id="stabilityai/sdxl-vae",
-        ),
-        VaePreset(
-            "tiny-random",
-            "f8 4-channel AutoencoderKL, tiny widths, seeded random weights (tests, smoke runs)",
-            random_config=TINY_CONFIG,
-        ),
-        VaePreset(
-            "sdxl-random",
-            "full SDXL VAE architecture with seeded random weights (offline benchmarks)",
-            random_config=SDXL_CONFIG,
-        ),
+def _aura_config(tiny: bool):
+    from imagenet_int8_assets.core.aura import AURA_CONFIG, AuraConfig
+
+    if not tiny:
+        return AURA_CONFIG
+    return AuraConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, head_dim=16)
+
+
+def _presets() -> dict[str, VaePreset]:
+    sd1 = default_range(0.18215)
+    flux = default_range(0.3611)
+    aura = {"family": "aura", "latent_channels": 16, "has_posterior": False, "scaling_factor": None, "quant_range": 8.0}
+    sd1_config = {**SDXL_CONFIG, "scaling_factor": 0.18215, "sample_size": 512, "force_upcast": False}
+    presets = (
+        VaePreset("stabilityai/sdxl-vae", "SDXL VAE, the published Imagenet.int8 encoder", hub_id="stabilityai/sdxl-vae",
+                  config=SDXL_CONFIG, notes="overflows in fp16: such samples are re-encoded in fp32"),
+        VaePreset("madebyollin/sdxl-vae-fp16-fix", "SDXL VAE rescaled to run in fp16 (latents differ slightly)",
+                  hub_id="madebyollin/sdxl-vae-fp16-fix", config={**SDXL_CONFIG, "force_upcast": False}),
+        VaePreset("stabilityai/sd-vae-ft-ema", "SD1.x kl-f8 VAE (EMA-finetuned decoder; encoder = original SD)",
+                  hub_id="stabilityai/sd-vae-ft-ema", config=sd1_config, scaling_factor=0.18215, quant_range=sd1),
+        VaePreset("stabilityai/sd-vae-ft-mse", "SD1.x kl-f8 VAE (MSE-finetuned decoder; encoder = original SD)",
+                  hub_id="stabilityai/sd-vae-ft-mse", config=sd1_config, scaling_factor=0.18215, quant_range=sd1,
+                  notes="same encoder, hence same latents, as sd-vae-ft-ema"),
+        VaePreset("flux1-vae", "FLUX.1 16-channel VAE (from black-forest-labs/FLUX.1-schnell, Apache-2.0)",
+                  hub_id="black-forest-labs/FLUX.1-schnell", subfolder="vae", config=FLUX_CONFIG, latent_channels=16,
+                  scaling_factor=0.3611, shift_factor=0.1159, quant_range=flux),
+        VaePreset("fal/AuraEquiVAE", "AuraEquiVAE: 16 channels, latents equivariant under flips, clamped to +-8",
+                  hub_id="fal/AuraEquiVAE", weights_file="vae_epoch_3_step_49501_bf16.pt", config="aura", **aura),
+        VaePreset("tiny-random", "f8 4-channel AutoencoderKL, tiny widths (tests, smoke runs)",
+                  config={**SDXL_CONFIG, **TINY}, random=True),
+        VaePreset("sdxl-random", "full SDXL VAE architecture (offline benchmarks)", config=SDXL_CONFIG, random=True),
+        VaePreset("tiny-random-16", "f8 16-channel AutoencoderKL like FLUX's, tiny widths (tests)",
+                  config={**FLUX_CONFIG, **TINY}, random=True, latent_channels=16, scaling_factor=0.3611,
+                  shift_factor=0.1159, quant_range=flux),
+        VaePreset("flux-random", "full FLUX.1 VAE architecture (offline benchmarks)", config=FLUX_CONFIG, random=True,
+                  latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, quant_range=flux),
+        VaePreset("aura-tiny-random", "AuraEquiVAE architecture, tiny widths (tests)", config="aura-tiny", random=True,
+                  **aura),
+        VaePreset("aura-random", "full AuraEquiVAE architecture (offline benchmarks)", config="aura", random=True, **aura),
     )
-}
+    return {p.name: p for p in presets}
+
+
+PRESETS: dict[str, VaePreset] = _presets()
 DEFAULT_VAE = "stabilityai/sdxl-vae"
+RANDOM_PRESETS = tuple(name for name, p in PRESETS.items() if p.is_random)
 
 
 class VaeLoadError(RuntimeError):
@@ -95,13 +153,17 @@ class VaeInfo:
 
     requested: str
     source: str  # "hub", "local-folder", "random"
+    family: str = "autoencoder-kl"
     repo_id: str | None = None
     revision: str | None = None
     folder: str | None = None
     weights_sha256: str | None = None
     latent_channels: int = 4
     downsample: int = 8
+    has_posterior: bool = True
     scaling_factor: float | None = None
+    shift_factor: float | None = None
+    quant_range: float = 12.0
     fallback_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +173,49 @@ class VaeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class LoadedVae:
+    """A loaded VAE behind one interface: ``encode`` -> (mean, std or None), ``decode``.
+
+    Inputs are images in [-1, 1], (N, 3, H, W); AuraEquiVAE has no posterior (std is None) and
+    its latent is the encoder output clamped to +-8.
+    """
+
+    def __init__(self, model, info: VaeInfo):
+        self.model = model
+        self.info = info
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str, dtype=None) -> LoadedVae:
+        import torch
+
+        self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        return self
+
+    def cast(self, dtype) -> LoadedVae:
+        """A copy of this VAE in ``dtype`` (the original keeps its weights).
+
+        Uses ``nn.Module.to`` directly: diffusers' override warns about modules "kept in float32"
+        on every cast, and we cast everything on purpose (overflows are caught per sample).
+        """
+        import torch
+
+        return LoadedVae(torch.nn.Module.to(copy.deepcopy(self.model), dtype=dtype), self.info)
+
+    def encode(self, x):
+        if self.info.family == "aura":
+            return self.model.encode(x), None
+        dist = self.model.encode(x).latent_dist
+        return dist.mean, dist.std
+
+    def decode(self, z):
+        if self.info.family == "aura":
+            return self.model.decode(z)
+        return self.model.decode(z).sample
 
 
 def resolve_device(device: str) -> str:
@@ -129,104 +234,172 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_random_vae(config: dict[str, Any], seed: int = RANDOM_WEIGHTS_SEED):
-    """An AutoencoderKL with ``config`` and weights drawn from a fixed seed (same on every run)."""
+def build_random_vae(config: Any, seed: int = RANDOM_WEIGHTS_SEED):
+    """A model with ``config`` (AutoencoderKL kwargs, "aura" or "aura-tiny") and fixed random weights."""
     import torch
-    from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoencoderKL(**config)
+        if config in ("aura", "aura-tiny"):
+            from imagenet_int8_assets.core.aura import AuraEquiVAE
+
+            model = AuraEquiVAE(_aura_config(tiny=config == "aura-tiny"))
+        else:
+            from diffusers import AutoencoderKL
+
+            model = AutoencoderKL(**config)
     return model.eval()
 
 
-def _help_text(spec: str) -> str:
+def _help_text(spec: str, files: str) -> str:
     return (
         f"To use {spec!r} without network access: (1) on a machine with access run "
         f"`huggingface-cli download {spec}` and copy its Hugging Face cache (HF_HOME, default "
         "~/.cache/huggingface) here, then set HF_HUB_OFFLINE=1; or (2) set IMAGENET_INT8_VAE to a "
-        "local folder holding config.json and diffusion_pytorch_model.safetensors (what "
-        "AutoencoderKL.save_pretrained writes). For a gated or private repository set HF_TOKEN. "
+        f"local folder holding {files}. For a gated or private repository set HF_TOKEN. "
         "For a smoke run without real weights use IMAGENET_INT8_VAE=tiny-random."
     )
 
 
-def _resolve_pretrained(spec: str) -> tuple[Path, VaeInfo]:
-    """A local folder with the weights for ``spec`` (a folder or a Hub id), plus provenance."""
+def _local_folder_info(spec: str, folder: Path, weights: Path | None) -> VaeInfo:
+    return VaeInfo(
+        requested=spec,
+        source="local-folder",
+        folder=str(folder.resolve()),
+        weights_sha256=file_sha256(weights) if weights else None,
+    )
+
+
+def _snapshot(spec: str, repo_id: str, patterns: list[str], files: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing cache: all need the same advice
+        raise VaeLoadError(
+            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
+            + _help_text(repo_id, files)
+        ) from exc
+
+
+def _resolve_autoencoder_kl(spec: str, preset: VaePreset | None) -> tuple[Path, VaeInfo]:
+    """A local diffusers folder for ``spec`` (a preset, a Hub id or a folder), plus provenance."""
+    files = "config.json and diffusion_pytorch_model.safetensors (what AutoencoderKL.save_pretrained writes)"
     folder = Path(spec).expanduser()
-    if folder.is_dir():
+    if preset is None and folder.is_dir():
         if not (folder / "config.json").is_file():
             raise VaeLoadError(
-                f"VAE folder {str(folder)!r} has no config.json; it must be a diffusers "
-                "AutoencoderKL folder (as written by save_pretrained)."
+                f"VAE folder {str(folder)!r} has no config.json; it must be a diffusers AutoencoderKL "
+                "folder (as written by save_pretrained) or hold an AuraEquiVAE weights file."
             )
-        weights = next((folder / n for n in WEIGHT_FILES[1:] if (folder / n).is_file()), None)
-        return folder, VaeInfo(
-            requested=spec,
-            source="local-folder",
-            folder=str(folder.resolve()),
-            weights_sha256=file_sha256(weights) if weights else None,
-        )
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        weights = folder / WEIGHT_FILES[1]
+        return folder, _local_folder_info(spec, folder, weights if weights.is_file() else None)
+    repo_id = preset.hub_id if preset is not None else spec
+    subfolder = preset.subfolder if preset is not None else None
+    if preset is None and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
         raise VaeLoadError(
             f"IMAGENET_INT8_VAE={spec!r} is neither a preset ({', '.join(PRESETS)}), an existing "
             "local folder, nor a Hub id of the form 'owner/name'."
         )
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(snapshot_download(repo_id=spec, allow_patterns=list(WEIGHT_FILES)))
-    except Exception as exc:  # network, auth, missing cache: all need the same advice
-        raise VaeLoadError(
-            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
-            + _help_text(spec)
-        ) from exc
-    weights = snapshot / WEIGHT_FILES[1]
+    prefix = f"{subfolder}/" if subfolder else ""
+    snapshot = _snapshot(spec, repo_id, [prefix + f for f in WEIGHT_FILES], files)
+    folder = snapshot / subfolder if subfolder else snapshot
+    weights = folder / WEIGHT_FILES[1]
     if not weights.is_file():
-        raise VaeLoadError(
-            f"The snapshot of {spec!r} at {str(snapshot)!r} has no {WEIGHT_FILES[1]}. "
-            + _help_text(spec)
-        )
-    return snapshot, VaeInfo(
-        requested=spec,
-        source="hub",
-        repo_id=spec,
-        revision=snapshot.name,
-        folder=str(snapshot),
+        raise VaeLoadError(f"The snapshot of {repo_id!r} at {str(folder)!r} has no {WEIGHT_FILES[1]}. " + _help_text(repo_id, files))
+    return folder, VaeInfo(
+        requested=spec, source="hub", repo_id=repo_id, revision=snapshot.name, folder=str(folder),
         weights_sha256=file_sha256(weights),
     )
 
 
-def load_vae(spec: str = DEFAULT_VAE, fallback: str | None = None):
-    """Load a VAE on the CPU in fp32, in eval mode. Returns (model, VaeInfo).
+def _load_autoencoder_kl(spec: str, preset: VaePreset | None):
+    folder, info = _resolve_autoencoder_kl(spec, preset)
+    from diffusers import AutoencoderKL
 
+    try:
+        model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=None)
+    except Exception as exc:
+        raise VaeLoadError(
+            f"VAE weights for {spec!r} found at {str(folder)!r} but diffusers could not load them as an "
+            f"AutoencoderKL: {type(exc).__name__}: {exc}"
+        ) from exc
+    return model, info
+
+
+def _load_aura(spec: str, preset: VaePreset | None, path: Path | None = None):
+    """AuraEquiVAE from the Hub (the published file) or a local file/folder holding it."""
+    from imagenet_int8_assets.core.aura import AURA_WEIGHTS_FILE, AuraEquiVAE, AuraWeightsError, load_aura_state_dict
+
+    if path is None:
+        assert preset is not None and preset.hub_id and preset.weights_file
+        files = f"the weights file {preset.weights_file}"
+        snapshot = _snapshot(spec, preset.hub_id, [preset.weights_file], files)
+        path = snapshot / preset.weights_file
+        info = VaeInfo(requested=spec, source="hub", repo_id=preset.hub_id, revision=snapshot.name, folder=str(snapshot))
+    else:
+        if path.is_dir():
+            path = path / AURA_WEIGHTS_FILE
+        info = VaeInfo(requested=spec, source="local-folder", folder=str(path.parent.resolve()))
+    model = AuraEquiVAE()
+    try:
+        load_aura_state_dict(model, path)
+    except AuraWeightsError as exc:
+        raise VaeLoadError(str(exc)) from exc
+    info.weights_sha256 = file_sha256(path)
+    return model, info
+
+
+def _is_aura_path(path: Path) -> bool:
+    from imagenet_int8_assets.core.aura import AURA_WEIGHTS_FILE
+
+    return (path.is_file() and path.suffix in (".pt", ".safetensors")) or (path / AURA_WEIGHTS_FILE).is_file()
+
+
+def load_vae(spec: str = DEFAULT_VAE, fallback: str | None = None) -> LoadedVae:
+    """Load a VAE on the CPU in fp32, in eval mode.
+
+    ``spec``: a preset name, a Hub id of a diffusers AutoencoderKL, a local AutoencoderKL folder,
+    or a local AuraEquiVAE weights file (or a folder holding the published file name).
     ``fallback`` names a random preset to use when real weights cannot be loaded (demo only).
     """
     preset = PRESETS.get(spec)
-    if preset is not None and preset.random_config is not None:
-        model = build_random_vae(preset.random_config)
-        info = VaeInfo(requested=spec, source="random", extra={"random_weights_seed": RANDOM_WEIGHTS_SEED})
-    else:
-        target = preset.hub_id if preset is not None else spec
-        try:
-            folder, info = _resolve_pretrained(target)
-            from diffusers import AutoencoderKL
+    try:
+        if preset is not None and preset.is_random:
+            model = build_random_vae(preset.config)
+            info = VaeInfo(requested=spec, source="random", extra={"random_weights_seed": RANDOM_WEIGHTS_SEED})
+        elif (preset is not None and preset.family == "aura") or (preset is None and _is_aura_path(Path(spec).expanduser())):
+            model, info = _load_aura(spec, preset, None if preset is not None else Path(spec).expanduser())
+        else:
+            model, info = _load_autoencoder_kl(spec, preset)
+    except VaeLoadError as exc:
+        if fallback is None:
+            raise
+        loaded = load_vae(fallback)
+        loaded.info.fallback_reason = str(exc)
+        loaded.info.requested = spec
+        return loaded
+    _describe(model, preset, info)
+    return LoadedVae(model.float().eval(), info)
 
-            try:
-                model = AutoencoderKL.from_pretrained(str(folder), torch_dtype=None).eval()
-            except Exception as exc:
-                raise VaeLoadError(
-                    f"VAE weights for {spec!r} found at {str(folder)!r} but diffusers could not load "
-                    f"them as an AutoencoderKL: {type(exc).__name__}: {exc}"
-                ) from exc
-        except VaeLoadError as exc:
-            if fallback is None:
-                raise
-            model, info = load_vae(fallback)
-            info.fallback_reason = str(exc)
-        info.requested = spec
+
+def _describe(model, preset: VaePreset | None, info: VaeInfo) -> None:
+    """Fill ``info``'s layout and factors from the model itself (and the preset's range)."""
+    if model.__class__.__name__ == "AuraEquiVAE":
+        info.family, info.has_posterior = "aura", False
+        info.latent_channels, info.downsample = model.latent_channels, model.downsample
+        info.scaling_factor = info.shift_factor = None
+        info.quant_range = preset.quant_range if preset is not None else 8.0
+        return
     cfg = model.config
+    info.family, info.has_posterior = "autoencoder-kl", True
     info.latent_channels = int(cfg.latent_channels)
     info.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-    info.scaling_factor = float(getattr(cfg, "scaling_factor", 0.0) or 0.0) or None
-    return model.float(), info
+    info.scaling_factor = getattr(cfg, "scaling_factor", None)
+    info.shift_factor = getattr(cfg, "shift_factor", None)
+    if preset is not None:
+        info.quant_range = preset.quant_range
+    elif info.latent_channels == 4 and info.scaling_factor == SDXL_CONFIG["scaling_factor"]:
+        info.quant_range = 12.0  # SDXL-family weights: the published range
+    elif info.scaling_factor:
+        info.quant_range = default_range(float(info.scaling_factor))
