@@ -85,3 +85,5 @@ def test_precision_error_is_reported_in_quantization_steps():
     assert precision_error(vae, crops, "cpu", "fp32", 12.0)["max_steps"] == 0.0
     guarded = precision_error(_overflowing_vae(), crops, "cpu", "fp16", 12.0)
     assert guarded["reencoded_fp32"] == 2 and np.isfinite(guarded["max_steps"])
+    fp16 = precision_error(vae, crops, "cpu", "fp16", 12.0)
+    assert 0 < fp16["rms_steps"] < bf16["rms_steps"]  # fp16 keeps 3 more mantissa bits than bf16

@@ -72,10 +72,9 @@ def test_low_precision_is_reported_against_fp32(tmp_path):
     meta = _metadata(instance, "vae_latents", "n01440764")
     assert meta["precision"] == "bf16" and meta["reencoded_in_fp32"] == 0
     report = meta["precision_vs_fp32"]
-    assert set(report) == {"bf16", "fp16"}
-    for precision, row in report.items():
-        assert row["precision"] == precision and row["images"] == 3 and 0 < row["rms_steps"] <= row["max_steps"] < 20
-    assert report["fp16"]["rms_steps"] < report["bf16"]["rms_steps"]  # fp16 has 3 more mantissa bits
+    assert set(report) == {"bf16"}  # on a GPU fp16 is compared too
+    row = report["bf16"]
+    assert row["precision"] == "bf16" and row["images"] == 3 and 0 < row["rms_steps"] <= row["max_steps"] < 20
     info = json.loads((mds_root(settings.output_path) / "build.json").read_text())
     # the published schema where it fits: 4x32x32 at +-12
     assert info["schema"]["vae_output"] == "uint8" and info["precision"] == "bf16"

@@ -29,15 +29,18 @@ FALLBACK_BANNER = (
 )
 
 
-def _numerics_report(vae, images: np.ndarray, device: str, value_range: float) -> dict:
-    """Once per run, on up to 4 crops: bf16 and fp16 against fp32; Aura's equivariance error."""
+def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value_range: float) -> dict:
+    """Once per run, on up to 4 crops: lower precisions against fp32; Aura's equivariance error.
+
+    On a GPU both bf16 and fp16 are compared; on the CPU (where they are slow and rarely used)
+    only the configured precision, if it is not fp32.
+    """
     from imagenet_int8_assets.core.encode import PRECISIONS
 
-    report = {
-        "precision_vs_fp32": {
-            p: precision_error(vae, images[:4], device, p, value_range) for p in PRECISIONS if p != "fp32"
-        }
-    }
+    compared = [p for p in PRECISIONS if p != "fp32" and (device.startswith("cuda") or p == precision)]
+    report = {}
+    if compared:
+        report["precision_vs_fp32"] = {p: precision_error(vae, images[:4], device, p, value_range) for p in compared}
     if vae.info.family == "aura":
         import torch
 
@@ -96,7 +99,7 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
         for key in context.partition_keys:
             ids, images, crop_meta = read_crops_with_meta(settings.output_path, key, mmap=True)
             if not run_checks and len(ids):
-                run_checks = _numerics_report(vae, images[:8], device, value_range)
+                run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
                 for name, value in run_checks.items():
                     context.log.info(f"{name}: {value}")
             t0 = time.monotonic()

@@ -181,6 +181,8 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
             "classes": len(keys),
             "bytes": int(sum(p.stat().st_size for p in root.rglob("*.mds"))),
             "vae": first["vae"]["requested"],
+            "vae_revision": first["vae"].get("revision") or "",
+            "vae_weights_sha256": first["vae"].get("weights_sha256") or "",
             "vae_fallback": fallback,
             "latent_value": first["latent_value"],
             "quant_range": first["quant_range"],
