@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PARTITIONED_STEPS = ("preprocessed_crops", "vae_latents", "mds_shards")
-FINAL_STEPS = ("quantization_stats", "mds_dataset")
+FINAL_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
 
 
 def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
@@ -176,6 +176,13 @@ def _summary(settings) -> str:
             f"  WARNING: real VAE weights were not available, so this demo used RANDOM weights "
             f"({settings.vae_fallback}): the pipeline is real, the latents are not meaningful."
         )
+    report = settings.output_path / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    lines += [
+        f"Reconstruction report: {report / 'report.html'} (PSNR from float {summary['psnr_float']:.2f} dB, "
+        f"from uint8 {summary['psnr_uint8']:.2f} dB, grid: {report / 'grid.png'})",
+        f"Latent probe: {settings.output_path / 'probe' / 'report' / 'report.html'}",
+    ]
     lines += [
         "",
         "Read it:",
@@ -234,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imagenet_int8_assets.core.vae import RANDOM_PRESETS
     from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError
 
-    overrides = {
+    overrides: dict = {
         "source": getattr(args, "source", None),
         "output": args.output,
         "vae": args.vae,
@@ -253,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         overrides.update(source=SAMPLE_SOURCE, vae_fallback=fallback)
+        if not os.environ.get("IMAGENET_INT8_REPORT_PER_CLASS"):
+            overrides["report_per_class"] = 1  # keeps the report quick with a full SDXL decoder on a CPU
     try:
         settings = ImagenetInt8Settings.from_env(**overrides)
         code = build(settings, args.max_partitions_per_run, args.verbose)

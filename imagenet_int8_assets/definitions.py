@@ -13,7 +13,9 @@ from dagster import BackfillPolicy, BetaWarning, Definitions, PreviewWarning, in
 from imagenet_int8_assets.assets.crops import build_crops_asset
 from imagenet_int8_assets.assets.latents import build_latents_assets
 from imagenet_int8_assets.assets.manifest import raw_manifest
+from imagenet_int8_assets.assets.probe import build_probe_assets
 from imagenet_int8_assets.assets.quantization import build_quantization_asset
+from imagenet_int8_assets.assets.report import build_report_assets
 from imagenet_int8_assets.assets.shards import build_shards_assets
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
@@ -33,9 +35,11 @@ def build_definitions(
         latents, latents_check = build_latents_assets(partitions, policy)
         stats = build_quantization_asset(partitions)
         shards, shards_check, dataset = build_shards_assets(partitions, policy)
+        report, report_check = build_report_assets(partitions)
+        probe_features, latent_probe = build_probe_assets(partitions)
     return Definitions(
-        assets=[raw_manifest, crops, latents, stats, shards, dataset],
-        asset_checks=[latents_check, shards_check],
+        assets=[raw_manifest, crops, latents, stats, shards, dataset, report, probe_features, latent_probe],
+        asset_checks=[latents_check, shards_check, report_check],
         resources={"settings": settings},
         # The steps of a run are sequential; one process per run pays the heavy imports (torch,
         # streaming) once instead of once per step, and shares nothing it should not.

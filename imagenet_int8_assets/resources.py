@@ -12,6 +12,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from imagenet_int8_assets.core.cifar import export_cifar10_as_folders, find_cifar10_root
 from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import default_workers
@@ -39,6 +40,15 @@ ENV = {
     "max_pixels": "IMAGENET_INT8_MAX_PIXELS",
     "workers": "IMAGENET_INT8_WORKERS",
     "max_partitions_per_run": "IMAGENET_INT8_MAX_PARTITIONS_PER_RUN",
+    "report_per_class": "IMAGENET_INT8_REPORT_PER_CLASS",
+    "report_grid_images": "IMAGENET_INT8_REPORT_GRID_IMAGES",
+    "report_max_psnr_gap": "IMAGENET_INT8_REPORT_MAX_PSNR_GAP",
+    "report_max_clip_fraction": "IMAGENET_INT8_REPORT_MAX_CLIP_FRACTION",
+    "report_blocking": "IMAGENET_INT8_REPORT_BLOCKING",
+    "probe_per_class": "IMAGENET_INT8_PROBE_PER_CLASS",
+    "probe_pool": "IMAGENET_INT8_PROBE_POOL",
+    "probe_max_classes": "IMAGENET_INT8_PROBE_MAX_CLASSES",
+    "cifar_split": "IMAGENET_INT8_CIFAR_SPLIT",
 }
 
 
@@ -64,6 +74,15 @@ class ImagenetInt8Settings(ConfigurableResource):
     quant_range: float = Field(default=0.0, description="uint8 range +-R; 0 = the VAE's default (SDXL: 12, as published).")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="Refuse images declaring more pixels.")
     workers: int = Field(default=0, description="Processes for scanning and cropping (0 = all cores).")
+    report_per_class: int = Field(default=4, description="Images per class decoded for the reconstruction report (seeded sample).")
+    report_grid_images: int = Field(default=8, description="Rows in the reconstruction grid image.")
+    report_max_psnr_gap: float = Field(default=1.0, description="Check threshold: mean PSNR loss (dB) of uint8 vs float latents.")
+    report_max_clip_fraction: float = Field(default=0.05, description="Check threshold: fraction of latent values clipped by the range.")
+    report_blocking: bool = Field(default=False, description="When true a failed reconstruction check is an error (blocks), else a warning.")
+    probe_per_class: int = Field(default=20, description="Latents per class used by the latent probe (seeded subsample).")
+    probe_max_classes: int = Field(default=100, description="Classes used by the latent probe (a seeded subset when there are more).")
+    probe_pool: int = Field(default=8, description="Latents are average-pooled to probe_pool x probe_pool before the probe.")
+    cifar_split: str = Field(default="train", description="For a CIFAR-10 source: train, test or all.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ImagenetInt8Settings:
@@ -96,7 +115,9 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise SettingsError(
                 f"IMAGENET_INT8_LATENT_VALUE={self.latent_value!r}: use one of {', '.join(LATENT_VALUES)}."
             )
-        for name in ("batch_size", "crop_size", "max_pixels"):
+        if self.cifar_split not in ("train", "test", "all"):
+            raise SettingsError(f"IMAGENET_INT8_CIFAR_SPLIT={self.cifar_split!r}: use train, test or all.")
+        for name in ("batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV.get(name, name)} must be positive, got {getattr(self, name)}.")
         if self.crop_size % 8:
@@ -117,10 +138,19 @@ class ImagenetInt8Settings(ConfigurableResource):
         return self.source == SAMPLE_SOURCE
 
     def source_path(self) -> Path:
-        """The dataset root; for the sample, generated under the output root on first use."""
+        """The folder of class folders the graph reads.
+
+        The bundled sample is generated under the output root on first use; a CIFAR-10 "python
+        version" folder is exported once to ``<output>/cifar10_<split>/<class>/*.png`` (lossless;
+        the crop recipe then upsamples the 32x32 images to the crop size).
+        """
         if self.is_sample:
             return generate_sample_dataset(self.output_path / "sample_source")
-        return Path(self.source).expanduser().resolve()
+        path = Path(self.source).expanduser().resolve()
+        cifar = find_cifar10_root(path) if path.is_dir() else None
+        if cifar is not None:
+            return export_cifar10_as_folders(cifar, self.output_path / f"cifar10_{self.cifar_split}", self.cifar_split)
+        return path
 
     def range_for(self, vae_default: float) -> float:
         """The uint8 range: the configured one, or the VAE's default when not set (0)."""

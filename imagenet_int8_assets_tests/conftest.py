@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from imagenet_int8_assets.cli import FINAL_STEPS
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, partitio
     results.append(
         job.execute_in_process(
             instance=instance,
-            asset_selection=[dg.AssetKey("quantization_stats"), dg.AssetKey("mds_dataset")],
+            asset_selection=[dg.AssetKey(k) for k in FINAL_STEPS],
             raise_on_error=False,
         )
     )

@@ -53,6 +53,9 @@ def test_partitions_are_the_class_folders_and_the_graph_is_linked(tmp_path):
         "quantization_stats": {"vae_latents"},
         "mds_shards": {"vae_latents", "raw_manifest"},
         "mds_dataset": {"mds_shards", "quantization_stats"},
+        "reconstruction_report": {"mds_dataset", "quantization_stats"},
+        "probe_features": {"vae_latents"},
+        "latent_probe": {"probe_features"},
     }
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description
@@ -66,6 +69,8 @@ def test_empty_class_is_an_empty_partition_not_an_error(tmp_path):
     assert all(r.success for r in results)
     assert read_index(mds_root(settings.output_path) / "empty")["shards"] == []
     assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")).asset_materialization.metadata["samples"].value == 2
+    probe = instance.get_latest_materialization_event(dg.AssetKey("latent_probe")).asset_materialization.metadata
+    assert probe["status"].value.startswith("skipped: the probe needs at least 4 latents in each of at least 2 classes")
 
 
 def test_non_finite_latents_block_the_shards(tmp_path):

@@ -45,7 +45,7 @@ def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Dataset: {tmp_path / 'out' / 'mds'}" in proc.stdout
     assert "5 samples in 3 classes" in proc.stdout and "1 bad" in proc.stdout
-    assert "12/12" in proc.stderr  # the progress bar reached its end: 1 + 3 classes * 3 + 2 steps
+    assert "15/15" in proc.stderr  # the progress bar reached its end: 1 + 3 classes * 3 + 5 steps
     home = tmp_path / "out" / "dagster_home"
     assert (home / "dagster.yaml").is_file()
     with dg.DagsterInstance.from_config(str(home)) as instance:

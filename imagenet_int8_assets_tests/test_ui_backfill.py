@@ -29,7 +29,10 @@ from imagenet_int8_assets.instance import prepare_dagster_home
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "imagenet_int8_assets"
 CLASSES = ["n01440764", "n02102040", "n02979186", "n03000684"]
-ASSETS = ["raw_manifest", "preprocessed_crops", "vae_latents", "quantization_stats", "mds_shards", "mds_dataset"]
+ASSETS = [
+    "raw_manifest", "preprocessed_crops", "vae_latents", "quantization_stats", "mds_shards", "mds_dataset",
+    "reconstruction_report", "probe_features", "latent_probe",
+]
 PARTITIONED = {"preprocessed_crops", "vae_latents", "mds_shards"}
 PARTITIONS_PER_RUN = 2
 LATENT_BYTES = 4 * 32 * 32
@@ -427,7 +430,7 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
         assert Path(instance.root_directory).resolve() == dev.home.resolve()
         materialized = instance.get_materialized_partitions(AssetKey("mds_shards"))
         assert materialized == set(CLASSES), f"mds_shards partitions materialized: {sorted(materialized)}"
-        for name in ("raw_manifest", "quantization_stats", "mds_dataset"):
+        for name in ("raw_manifest", "quantization_stats", "mds_dataset", "reconstruction_report", "latent_probe"):
             assert instance.get_latest_materialization_event(AssetKey(name)) is not None, name
 
     import pandas as pd

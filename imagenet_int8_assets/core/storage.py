@@ -10,6 +10,8 @@ Layout under the output root (``IMAGENET_INT8_OUTPUT``)::
     stats/quantization_stats.json    per-channel statistics, overall and per class
     mds/<class>/                     MDS shards of one class (see ``core.mds``)
     mds/index.json                   merged index over all classes
+    report/                          reconstruction report (PNG figures, report.html, metrics.csv)
+    probe/                           latent probe (features.npz, figures, report.html)
 
 Every partition folder is written to a hidden sibling (``.tmp-<name>-<random>``) and swapped in
 with renames, so a killed run never leaves a half-written folder under a real name; leftovers
@@ -121,6 +123,14 @@ def latents_dir(output: str | os.PathLike, class_folder: str) -> Path:
 
 def stats_path(output: str | os.PathLike) -> Path:
     return Path(output) / "stats" / "quantization_stats.json"
+
+
+def report_dir(output: str | os.PathLike) -> Path:
+    return Path(output) / "report"
+
+
+def probe_dir(output: str | os.PathLike) -> Path:
+    return Path(output) / "probe"
 
 
 def mds_root(output: str | os.PathLike) -> Path:

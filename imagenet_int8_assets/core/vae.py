@@ -193,7 +193,8 @@ class LoadedVae:
     def to(self, device: str, dtype=None) -> LoadedVae:
         import torch
 
-        self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        # nn.Module.to: diffusers' override warns about fp32-only modules even when nothing is cast
+        self.model = torch.nn.Module.to(self.model, device=device, dtype=dtype, memory_format=torch.channels_last)
         return self
 
     def cast(self, dtype) -> LoadedVae:
@@ -377,10 +378,29 @@ def load_vae(spec: str = DEFAULT_VAE, fallback: str | None = None) -> LoadedVae:
             raise
         loaded = load_vae(fallback)
         loaded.info.fallback_reason = str(exc)
+        loaded.info.extra["loaded_preset"] = fallback  # what actually encoded: needed to decode
         loaded.info.requested = spec
         return loaded
     _describe(model, preset, info)
     return LoadedVae(model.float().eval(), info)
+
+
+def load_vae_as_recorded(vae_info: dict) -> LoadedVae:
+    """Load the VAE described by a recorded ``VaeInfo`` dict (e.g. to decode a built dataset).
+
+    A demo fallback is reloaded as the random preset that actually encoded; otherwise the same
+    request (preset, Hub id or folder). Raises ``VaeLoadError`` if the weights differ from the
+    recorded SHA-256, since decoding with other weights would measure nothing.
+    """
+    loaded_preset = vae_info.get("extra", {}).get("loaded_preset")
+    vae = load_vae(loaded_preset or vae_info["requested"])
+    recorded, now = vae_info.get("weights_sha256"), vae.info.weights_sha256
+    if recorded and now and recorded != now:
+        raise VaeLoadError(
+            f"The dataset was encoded with weights sha256 {recorded[:12]}... but {vae_info['requested']!r} now "
+            f"loads {now[:12]}...; point IMAGENET_INT8_VAE / the HF cache at the weights that built it."
+        )
+    return vae
 
 
 def _describe(model, preset: VaePreset | None, info: VaeInfo) -> None:
