@@ -14,8 +14,7 @@ from typing import Any
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE
 from imagenet_int8_assets.core.storage import TMP_PREFIX, TRASH_PREFIX, atomic_write_json
 
-COLUMNS = {"vae_output": "uint8", "label": "str", "label_as_text": "str"}  # the published schema
-LATENT_SHAPE = (4, 32, 32)
+LATENT_SHAPE = (4, 32, 32)  # what the published schema's 4096-byte "uint8" column holds
 BUILD_INFO = "build.json"
 
 
