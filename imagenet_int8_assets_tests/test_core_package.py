@@ -21,7 +21,7 @@ def test_core_and_reader_import_without_dagster():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_package_exposes_the_definitions_lazily():
+def test_the_package_lists_its_lazy_definitions_for_dagster():
     import imagenet_int8_assets
 
     assert "defs" in dir(imagenet_int8_assets)
