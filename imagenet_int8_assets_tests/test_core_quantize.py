@@ -67,6 +67,11 @@ def test_channel_stats_match_numpy_and_merge():
             assert row["quant_rmse"] == pytest.approx(np.sqrt(np.mean((dequantize(quantize(v)) - v) ** 2)), rel=1e-5)
     for row_whole, row_merged in zip(whole.summary(), merged.summary()):
         assert row_merged == pytest.approx(row_whole, rel=1e-12)
+    totals = whole.totals()
+    assert totals["values"] == data.size and totals["mean"] == pytest.approx(data.mean(), abs=1e-9)
+    assert totals["clip_fraction"] == pytest.approx(np.mean(np.abs(data) > 12))
+    assert totals["quant_rmse"] == pytest.approx(np.sqrt(np.mean((dequantize(quantize(data)) - data) ** 2)), rel=1e-5)
+    assert merged.totals() == pytest.approx(totals, rel=1e-12)
 
 
 def test_stats_reject_wrong_layout():

@@ -17,7 +17,13 @@ from dagster import (
 )
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.encode import encode_posterior, non_finite_count, precision_error, select_latent
+from imagenet_int8_assets.core.encode import (
+    encode_posterior,
+    non_finite_count,
+    precision_error,
+    select_latent,
+    to_model_input,
+)
 from imagenet_int8_assets.core.storage import read_crops_with_meta, read_latents, write_latents
 from imagenet_int8_assets.core.vae import load_vae, resolve_device
 from imagenet_int8_assets.resources import ImagenetInt8Settings
@@ -46,7 +52,7 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
 
         from imagenet_int8_assets.core.aura import equivariance_error
 
-        x = torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
+        x = to_model_input(images, device)
         with torch.inference_mode():
             report["equivariance_error"] = equivariance_error(lambda t: vae.encode(t)[0], x, value_range=value_range)
     return report

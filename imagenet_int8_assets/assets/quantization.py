@@ -40,17 +40,10 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
             if overall is None:
                 overall = ChannelStats(latent.shape[1], value_range)
             overall.merge(stats)
-            summary = stats.summary()
-            per_class_json[key] = summary
-            n = sum(r["count"] for r in summary)
+            per_class_json[key] = stats.summary()
+            totals = stats.totals()
             per_class_rows.append(
-                {
-                    "class": key,
-                    "images": len(ids),
-                    "mean": sum(r["mean"] * r["count"] for r in summary) / n if n else float("nan"),
-                    "clip_fraction": sum(r["clip_fraction"] * r["count"] for r in summary) / n if n else float("nan"),
-                    "quant_rmse": (sum(r["quant_rmse"] ** 2 * r["count"] for r in summary) / n) ** 0.5 if n else float("nan"),
-                }
+                {"class": key, "images": len(ids), **{k: totals[k] for k in ("mean", "clip_fraction", "quant_rmse")}}
             )
         if missing:
             raise MissingArtifact(
@@ -58,9 +51,10 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
                 f"{' ...' if len(missing) > 20 else ''}. Materialize those partitions first."
             )
         channels = overall.summary() if overall is not None else []
-        total = sum(r["count"] for r in channels)
-        clip = sum(r["clip_fraction"] * r["count"] for r in channels) / total if total else 0.0
-        rmse = (sum(r["quant_rmse"] ** 2 * r["count"] for r in channels) / total) ** 0.5 if total else 0.0
+        totals = overall.totals() if overall is not None else {"values": 0, "non_finite": 0}
+        total = totals["values"]
+        clip = totals["clip_fraction"] if total else 0.0
+        rmse = totals["quant_rmse"] if total else 0.0
         value_range = overall.value_range if overall is not None else settings.range_for(0.0)
         recommended = recommend_ranges(channels)
         path = stats_path(settings.output_path)
@@ -88,7 +82,7 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
                 "values": total,
                 "clip_fraction": clip,
                 "quant_rmse": rmse,
-                "non_finite_values": sum(r["non_finite"] for r in channels),
+                "non_finite_values": totals["non_finite"],
                 "per_channel": MetadataValue.md(markdown_table(channels, CHANNEL_COLUMNS)),
                 "per_class": MetadataValue.md(markdown_table(per_class_rows)),
             }

@@ -109,7 +109,10 @@ def build_report_assets(partitions_def: PartitionsDefinition):
             raise MissingArtifact("The dataset has no images to report on.")
 
         overall = _aggregate(rows)
-        per_class = [{"class": k, **_aggregate([r for r in rows if r["class"] == k])} for k in keys if any(r["class"] == k for r in rows)]
+        by_class: dict[str, list[dict]] = {}
+        for row in rows:
+            by_class.setdefault(row["class"], []).append(row)
+        per_class = [{"class": k, **_aggregate(class_rows)} for k, class_rows in by_class.items()]
         stats = json.loads(stats_path(settings.output_path).read_text(encoding="utf-8"))
         lpips_ok, lpips_note = lpips_available()
 

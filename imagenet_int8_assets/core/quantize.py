@@ -125,6 +125,18 @@ class ChannelStats:
         value = -HIST_LIMIT + (idx - 1 + frac) * width
         return float(np.clip(value, self.minimum[channel], self.maximum[channel]))
 
+    def totals(self) -> dict:
+        """All channels together: value count, mean, fraction clipped and quantization RMSE."""
+        n = int(self.count.sum())
+        nan = float("nan")
+        return {
+            "values": n,
+            "mean": float(self.total.sum() / n) if n else nan,
+            "clip_fraction": float(self.clipped.sum() / n) if n else nan,
+            "quant_rmse": float(np.sqrt(self.quant_sq_err.sum() / n)) if n else nan,
+            "non_finite": int(self.non_finite.sum()),
+        }
+
     def summary(self) -> list[dict]:
         """One dict per channel: min, max, mean, std, percentiles, clip fraction, RMSE."""
         rows = []
