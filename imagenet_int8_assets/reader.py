@@ -18,7 +18,7 @@ from imagenet_int8_assets.core.mds import LatentStreamingDataset, Uint8Latents, 
 from imagenet_int8_assets.core.mds_index import BUILD_INFO, LATENT_SHAPE
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
 
-register_uint8_encoding()
+# Importing core.mds above registered the "uint8" latent encoding for this process.
 
 
 def open_dataset(path: str | os.PathLike, local: str | os.PathLike | None = None, **kwargs) -> LatentStreamingDataset:
