@@ -27,6 +27,9 @@ from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
 from imagenet_int8_assets.core.storage import atomic_dir, atomic_write_json
 
 SIZE_LIMIT = 1 << 26
+# Recorded per shard in index.json (raw_data.hashes): sha1 is what streaming's validate_hash
+# checks on download; xxh3_64 is fast enough to verify a whole local dataset when it is opened.
+SHARD_HASHES = ("sha1", "xxh3_64")
 
 
 class Uint8Latents(Encoding):
@@ -74,7 +77,9 @@ def write_class_shards(
         raise ValueError(f"flipped latents {flips_u8.shape} do not match latents {latents_u8.shape}")
     register_uint8_encoding()
     with atomic_dir(folder) as tmp:
-        with MDSWriter(out=str(tmp), columns=columns, compression=None, size_limit=SIZE_LIMIT) as out:
+        with MDSWriter(
+            out=str(tmp), columns=columns, compression=None, size_limit=SIZE_LIMIT, hashes=list(SHARD_HASHES)
+        ) as out:
             for i, row in enumerate(latents_u8):
                 sample = {"vae_output": row, "label": str(int(label)), "label_as_text": label_text}
                 if flips_u8 is not None:
