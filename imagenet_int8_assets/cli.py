@@ -83,16 +83,42 @@ def _failures(result) -> list[str]:
 
 
 def build(settings, partitions_per_run: int | None, verbose: bool = False) -> int:
-    """Materialize the whole graph; returns a process exit code."""
+    """Materialize the whole graph under the output's build lock; returns a process exit code.
+
+    A second build (or demo) of an output that is being built is refused at once with exit code 2
+    and a message naming the running one; the lock dies with its process, so a killed build never
+    blocks the next one. Nothing touches the Dagster instance before the lock is held.
+    """
+    from imagenet_int8_assets.core.build_lock import BuildLockBusy, BuildLockError, hold_build_lock
+
+    try:
+        with hold_build_lock(settings.output_path):
+            return _build_locked(settings, partitions_per_run, verbose)
+    except (BuildLockBusy, BuildLockError) as exc:
+        print(f"imagenet-int8: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> int:
     from dagster import AssetKey, DagsterInstance
     from dagster._core.utils import make_new_run_id
     from tqdm import tqdm
 
+    from imagenet_int8_assets.dead_runs import fail_dead_build_runs, process_run_tags
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.instance import prepare_dagster_home
     from imagenet_int8_assets.resources import max_partitions_per_run
 
     home = prepare_dagster_home(settings.output_path / "dagster_home")
+    with DagsterInstance.get() as instance:
+        dead = fail_dead_build_runs(instance)
+    if dead:
+        print(
+            f"Marked {len(dead)} run(s) left unfinished by imagenet-int8 builds whose process died as "
+            f"failed: {', '.join(dead)}",
+            flush=True,
+        )
+    own_tags = process_run_tags()  # lets the next build (or the UI's sensor) fail our runs if we die
     per_run = partitions_per_run or max_partitions_per_run()
     defs = build_definitions(settings, per_run)
     job = defs.resolve_implicit_global_asset_job_def()
@@ -117,7 +143,7 @@ def build(settings, partitions_per_run: int | None, verbose: bool = False) -> in
                     run_config=run_config,
                     instance=instance,
                     asset_selection=[AssetKey(k) for k in selection],
-                    tags=tags or {},
+                    tags={**own_tags, **(tags or {})},
                     run_id=run_id,
                     raise_on_error=False,
                 )

@@ -17,6 +17,7 @@ from imagenet_int8_assets.assets.probe import build_probe_assets
 from imagenet_int8_assets.assets.quantization import build_quantization_asset
 from imagenet_int8_assets.assets.report import build_report_assets
 from imagenet_int8_assets.assets.shards import build_shards_assets
+from imagenet_int8_assets.dead_runs import dead_build_runs_sensor
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
 
@@ -41,6 +42,8 @@ def build_definitions(
         assets=[raw_manifest, crops, latents, stats, shards, dataset, report, probe_features, latent_probe],
         asset_checks=[latents_check, shards_check, report_check],
         resources={"settings": settings},
+        # fails the runs of killed `imagenet-int8 build` processes, which would hold the gpu pool
+        sensors=[dead_build_runs_sensor],
         # The steps of a run are sequential; one process per run pays the heavy imports (torch,
         # streaming) once instead of once per step, and shares nothing it should not.
         executor=in_process_executor,

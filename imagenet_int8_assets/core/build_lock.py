@@ -1,0 +1,197 @@
+"""One build per output: an OS lock that dies with its process, and pid-reuse-safe process identity.
+
+``hold_build_lock(output)`` takes ``fcntl.flock`` on ``<output>/.imagenet-int8-build.lock`` without
+waiting and writes who holds it (host, pid, process start, wall-clock start, command line) into the
+file, so a second build is refused with a message naming the running one. The kernel releases the
+lock when the holder's process dies, however it dies (kill -9 included), so a stale lock file never
+blocks anyone; the file itself is left in place (deleting lock files races with their next user).
+
+``hold_init_lock(folder)`` is the waiting kind, for short critical sections that several processes
+may need in turn (first initialization of a shared DAGSTER_HOME).
+
+``process_identity()`` / ``process_is_alive()`` identify a process by host, pid and a start token
+(boot id and start time in clock ticks from ``/proc/<pid>/stat`` on Linux), so a pid reused by a
+later process is not mistaken for the one recorded. Elsewhere the token is empty and a pid that
+exists counts as alive.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+BUILD_LOCK_NAME = ".imagenet-int8-build.lock"
+INIT_LOCK_NAME = ".imagenet-int8-init.lock"
+
+
+class BuildLockBusy(RuntimeError):
+    """Another live process holds the build lock of this output."""
+
+
+class BuildLockError(RuntimeError):
+    """The lock file cannot be created or locked (unwritable output, unsupported filesystem)."""
+
+
+def build_lock_path(output: str | os.PathLike) -> Path:
+    return Path(output) / BUILD_LOCK_NAME
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_token(pid: int) -> str:
+    """``<boot id>/<start time in clock ticks>`` of ``pid`` on Linux; "" where /proc is unavailable.
+
+    Raises ProcessLookupError when /proc exists but has no such process.
+    """
+    if not Path("/proc/self/stat").exists():
+        return ""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    # the command name (field 2) may hold spaces and parentheses: fields restart after the last ")"
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return f"{_boot_id()}/{fields[19]}"  # field 22, starttime
+
+
+def current_host() -> str:
+    return socket.gethostname()
+
+
+def process_identity() -> dict[str, str | int]:
+    """Who this process is: host, pid, start token, start time (UTC) and command line."""
+    return {
+        "host": current_host(),
+        "pid": os.getpid(),
+        "start_token": process_start_token(os.getpid()),
+        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": shlex.join([Path(sys.argv[0]).name or sys.executable, *sys.argv[1:]]),
+    }
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def process_is_alive(pid: int, start_token: str) -> bool:
+    """Whether the process recorded as (``pid``, ``start_token``) on this host still runs.
+
+    A zombie (killed, not yet reaped by its parent) counts as dead: it runs no code.
+    """
+    if pid <= 0:
+        return False
+    try:
+        token = process_start_token(pid)
+    except ProcessLookupError:
+        return False
+    if not token:  # no /proc: the best available answer
+        return _pid_exists(pid)
+    if token != start_token:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise BuildLockError(
+            f"cannot create the lock file {path}: {exc.strerror or exc}; "
+            "make its folder writable or choose another location"
+        ) from exc
+
+
+def _read_holder(fd: int, attempts: int = 20) -> dict:
+    """The holder's record; it may not be written yet just after the holder took the lock."""
+    for _ in range(attempts):
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 1 << 16)
+        try:
+            holder = json.loads(data)
+            if isinstance(holder, dict):
+                return holder
+        except ValueError:
+            pass
+        time.sleep(0.05)
+    return {}
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "a process that has not written its details yet"
+    return (
+        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started_at', '?')}, "
+        f"command: {holder.get('command', '?')}"
+    )
+
+
+@contextmanager
+def hold_build_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold the build lock of ``output`` for the duration, or raise BuildLockBusy at once."""
+    path = build_lock_path(output)
+    fd = _open_lock_file(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BuildLockError(
+                    f"cannot lock {path}: {exc.strerror or exc}; put the output on a filesystem "
+                    "that supports file locks (flock)"
+                ) from exc
+            holder = _read_holder(fd)
+            raise BuildLockBusy(
+                f"another build is already running on the output {Path(output)}: {describe_holder(holder)} "
+                f"(lock file {path}). Wait for it to finish or stop it, then run this command again; "
+                "the lock is released when that process ends, even if it is killed."
+            ) from None
+        record = json.dumps(process_identity(), indent=1).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+@contextmanager
+def hold_init_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock under ``folder``, waiting for other holders to finish."""
+    path = Path(folder) / INIT_LOCK_NAME
+    fd = _open_lock_file(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise BuildLockError(
+                f"cannot lock {path}: {exc.strerror or exc}; put it on a filesystem that supports "
+                "file locks (flock)"
+            ) from exc
+        yield path
+    finally:
+        os.close(fd)

@@ -1,0 +1,190 @@
+"""One build per output, and killed builds never block anyone (issue 7, items 2 and 3).
+
+Real processes throughout: lock holders are separate Python processes killed with SIGKILL, the
+builds are real `imagenet-int8` subprocesses, the runs live in a real SQLite Dagster instance.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from imagenet_int8_assets.core.build_lock import (
+    BuildLockBusy,
+    build_lock_path,
+    current_host,
+    hold_build_lock,
+    process_identity,
+    process_is_alive,
+    process_start_token,
+)
+from imagenet_int8_assets.dead_runs import HOST_TAG, PID_TAG, START_TAG, fail_dead_build_runs, process_run_tags
+from imagenet_int8_assets.instance import GPU_POOL, prepare_dagster_home
+from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
+
+BIN = Path(sys.executable).parent
+HOLDER = """
+import sys, time
+from imagenet_int8_assets.core.build_lock import hold_build_lock
+with hold_build_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _start_holder(output: Path) -> subprocess.Popen:
+    """A separate process that holds the build lock of ``output`` until it is killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output), "--pretend-flag"], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _cli_env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
+    env.update(
+        IMAGENET_INT8_VAE="tiny-random",
+        IMAGENET_INT8_DEVICE="cpu",
+        IMAGENET_INT8_WORKERS="1",
+        IMAGENET_INT8_DEMO_VAE_FALLBACK="tiny-random",
+        IMAGENET_INT8_REPORT_PER_CLASS="1",
+        IMAGENET_INT8_PROBE_PER_CLASS="2",
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------------
+# the lock itself
+
+
+def test_a_held_lock_refuses_at_once_naming_its_holder_and_dies_with_it(tmp_path):
+    out = tmp_path / "out"
+    holder = _start_holder(out)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BuildLockBusy) as refused:
+            with hold_build_lock(out):
+                pytest.fail("a second holder got the lock")
+        assert time.monotonic() - started < 5, "the refusal waited"
+        message = str(refused.value)
+        assert f"pid {holder.pid} on {current_host()}" in message, message
+        assert "started 20" in message and " UTC" in message, message
+        assert "--pretend-flag" in message, message  # the holder's command line
+        assert str(build_lock_path(out)) in message, message
+        assert "\n" not in message
+    finally:
+        _kill(holder)  # kill -9: no cleanup code runs in the holder
+    assert build_lock_path(out).is_file(), "the stale lock file should still be there"
+    with hold_build_lock(out) as path:  # ... and does not block
+        assert path == build_lock_path(out)
+        assert f'"pid": {os.getpid()}' in path.read_text()
+
+
+def test_process_identity_is_pid_reuse_safe():
+    me = process_identity()
+    assert me["pid"] == os.getpid() and me["host"] == current_host()
+    assert process_is_alive(os.getpid(), str(me["start_token"]))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    token = process_start_token(proc.pid)
+    assert process_is_alive(proc.pid, token)
+    _kill(proc)
+    assert not process_is_alive(proc.pid, token)
+    if not me["start_token"]:
+        print("no /proc on this platform: a pid that exists counts as alive; the reuse check is skipped")
+        return
+    # the same pid with another start token is a different (later) process: the recorded one is dead
+    assert not process_is_alive(os.getpid(), str(me["start_token"]) + "0")
+
+
+# ------------------------------------------------------------------------------------------
+# dead runs in a real instance
+
+
+@dg.op(pool=GPU_POOL)
+def _gpu_step():
+    return 1
+
+
+@dg.job
+def _gpu_job():
+    _gpu_step()
+
+
+def test_runs_of_dead_builds_are_failed_and_free_their_slots(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    prepare_dagster_home(tmp_path / "home")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_token = process_start_token(gone.pid)
+    gone.wait(timeout=30)
+    dead_tags = {HOST_TAG: current_host(), PID_TAG: str(gone.pid), START_TAG: gone_token}
+    with dg.DagsterInstance.get() as instance:
+
+        def started_run(tags):
+            return instance.create_run_for_job(_gpu_job, tags=tags, status=dg.DagsterRunStatus.STARTED)
+
+        dead = started_run(dead_tags)
+        alive = started_run(process_run_tags())
+        elsewhere = started_run({**dead_tags, HOST_TAG: "another-host.example"})
+        foreign = started_run({})  # launched by Dagster itself, not by imagenet-int8
+        finished = instance.create_run_for_job(_gpu_job, tags=dead_tags, status=dg.DagsterRunStatus.SUCCESS)
+        assert dead.run_op_concurrency and GPU_POOL in dead.run_op_concurrency.all_pools
+        # a slot held the way op-granularity pools hold them
+        claim = instance.event_log_storage.claim_concurrency_slot(GPU_POOL, dead.run_id, "_gpu_step")
+        assert claim.is_claimed
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 1
+
+        assert fail_dead_build_runs(instance) == [dead.run_id]
+
+        status = {run.run_id: instance.get_run_by_id(run.run_id).status for run in (dead, alive, elsewhere, foreign, finished)}
+        assert status == {
+            dead.run_id: dg.DagsterRunStatus.FAILURE,
+            alive.run_id: dg.DagsterRunStatus.STARTED,
+            elsewhere.run_id: dg.DagsterRunStatus.STARTED,
+            foreign.run_id: dg.DagsterRunStatus.STARTED,
+            finished.run_id: dg.DagsterRunStatus.SUCCESS,
+        }
+        failure = instance.all_logs(dead.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert len(failure) == 1
+        assert f"pid {gone.pid} on {current_host()}" in failure[0].message
+        assert "died without finishing it" in failure[0].message
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
+        assert fail_dead_build_runs(instance) == []  # nothing twice
+
+
+# ------------------------------------------------------------------------------------------
+# the real command
+
+
+def test_demo_on_an_output_being_built_is_refused_before_touching_anything(tmp_path):
+    out = tmp_path / "out"
+    holder = _start_holder(out)
+    try:
+        proc = subprocess.run(
+            [str(BIN / "imagenet-int8"), "demo", "--output", str(out)],
+            env=_cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        _kill(holder)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("imagenet-int8: another build is already running on the output"), lines[0]
+    assert f"pid {holder.pid}" in lines[0] and str(build_lock_path(out)) in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == [build_lock_path(out).name], "the refused demo wrote something"
