@@ -12,6 +12,11 @@ SHIPPED_DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")
 GPU_POOL = "gpu"
 
 
+def dagster_home_path(default_home: str | os.PathLike) -> Path:
+    """The DAGSTER_HOME the CLI uses: the variable when set, else ``default_home``."""
+    return Path(os.environ.get("DAGSTER_HOME") or default_home).expanduser().resolve()
+
+
 def prepare_dagster_home(default_home: str | os.PathLike) -> Path:
     """Use DAGSTER_HOME (or ``default_home``), with the shipped dagster.yaml and the gpu pool.
 
@@ -26,7 +31,7 @@ def prepare_dagster_home(default_home: str | os.PathLike) -> Path:
     """
     from dagster import DagsterInstance
 
-    home = Path(os.environ.get("DAGSTER_HOME") or default_home).expanduser().resolve()
+    home = dagster_home_path(default_home)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     with hold_init_lock(home):
