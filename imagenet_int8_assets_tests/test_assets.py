@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imagenet_int8_assets.cli import error_text
-from imagenet_int8_assets.core.mds_index import read_index
+from imagenet_int8_assets.core.mds_index import class_home, read_class_index
 from imagenet_int8_assets.core.sources import SourceError
 from imagenet_int8_assets.core.storage import mds_root
 from imagenet_int8_assets.core.vae import load_vae
@@ -67,7 +67,7 @@ def test_empty_class_is_an_empty_partition_not_an_error(tmp_path):
     defs = build_definitions(settings, partitions_per_run=10)
     results = materialize_all(defs, instance)
     assert all(r.success for r in results)
-    assert read_index(mds_root(settings.output_path) / "empty")["shards"] == []
+    assert read_class_index(mds_root(settings.output_path), "empty")["shards"] == []
     assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")).asset_materialization.metadata["samples"].value == 2
     probe = instance.get_latest_materialization_event(dg.AssetKey("latent_probe")).asset_materialization.metadata
     assert probe["status"].value.startswith("skipped: the probe needs at least 4 latents in each of at least 2 classes")
@@ -85,7 +85,7 @@ def test_non_finite_latents_block_the_shards(tmp_path):
     assert not batch.success
     assert _check_results(batch) == {"latents_are_finite": False}
     assert "latents_are_finite" in " ".join(_failed_steps(batch))
-    assert not (mds_root(settings.output_path) / "a").exists()
+    assert not class_home(mds_root(settings.output_path), "a").exists()
     assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")) is None
     # the statistics still run and say how many values were unusable instead of turning NaN
     stats = instance.get_latest_materialization_event(dg.AssetKey("quantization_stats")).asset_materialization

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from imagenet_int8_assets.core.mds_index import index_sample_count, read_index
+from imagenet_int8_assets.core.mds_index import class_home, index_sample_count, read_class_index
 from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
 
 BIN = Path(sys.executable).parent
@@ -97,8 +97,8 @@ def test_dagster_asset_materialize_one_partition(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "out"
     manifest = pd.read_parquet(out / "manifest" / "manifest.parquet")
-    assert index_sample_count(read_index(out / "mds" / "n01443537")) == 3 == (manifest["class_folder"] == "n01443537").sum()
-    assert not (out / "mds" / "n01440764").exists()  # only the selected partition ran
+    assert index_sample_count(read_class_index(out / "mds", "n01443537")) == 3 == (manifest["class_folder"] == "n01443537").sum()
+    assert not class_home(out / "mds", "n01440764").exists()  # only the selected partition ran
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         assert instance.get_materialized_partitions(dg.AssetKey("vae_latents")) == {"n01443537"}
 
@@ -129,7 +129,10 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
     names = [s["raw_data"]["basename"] for s in index["shards"]]
     assert len(names) == len(set(names)) == 4
     assert sum(s["samples"] for s in index["shards"]) == 24
-    assert sorted(p.name for p in (out / "mds").iterdir()) == ["build.json", "class0", "class1", "class2", "class3", "index.json"]
+    assert sorted(p.name for p in (out / "mds").iterdir()) == ["build.json", "classes", "index.json"]
+    versions = sorted(p.relative_to(out / "mds").as_posix() for p in (out / "mds" / "classes").glob("*/v-*"))
+    assert [v.split("/")[1] for v in versions] == [f"class{i}" for i in range(4)]  # one version each: no orphans
+    assert {n.rsplit("/", 1)[0] for n in names} == {f"classes/{v}" for v in versions}
 
 
 def test_presets_command_lists_every_preset_with_its_properties(tmp_path):

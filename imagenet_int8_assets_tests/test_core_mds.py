@@ -23,13 +23,21 @@ def three_classes(tmp_path):
     data = {"n01440764": _class_latents(0, 5), "n01443537": _class_latents(1, 0), "n02676566": _class_latents(2, 7)}
     labels = {"n01440764": (0, "tench, Tinca tinca"), "n01443537": (1, "goldfish"), "n02676566": (402, "acoustic guitar")}
     for folder, arr in data.items():
-        assert mds.write_class_shards(root / folder, arr, *labels[folder], {"seed": 0}) == len(arr)
+        version = mds.write_class_shards(root, folder, arr, *labels[folder], {"seed": 0})
+        assert mds_index.index_sample_count(mds_index.read_index(version)) == len(arr)
+        assert version == mds_index.current_version_dir(root, folder)
     return root, data, labels
+
+
+def _publish(root, classes):
+    index, summary = mds_index.merged_index(root, classes)
+    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, classes[0]), summary))
+    return summary
 
 
 def test_class_index_has_the_published_schema(three_classes):
     root, data, _ = three_classes
-    index = json.loads((root / "n02676566" / "index.json").read_text())
+    index = mds_index.read_class_index(root, "n02676566")
     shard = index["shards"][0]
     assert shard["column_names"] == ["label", "label_as_text", "vae_output"]
     assert shard["column_encodings"] == ["str", "str", "uint8"]
@@ -37,16 +45,19 @@ def test_class_index_has_the_published_schema(three_classes):
     assert shard["compression"] is None and shard["size_limit"] == 1 << 26
     assert shard["samples"] == 7
     # the empty class is a valid, empty index
-    assert json.loads((root / "n01443537" / "index.json").read_text())["shards"] == []
+    assert mds_index.read_class_index(root, "n01443537")["shards"] == []
 
 
 def test_merged_index_reads_every_sample_once_in_class_order(three_classes):
     root, data, labels = three_classes
-    summary = mds_index.merge_class_indexes(root, sorted(data))
-    assert summary == {"samples": 12, "shards": 2, "per_class": {"n01440764": 5, "n01443537": 0, "n02676566": 7}}
+    summary = _publish(root, sorted(data))
+    assert {k: summary[k] for k in ("samples", "shards", "per_class")} == {
+        "samples": 12, "shards": 2, "per_class": {"n01440764": 5, "n01443537": 0, "n02676566": 7}
+    }
     again = (root / "index.json").read_bytes()
-    mds_index.merge_class_indexes(root, sorted(data))
+    _publish(root, sorted(data))
     assert (root / "index.json").read_bytes() == again  # idempotent
+    assert json.loads(again)["imagenet_int8"]["per_class"] == summary["per_class"]
     ds = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
     assert ds.num_samples == 12
     expected = [(f, i) for f in sorted(data) for i in range(len(data[f]))]
@@ -65,18 +76,18 @@ def test_builtin_uint8_encoding_would_silently_read_one_byte(three_classes):
     saved = _encodings["uint8"]
     try:
         _encodings["uint8"] = UInt8
-        ds = StreamingDataset(local=str(root / "n01440764"), batch_size=1, shuffle=False)
+        ds = StreamingDataset(local=str(mds_index.current_version_dir(root, "n01440764")), batch_size=1, shuffle=False)
         assert np.asarray(ds[0]["vae_output"]).size == 1
     finally:
         _encodings["uint8"] = saved
-    assert open_dataset(root / "n01440764")[0]["latent"].shape == (4, 32, 32)
+    assert open_dataset(mds_index.current_version_dir(root, "n01440764"))[0]["latent"].shape == (4, 32, 32)
 
 
 def test_reader_helper_works_in_spawned_dataloader_workers(three_classes):
     import torch
 
     root, data, labels = three_classes
-    mds_index.merge_class_indexes(root, sorted(data))
+    _publish(root, sorted(data))
     ds = open_dataset(root, shuffle=False)
     assert isinstance(ds, LatentStreamingDataset)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="spawn")
@@ -89,14 +100,49 @@ def test_reader_helper_works_in_spawned_dataloader_workers(three_classes):
     assert float(torch.cat(latents).abs().max()) <= 12.0
 
 
-def test_rewriting_a_class_replaces_it_atomically(three_classes):
+def test_rewriting_a_class_adds_a_version_and_leaves_the_published_dataset_alone(three_classes):
     root, data, labels = three_classes
-    mds.write_class_shards(root / "n01440764", _class_latents(9, 2), *labels["n01440764"], {"seed": 1})
-    assert mds_index.index_sample_count(mds_index.read_index(root / "n01440764")) == 2
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    _publish(root, sorted(data))
+    published = (root / "index.json").read_bytes()
+    old_version = mds_index.current_version_dir(root, "n01440764")
+    new_version = mds.write_class_shards(root, "n01440764", _class_latents(9, 2), *labels["n01440764"], {"seed": 1})
+    assert new_version != old_version and old_version.is_dir()
+    assert mds_index.index_sample_count(mds_index.read_class_index(root, "n01440764")) == 2
+    assert (root / "index.json").read_bytes() == published  # readers still see the old dataset
+    assert open_dataset(root).num_samples == 12
+    # the same content again is the same version (nothing added)
+    again = mds.write_class_shards(root, "n01440764", _class_latents(9, 2), *labels["n01440764"], {"seed": 1})
+    assert again == new_version
+    # garbage collection keeps what the published index and the current pointers name
+    assert mds_index.collect_garbage(root) == []
+    _publish(root, sorted(data))
+    assert open_dataset(root).num_samples == 9
+    assert old_version.is_dir()  # named by the previously published index: readers may still hold it
+    _publish(root, sorted(data))
+    assert mds_index.collect_garbage(root) == []  # same content published twice: previous == current
+    third = mds.write_class_shards(root, "n01440764", _class_latents(10, 3), *labels["n01440764"], {"seed": 2})
+    _publish(root, sorted(data))
+    removed = mds_index.collect_garbage(root)
+    assert not old_version.exists() and removed == [old_version.relative_to(root).as_posix()]
+    assert new_version.is_dir() and third.is_dir()
+    assert not [p for p in mds_index.class_home(root, "n01440764").iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="do not match"):
-        mds.write_class_shards(root / "x", np.zeros((2, 4, 32, 32), np.uint8), 0, "x", {}, flips_u8=np.zeros((1, 4, 32, 32), np.uint8))
-    assert not (root / "x").exists()
+        mds.write_class_shards(root, "x", np.zeros((2, 4, 32, 32), np.uint8), 0, "x", {}, flips_u8=np.zeros((1, 4, 32, 32), np.uint8))
+    assert not mds_index.class_home(root, "x").exists()
+
+
+def test_class_names_map_to_safe_folder_names(tmp_path):
+    from imagenet_int8_assets.core.storage import class_dir_name
+
+    plain = ["n01440764", "airplane", "index.json", "a b", "c-1_2.x"]
+    assert [class_dir_name(n) for n in plain] == plain
+    odd = ["../../x", "/etc", ".hidden", "50%", "a/b", "x" * 300, "caf\u00e9", "bad\udcff", "-x", "dot."]
+    names = [class_dir_name(n) for n in odd]
+    assert len(set(names) | set(plain)) == len(names) + len(plain)  # no collisions
+    for n in names:
+        assert "/" not in n and not n.startswith(".") and "%" in n and len(n) <= 120 and n.isascii()
+        (tmp_path / n).mkdir()  # a valid single path component on this filesystem
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
 
 def test_inconsistent_builds_are_named():
@@ -115,16 +161,15 @@ def test_other_layouts_use_the_builtin_ndarray_encoding_and_read_back(tmp_path, 
     root = tmp_path / "mds"
     codes = np.random.default_rng(3).integers(0, 256, (3, *shape), dtype=np.uint8)
     flips = codes[..., ::-1].copy()
-    mds.write_class_shards(root / "c", codes, 5, "five", {"seed": 0}, value_range=value_range, flips_u8=flips)
+    mds.write_class_shards(root, "c", codes, 5, "five", {"seed": 0}, value_range=value_range, flips_u8=flips)
     encoding = "ndarray:uint8:" + ",".join(map(str, shape))
-    shard = mds_index.read_index(root / "c")["shards"][0]
+    shard = mds_index.read_class_index(root, "c")["shards"][0]
     assert dict(zip(shard["column_names"], shard["column_encodings"])) == {
         "label": "str", "label_as_text": "str", "vae_output": encoding, "vae_output_flip": encoding
     }
-    info = json.loads((root / "c" / "build.json").read_text())
+    info = mds_index.read_class_build_info(root, "c")
     assert info["latent_shape"] == list(shape) and info["dequantize"] == f"z = (u / 255 - 0.5) * {2 * value_range:g}"
-    mds_index.merge_class_indexes(root, ["c"])
-    mds_index.write_dataset_info(root, info, {"samples": 3, "per_class": {"c": 3}})
+    _publish(root, ["c"])
     ds = open_dataset(root)
     for i in range(3):
         sample = ds[i]

@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from imagenet_int8_assets.core.mds_index import class_home
 from imagenet_int8_assets.core.quantize import quantize
 from imagenet_int8_assets.core.storage import manifest_path, mds_root, read_latents
 
@@ -124,8 +125,10 @@ def test_metadata_tells_the_story(built_sample):
 def test_rebuilding_a_partition_gives_the_same_bytes_and_no_leftovers(built_sample):
     settings, defs, instance = built_sample["settings"], built_sample["defs"], built_sample["instance"]
     root = mds_root(settings.output_path)
-    before = {p.relative_to(root): p.read_bytes() for p in (root / "n02102040").rglob("*.mds")}
-    (root / ".tmp-n02102040-deadbeef").mkdir()  # what a run killed mid-write leaves behind
+    home = class_home(root, "n02102040")
+    before = {p.relative_to(root): p.read_bytes() for p in home.rglob("*.mds")}
+    published = (root / "index.json").read_bytes()
+    (home / ".tmp-deadbeef").mkdir()  # what a run killed mid-write leaves behind
     job = defs.resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
         instance=instance,
@@ -133,12 +136,14 @@ def test_rebuilding_a_partition_gives_the_same_bytes_and_no_leftovers(built_samp
         asset_selection=[dg.AssetKey(k) for k in ("preprocessed_crops", "vae_latents", "mds_shards")],
     )
     assert result.success
-    after = {p.relative_to(root): p.read_bytes() for p in (root / "n02102040").rglob("*.mds")}
-    assert before == after and before
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    after = {p.relative_to(root): p.read_bytes() for p in home.rglob("*.mds")}
+    assert before == after and before  # same bytes, hence the same version folder
+    assert not [p for p in home.iterdir() if p.name.startswith(".")]
+    assert (root / "index.json").read_bytes() == published
     result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("quantization_stats"), dg.AssetKey("mds_dataset")])
     assert result.success
-    index = json.loads((root / "index.json").read_text())
+    assert (root / "index.json").read_bytes() == published  # nothing changed: nothing published
+    index = json.loads(published)
     assert sum(s["samples"] for s in index["shards"]) == 21
     assert len({s["raw_data"]["basename"] for s in index["shards"]}) == len(index["shards"])
     with np.load(settings.output_path / "latents" / "n02102040" / "latents.npz") as data:

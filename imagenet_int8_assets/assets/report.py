@@ -17,6 +17,7 @@ from dagster import (
     asset_check,
 )
 
+from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import markdown_table
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.metrics import lpips_available, summarize
@@ -74,18 +75,17 @@ def build_report_assets(partitions_def: PartitionsDefinition):
 
         keys = partitions_def.get_partition_keys()
         root = mds_root(settings.output_path)
-        build_file = root / mds_index.BUILD_INFO
-        if not build_file.is_file():
-            raise MissingArtifact(f"No dataset at {root}: materialize 'mds_dataset' first.")
-        build = json.loads(build_file.read_text(encoding="utf-8"))
+        build = mds_index.published_record(root)
+        if build is None:
+            raise MissingArtifact(f"No published dataset at {root}: materialize 'mds_dataset' first.")
         value_range = float(build["quant_range"])
         device = resolve_device(settings.device)
         vae = load_vae_as_recorded(build["vae"]).to(device)
         dataset = open_dataset(root)
         offsets, start = {}, 0
-        for key in keys:
+        for key in keys:  # the published index lists the classes in partition order
             offsets[key] = start
-            start += mds_index.index_sample_count(mds_index.read_index(root / key))
+            start += build["per_class"].get(key, 0)
 
         rows, grid, channel_values = [], [], []
         for key in keys:
@@ -162,7 +162,9 @@ def build_report_assets(partitions_def: PartitionsDefinition):
              channel_table, lpips_note]
             + [f"![{name}]({name}.png)" for name in images]
         )
-        with atomic_dir(report_dir(settings.output_path)) as tmp:
+        space = SpaceNeeds("reconstruction_report", settings.output_path)
+        space.writing(1, sum(map(len, images.values())) + len(html) + len(markdown))
+        with space.guard(), atomic_dir(report_dir(settings.output_path)) as tmp:
             for name, png in images.items():
                 (tmp / f"{name}.png").write_bytes(png)
             (tmp / "report.html").write_text(html, encoding="utf-8")

@@ -43,7 +43,7 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
         {
             "partition": key,
             "manifest_ok": len(ok_rows(manifest, key)),
-            "mds_samples": mds_index.index_sample_count(mds_index.read_index(root / key)),
+            "mds_samples": mds_index.index_sample_count(mds_index.read_class_index(root, key)),
         }
         for key in keys
     ]
@@ -60,7 +60,9 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         description=(
             "One class as MosaicML MDS shards in the published Imagenet.int8 schema "
             "(vae_output: custom 'uint8' encoding, 4096 bytes = 4x32x32 C-order; label; "
-            "label_as_text), quantized round-to-nearest over +-range, in mds/<class>/."
+            "label_as_text), quantized round-to-nearest over +-range, written as a new immutable "
+            "version in mds/classes/<class>/<version>/. The published dataset does not change "
+            "until mds_dataset publishes it."
         ),
     )
     def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -79,8 +81,9 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 )
             value_range = settings.range_for(meta["vae"]["quant_range"])
             flips = arrays.get("latent_flip")
-            count = mds.write_class_shards(
-                root / key,
+            folder = mds.write_class_shards(
+                root,
+                key,
                 quantize(latent, value_range),
                 labels.index[key],
                 labels.text[key],
@@ -88,10 +91,13 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 value_range=value_range,
                 flips_u8=quantize(flips, value_range) if flips is not None else None,
             )
-            index = mds_index.read_index(root / key)
+            mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
+            index = mds_index.read_index(folder)
+            count = mds_index.index_sample_count(index)
             context.add_asset_metadata(
                 {
-                    "path": MetadataValue.path(str(root / key)),
+                    "path": MetadataValue.path(str(folder)),
+                    "version": folder.name,
                     "samples": count,
                     "shards": len(index["shards"]),
                     "label": labels.index[key],
@@ -130,9 +136,10 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         deps=[mds_shards, "quantization_stats"],
         kinds={"mosaicml"},
         description=(
-            "The merged dataset: mds/index.json lists every class's shards in class order, so "
-            "StreamingDataset (and the published readers) read mds/ as one dataset. Checks that "
-            "every class was built with the same settings and that the result opens."
+            "The published dataset: checks that every class's current version was built with the "
+            "same settings and holds its manifest's good images, then atomically replaces "
+            "mds/index.json (every class's shards in class order, so StreamingDataset and the "
+            "published readers read mds/ as one dataset) and removes versions no index refers to."
         ),
     )
     def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -143,7 +150,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
         infos, missing = {}, []
         for key in keys:
             try:
-                infos[key] = mds_index.read_build_info(root / key)
+                infos[key] = mds_index.read_class_build_info(root, key)
             except FileNotFoundError:
                 missing.append(key)
         if missing:
@@ -165,21 +172,28 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
                 + ". Re-materialize raw_manifest and then those partitions."
             )
-        summary = mds_index.merge_class_indexes(root, keys)
-        removed = remove_leftovers(root)
-        strays = mds_index.stray_entries(root, keys)
+        index, summary = mds_index.merged_index(root, keys)
+        first = next(iter(infos.values()))
+        broken = mds_index.unreadable_shards(root, index)
+        if broken:
+            raise Failure(
+                "Not publishing: shard files of the new version are missing or damaged:\n- "
+                + "\n- ".join(broken[:20])
+                + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
+            )
+        published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
         check = mds.verify_readable(root)
         if check["samples"] != summary["samples"]:
             raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
-        first = next(iter(infos.values()))
+        removed = remove_leftovers(root) + mds_index.collect_garbage(root)
+        strays = mds_index.stray_entries(root, keys)
         fallback = bool(first.get("vae", {}).get("fallback_reason"))
-        mds_index.write_dataset_info(root, first, summary)
         metadata = {
             "path": MetadataValue.path(str(root)),
             "samples": summary["samples"],
             "shards": summary["shards"],
             "classes": len(keys),
-            "bytes": int(sum(p.stat().st_size for p in root.rglob("*.mds"))),
+            "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
             "vae": first["vae"]["requested"],
             "vae_revision": first["vae"].get("revision") or "",
             "vae_weights_sha256": first["vae"].get("weights_sha256") or "",
@@ -196,7 +210,11 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
             ),
             "read_it": MetadataValue.md(READER_SNIPPET.format(root=root)),
             "stray_entries": ", ".join(strays),
-            "leftovers_removed": len(removed),
+            "published": "new version" if published else "unchanged (same content as the published index)",
+            "versions": MetadataValue.md(
+                markdown_table([{"class": k, "version": v} for k, v in summary["versions"].items()])
+            ),
+            "removed_versions_and_leftovers": len(removed),
         }
         if fallback:
             metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."

@@ -16,15 +16,26 @@ encoding too, whatever their start method.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds.encodings import Encoding, _encodings
 
-from imagenet_int8_assets.core.mds_index import BUILD_INFO, LATENT_SHAPE, columns_for, dequantize_formula
+from imagenet_int8_assets.core.mds_index import (
+    BUILD_INFO,
+    INDEX,
+    LATENT_SHAPE,
+    class_home,
+    columns_for,
+    commit_class_version,
+    dequantize_formula,
+)
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
-from imagenet_int8_assets.core.storage import atomic_dir, atomic_write_json
+from imagenet_int8_assets.core.storage import TMP_PREFIX, atomic_write_json, remove_leftovers
 
 SIZE_LIMIT = 1 << 26
 # Recorded per shard in index.json (raw_data.hashes): sha1 is what streaming's validate_hash
@@ -54,21 +65,24 @@ register_uint8_encoding()
 
 
 def write_class_shards(
-    folder: str | os.PathLike,
+    root: str | os.PathLike,
+    class_name: str,
     latents_u8: np.ndarray,
     label: int,
     label_text: str,
     build_info: dict,
     value_range: float = DEFAULT_RANGE,
     flips_u8: np.ndarray | None = None,
-) -> int:
-    """Write one class as MDS shards into ``folder`` (replaced atomically). Returns the count.
+) -> Path:
+    """Write one class as a new version under ``root`` (see ``mds_index``); returns its folder.
 
     ``latents_u8`` is uint8 (N, C, H, W), quantized over +-``value_range``; ``flips_u8`` the same
     for the flipped crops (a ``vae_output_flip`` column). The schema follows
     ``mds_index.columns_for``. ``build_info`` is saved beside the index as ``build.json`` with the
-    schema, shape and dequantization added (readers ignore it; the merge step checks that every
-    class agrees, and our reader uses it).
+    count, schema, shape and dequantization added (readers ignore it; the merge step checks that
+    every class agrees). The shards are written into a hidden temporary folder and appear as a
+    version with one rename; the class's ``current.json`` then points at it. The published
+    dataset (``root/index.json``) is not touched: ``mds_index.publish`` does that.
     """
     latents_u8 = np.ascontiguousarray(latents_u8, dtype=np.uint8)
     shape = tuple(latents_u8.shape[1:])
@@ -76,7 +90,11 @@ def write_class_shards(
     if flips_u8 is not None and flips_u8.shape != latents_u8.shape:
         raise ValueError(f"flipped latents {flips_u8.shape} do not match latents {latents_u8.shape}")
     register_uint8_encoding()
-    with atomic_dir(folder) as tmp:
+    home = class_home(root, class_name)
+    home.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(home)
+    tmp = home / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
+    try:
         with MDSWriter(
             out=str(tmp), columns=columns, compression=None, size_limit=SIZE_LIMIT, hashes=list(SHARD_HASHES)
         ) as out:
@@ -85,7 +103,7 @@ def write_class_shards(
                 if flips_u8 is not None:
                     sample["vae_output_flip"] = np.ascontiguousarray(flips_u8[i], dtype=np.uint8)
                 out.write(sample)
-        index = tmp / "index.json"
+        index = tmp / INDEX
         if not index.is_file():  # an empty class: an index with no shards
             atomic_write_json(index, {"version": 2, "shards": []})
         atomic_write_json(
@@ -99,7 +117,10 @@ def write_class_shards(
                 "dequantize": dequantize_formula(value_range),
             },
         )
-    return int(latents_u8.shape[0])
+        return commit_class_version(root, class_name, tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class LatentStreamingDataset(StreamingDataset):
