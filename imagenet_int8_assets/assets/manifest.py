@@ -22,6 +22,8 @@ def read_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame:
 
 
 def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
+    """The class's good images. Rows of top-level entries that are not classes (a bad folder
+    name, a link not followed) have class_folder "" and status bad/skipped, so never match."""
     return manifest[(manifest["class_folder"] == class_folder) & (manifest["status"] == "ok")]
 
 
@@ -50,8 +52,9 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     atomic_write_bytes(path, buffer.getvalue())
 
     status_counts = frame["status"].value_counts().to_dict()
+    in_class = frame[frame["class_folder"].isin(labels.index.keys())]
     per_class = (
-        frame.pivot_table(index="class_folder", columns="status", values="id", aggfunc="count", fill_value=0)
+        in_class.pivot_table(index="class_folder", columns="status", values="id", aggfunc="count", fill_value=0)
         .reindex(columns=["ok", "bad", "skipped"], fill_value=0)
         .reset_index()
     )
@@ -69,6 +72,7 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
             "bad": int(status_counts.get("bad", 0)),
             "skipped": int(status_counts.get("skipped", 0)),
             "classes": len(labels.index),
+            "not_classes": int((frame["class_folder"] == "").sum()),
             "label_scheme": labels.scheme,
             "label_note": labels.note,
             "per_class": MetadataValue.md(markdown_table(per_class.to_dict("records"))),

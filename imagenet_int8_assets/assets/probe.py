@@ -40,7 +40,7 @@ def build_probe_assets(partitions_def: PartitionsDefinition):
         from imagenet_int8_assets.core.probe import build_feature_sets
 
         all_keys = partitions_def.get_partition_keys()
-        labels = class_labels(all_keys)
+        labels = class_labels(all_keys, settings.source_path())
         keys = all_keys
         if len(all_keys) > settings.probe_max_classes:  # SVC and boosting scale with the class count
             chosen = choose_samples(len(all_keys), settings.probe_max_classes, settings.seed, "probe:classes")

@@ -17,12 +17,15 @@ Labels: CIFAR-10's label order (airplane=0, automobile=1, bird=2, cat=3, deer=4,
 horse=7, ship=8, truck=9) is alphabetical, so the project's folder-order label rule (sorted class
 folder names, see ``sources.class_labels``) applied to the exported class folders gives exactly
 CIFAR's label indices and names. The export asserts this (``label_names == sorted(label_names)``).
+Label names that are not plain folder names (``../x``, absolute paths) get safe folder names and a
+label record that keeps their index and text (``class_folder_names``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imagenet_int8_assets.core.sources import SourceError
+from imagenet_int8_assets.core.sources import SourceError, class_name_problem, write_labels_record
 
 SUBFOLDER = "cifar-10-batches-py"
 META_FILE = "batches.meta"
@@ -86,7 +89,44 @@ def _load_pickle(path: Path) -> dict:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    """Text of a name from a pickle; bytes that are not UTF-8 are kept as ``\\xNN``."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def _is_plain_folder_name(name: str) -> bool:
+    """True when a label name can be a class folder name as it is: one path component that is
+    not hidden, not "." or "..", short, and a valid class name (``class_name_problem``)."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and len(name.encode("utf-8", "surrogateescape")) <= 128
+        and class_name_problem(name) is None
+    )
+
+
+def class_folder_names(label_names: list[str]) -> list[str]:
+    """A safe, distinct class folder name for each label name, in label order.
+
+    Label names come from a data file, so they never become paths unchecked. A plain name
+    ("airplane") is its own folder name; any other (``../../x``, an absolute path, ".", a name
+    with control characters) becomes ``label_<index>_<letters and digits of the name>``, with
+    ``_`` appended until it differs from every other folder name. Deterministic: the same label
+    names always give the same folders.
+    """
+    plain = [name if _is_plain_folder_name(name) else None for name in label_names]
+    taken = {name for name in plain if name is not None}
+    folders = []
+    for index, (name, kept) in enumerate(zip(label_names, plain)):
+        if kept is None:
+            letters = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:40]
+            kept = f"label_{index}_{letters}" if letters else f"label_{index}"
+            while kept in taken:
+                kept += "_"
+            taken.add(kept)
+        folders.append(kept)
+    return folders
 
 
 def _read_label_names(root: Path) -> list[str]:
@@ -189,7 +229,11 @@ def export_cifar10_as_folders(
     ``dest`` without the marker is refused rather than deleted (it may be the user's data).
 
     Labels: CIFAR's label names are alphabetical (checked here), so sorted class folders give
-    exactly CIFAR's label indices through the folder-order label rule.
+    exactly CIFAR's label indices through the folder-order label rule. Label names come from a
+    data file: a name that is not a plain folder name gets a safe folder name
+    (``class_folder_names``), and the export then records every folder's label index and
+    original name in ``sources.LABELS_RECORD``, which ``sources.class_labels`` reads, so the
+    label text stays the original name. Nothing is ever written outside ``dest``.
     """
     _split_files(split)  # validates the split name
     dest = Path(dest).expanduser()
@@ -215,16 +259,20 @@ def export_cifar10_as_folders(
         groups.append(("test", TEST_FILES))
     loaded = [(origin, _read_files(base, names, len(label_names))) for origin, names in groups]
 
+    folders = class_folder_names(label_names)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
     old = None
     try:
-        for name in label_names:
-            (tmp / name).mkdir(parents=True)
+        tmp.mkdir()
+        for folder in folders:
+            (tmp / folder).mkdir()
         for origin, (images, labels, _) in loaded:
             for index, (image, label) in enumerate(zip(images, labels)):
-                path = tmp / label_names[label] / f"{origin}_{index:05d}.png"
+                path = tmp / folders[label] / f"{origin}_{index:05d}.png"
                 Image.fromarray(image, "RGB").save(path, format="PNG")
+        if folders != label_names:
+            write_labels_record(tmp, [(f, i, name) for i, (f, name) in enumerate(zip(folders, label_names))])
         (tmp / MARKER).write_text(f"{split}\n", encoding="utf-8")
         if dest.exists():
             old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"

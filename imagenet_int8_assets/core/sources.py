@@ -5,13 +5,25 @@ Every file under a class folder becomes one manifest row with a status:
 
 - ``ok``: a decodable image that the crop step will process;
 - ``bad``: meant to be an image (or claims to be one) but cannot be used, with the reason;
-- ``skipped``: not an image at all (hidden/system files, non-image files), with the reason.
+- ``skipped``: not an image at all (hidden/system files, non-image files), or not read because
+  reading it would read files twice (a directory link loop, a link to another class's folder, a
+  second path to a file already read), with the reason.
+
+Every file is read at most once per source, whatever links it holds (``walk_source``), and names
+that are not valid UTF-8 or cannot be partition keys are recorded, never fatal
+(``find_class_folders``, ``class_name_problem``).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
+import unicodedata
+from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -74,42 +86,244 @@ def resolve_source_root(source: str | os.PathLike) -> Path:
     return train if train.is_dir() else root
 
 
-def list_class_folders(source: str | os.PathLike) -> list[str]:
-    """Class folder names under the source, sorted; hidden folders are ignored."""
-    root = resolve_source_root(source)
-    folders = sorted(
-        entry.name
-        for entry in os.scandir(root)
-        if entry.is_dir(follow_symlinks=True) and not entry.name.startswith(".")
-    )
-    if not folders:
-        raise SourceError(
-            f"No class folders found in {str(root)!r}. The source must contain one subfolder per "
-            "class (for ImageNet: train/n01440764/..., or n01440764/... directly)."
+def display_name(name: str) -> str:
+    """A file name as text that can always be stored and printed: bytes that are not valid UTF-8
+    (which Python hands over as surrogate escapes) are shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_undecodable(name: str) -> bool:
+    """True when a name from the file system is not valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# Dagster 1.13.27 refuses these substrings in partition keys (INVALID_PARTITION_SUBSTRINGS:
+# "..." and the control characters \a \b \f \n \r \t \v \0); we refuse every control character.
+PARTITION_KEY_RESERVED = ("...",)
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a folder name cannot be a class (a Dagster partition key), or None if it can."""
+    if is_undecodable(name):
+        return (
+            f"class folder name '{display_name(name)}' is not valid UTF-8 (bytes shown escaped); "
+            "rename the folder to include its images"
         )
-    return folders
+    controls = sorted({f"U+{ord(ch):04X}" for ch in name if unicodedata.category(ch) == "Cc"})
+    if controls:
+        return (
+            f"class folder name {name!r} contains control character(s) {', '.join(controls)}, which "
+            "cannot be a Dagster partition key; rename the folder to include its images"
+        )
+    for reserved in PARTITION_KEY_RESERVED:
+        if reserved in name:
+            return (
+                f"class folder name {name!r} contains {reserved!r}, which Dagster reserves for "
+                "partition ranges; rename the folder to include its images"
+            )
+    return None
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _link_text(path: str | os.PathLike) -> str:
+    try:
+        return display_name(os.readlink(path))
+    except OSError:
+        return "?"
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _not_a_class(entry_id: str, status: str, reason: str) -> dict:
+    """The manifest row of a top-level entry that is not a class: class_folder "" (label -1)."""
+    return {"id": entry_id, "class_folder": "", "status": status, "reason": reason}
+
+
+@dataclass(frozen=True)
+class ClassFolders:
+    """The class folders of a source: ``names`` (sorted; the partition keys) and ``rejected``
+    (manifest rows, class_folder "", for top-level folders and links that are not classes)."""
+
+    root: Path
+    names: list[str]
+    rejected: list[dict]
+
+
+def find_class_folders(source: str | os.PathLike) -> ClassFolders:
+    """The usable class folders under the source and a row for each folder that is not one.
+
+    Cheap (one directory listing and one stat per entry), so it runs whenever the definitions
+    load. Hidden folders and plain files at the top level are ignored. A folder is not a class
+    when its name is not valid UTF-8 or cannot be a partition key (``bad``), or when it is a link
+    that is broken, loops, leads to the source folder or above, to the same folder as another
+    class, or into another class's folder (``skipped``: reading it would read images twice).
+    Real folders win over links to them; among links, the one to the shortest path, then the
+    first name in sorted order.
+    """
+    root = resolve_source_root(source)
+    above = set()  # identities of the source folder and every folder above it
+    for folder in (root.resolve(), *root.resolve().parents):
+        with suppress(OSError):
+            above.add(_identity(os.stat(folder)))
+    rejected: list[dict] = []
+    real: list[tuple[str, tuple[int, int], str]] = []
+    links: list[tuple[str, tuple[int, int], str]] = []
+    with os.scandir(root) as entries:
+        listing = sorted(entries, key=lambda e: e.name)
+    for entry in listing:
+        name = entry.name
+        if name.startswith("."):
+            continue
+        shown = display_name(name)
+        is_link = entry.is_symlink()
+        try:
+            st = os.stat(entry.path)
+        except OSError as exc:
+            if is_link:
+                kind = "loops" if exc.errno == errno.ELOOP else "is broken"
+                rejected.append(
+                    _not_a_class(
+                        shown,
+                        "skipped",
+                        f"class folder link {shown} -> {_link_text(entry.path)} {kind} "
+                        f"({exc.strerror}): not a class; fix or remove the link",
+                    )
+                )
+            else:
+                rejected.append(
+                    _not_a_class(shown, "bad", f"cannot read class folder {shown}: {exc.strerror or exc}")
+                )
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        problem = class_name_problem(name)
+        if problem:
+            rejected.append(_not_a_class(shown, "bad", problem))
+            continue
+        target = os.path.realpath(entry.path)
+        if is_link and _identity(st) in above:
+            rejected.append(
+                _not_a_class(
+                    name,
+                    "skipped",
+                    f"class folder link {name} -> {_link_text(entry.path)} leads to the source folder "
+                    "or a folder above it: not a class (it would read every class again)",
+                )
+            )
+            continue
+        (links if is_link else real).append((name, _identity(st), target))
+    accepted: dict[tuple[int, int], str] = {}
+    targets: dict[str, str] = {}
+    links.sort(key=lambda item: (len(Path(item[2]).parts), item[0]))
+    for name, ident, target in real + links:
+        owner = accepted.get(ident)
+        if owner is None:
+            owner = next((c for c, t in targets.items() if _is_inside(target, t)), None)
+            where = f"points inside class {owner}'s folder"
+        else:
+            where = f"is the same folder as class {owner}"
+        if owner is not None:
+            rejected.append(
+                _not_a_class(
+                    name,
+                    "skipped",
+                    f"class folder link {name} -> {_link_text(root / name)} {where}: not a class "
+                    f"(its images are read once, as class {owner}); remove the link",
+                )
+            )
+            continue
+        accepted[ident] = name
+        targets[name] = target
+    rejected.sort(key=lambda row: row["id"])
+    return ClassFolders(root=root, names=sorted(targets), rejected=rejected)
+
+
+def list_class_folders(source: str | os.PathLike) -> list[str]:
+    """Class folder names under the source, sorted (see ``find_class_folders``)."""
+    return _require_classes(find_class_folders(source))
+
+
+def _require_classes(found: ClassFolders) -> list[str]:
+    if not found.names:
+        why = "".join(f" {row['id']}: {row['reason']}." for row in found.rejected[:5])
+        raise SourceError(
+            f"No class folders found in {str(found.root)!r}. The source must contain one subfolder per "
+            "class (for ImageNet: train/n01440764/..., or n01440764/... directly)." + why
+        )
+    return found.names
 
 
 @dataclass(frozen=True)
 class ClassLabels:
     """Label index and text for every class folder, and which rule produced them."""
 
-    scheme: str  # "imagenet" or "folder-order"
+    scheme: str  # "imagenet", "folder-order" or "recorded" (a label record, see LABELS_RECORD)
     index: dict[str, int]
     text: dict[str, str]
     note: str
 
 
-def class_labels(class_folders: list[str]) -> ClassLabels:
+# A label record written by a source export (the CIFAR-10 export): the label index and text of
+# each class folder, for sources whose label names cannot be folder names as they are.
+LABELS_RECORD = ".class-labels.json"
+
+
+def write_labels_record(folder: str | os.PathLike, labels: list[tuple[str, int, str]]) -> Path:
+    """Write ``folder/.class-labels.json`` for (class folder, label index, label text) triples."""
+    path = Path(folder) / LABELS_RECORD
+    rows = [{"folder": f, "label": int(i), "text": t} for f, i, t in labels]
+    path.write_text(json.dumps({"classes": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _recorded_labels(source: str | os.PathLike, folders: list[str]) -> ClassLabels | str | None:
+    """The labels in the source's label record; a note when the record cannot be used; None
+    when there is none."""
+    path = resolve_source_root(source) / LABELS_RECORD
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["classes"]
+        index = {str(r["folder"]): int(r["label"]) for r in rows}
+        text = {str(r["folder"]): str(r["text"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"label record {str(path)!r} is unreadable ({exc}) and was ignored"
+    if sorted(index) != folders or len(set(index.values())) != len(index):
+        return (
+            f"label record {str(path)!r} does not list exactly the class folders with distinct "
+            "labels and was ignored"
+        )
+    return ClassLabels(
+        scheme="recorded",
+        index=index,
+        text=text,
+        note=f"labels and label texts from {str(path)!r} (written by the source export)",
+    )
+
+
+def class_labels(class_folders: list[str], source: str | os.PathLike | None = None) -> ClassLabels:
     """Labels for the class folders.
 
-    If every folder is an ImageNet wnid, each gets its ILSVRC-2012 index and class name, so a
-    subset build is label-compatible with the full dataset. Otherwise every folder gets its
-    index in sorted order and its own name as text (mixing the two rules would make two classes
-    share an index).
+    When ``source`` is given and holds a label record (``LABELS_RECORD``, written by the CIFAR-10
+    export), its labels and texts are used. Otherwise, if every folder is an ImageNet wnid, each
+    gets its ILSVRC-2012 index and class name, so a subset build is label-compatible with the full
+    dataset; else every folder gets its index in sorted order and its own name as text (mixing the
+    two rules would make two classes share an index).
     """
     table = {row[0]: (i, row[-1]) for i, row in enumerate(imagenet_classes())}
     folders = sorted(class_folders)
+    recorded = _recorded_labels(source, folders) if source is not None else None
+    if isinstance(recorded, ClassLabels):
+        return recorded
     if folders and all(f in table for f in folders):
         return ClassLabels(
             scheme="imagenet",
@@ -124,6 +338,8 @@ def class_labels(class_folders: list[str]) -> ClassLabels:
             f" ({len(wnid_like)} of {len(folders)} folders are wnids; a mixed source cannot keep "
             "ImageNet indices without collisions)"
         )
+    if recorded:
+        note += f"; {recorded}"
     return ClassLabels(
         scheme="folder-order",
         index={f: i for i, f in enumerate(folders)},
@@ -174,18 +390,145 @@ def _probe_task(task: tuple[str, int]) -> dict:
     return probe_image(path, max_pixels)
 
 
-def list_files(source: str | os.PathLike) -> list[tuple[str, str]]:
-    """(class folder, path relative to the class root) for every file, in sorted order."""
-    root = resolve_source_root(source)
-    out = []
-    for folder in list_class_folders(source):
-        base = root / folder
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                rel = (Path(dirpath) / filename).relative_to(root).as_posix()
-                out.append((folder, rel))
-    return out
+@dataclass
+class _Found:
+    """One entry met while walking a class: a file to probe (status "") or a row decided here."""
+
+    folder: str
+    rel: str
+    seq: int
+    status: str = ""
+    reason: str = ""
+    identity: tuple[int, int] | None = None
+    rank: tuple[int, int] = (0, 0)  # (reached through a directory link, is a file link)
+
+
+def walk_source(source: str | os.PathLike, classes: ClassFolders | None = None) -> list[dict]:
+    """Every entry under the class folders, each file at most once: rows with ``class_folder``,
+    ``id`` and, for entries that are not to be probed, ``status`` and ``reason`` (else "").
+
+    Files are deduplicated by their real identity (device, inode) across the whole source. The
+    real folders are walked first without following directory links; links are followed
+    afterwards, breadth first, and only to folders not scanned yet, so a file reached without a
+    directory link (and a plain file before a link to a file) keeps its own path, and link loops,
+    links to a class's folder or to the source (or above) are recorded as ``skipped`` instead of
+    multiplying samples. Names that are not valid UTF-8 are recorded as ``bad`` with their bytes
+    escaped. Rows come class by class, each class in walk order (files, then sub-folders, sorted);
+    rows of top-level entries that are not classes come last.
+    """
+    classes = classes if classes is not None else find_class_folders(source)
+    root = classes.root
+    visited: dict[tuple[int, int], str] = {}
+    for folder in root.resolve().parents:
+        with suppress(OSError):
+            visited[_identity(os.stat(folder))] = "a folder above the source"
+    visited[_identity(os.stat(root))] = "the source folder"
+    for name in classes.names:
+        visited[_identity(os.stat(root / name))] = f"class {name}'s folder"
+    found: list[_Found] = []
+    pending_links: deque[tuple[str, str, Path]] = deque()
+
+    def add(folder: str, rel: str, **fields) -> None:
+        found.append(_Found(folder, rel, len(found), **fields))
+
+    def walk(folder: str, start: Path, start_rel: str, via_link: bool) -> None:
+        stack = [(start, start_rel)]
+        while stack:
+            path, rel = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                add(folder, rel, status="bad", reason=f"cannot list folder {rel}: {exc.strerror or exc}")
+                continue
+            subfolders = []
+            for entry in entries:
+                entry_rel = f"{rel}/{entry.name}"
+                shown = display_name(entry_rel)
+                try:
+                    is_dir = entry.is_dir()  # follows links; False for broken ones
+                    is_link = entry.is_symlink()
+                except OSError:
+                    is_dir, is_link = False, True
+                if is_undecodable(entry.name):
+                    what = "folder" if is_dir else "file"
+                    add(
+                        folder,
+                        shown,
+                        status="bad",
+                        reason=f"{what} name is not valid UTF-8 (bytes shown escaped)"
+                        + ("; its files were not read" if is_dir else "")
+                        + f": rename the {what} to include it",
+                    )
+                elif is_dir:
+                    if entry.name.startswith("."):
+                        continue  # hidden folders are not part of the dataset
+                    if is_link:
+                        pending_links.append((folder, entry_rel, Path(entry.path)))
+                    else:
+                        subfolders.append((entry, entry_rel))
+                elif is_link:
+                    try:
+                        st = os.stat(entry.path)
+                    except OSError as exc:
+                        kind = "link loop" if exc.errno == errno.ELOOP else "broken link"
+                        add(
+                            folder,
+                            entry_rel,
+                            status="skipped" if exc.errno == errno.ELOOP else "bad",
+                            reason=f"{kind}: {entry_rel} -> {_link_text(entry.path)} ({exc.strerror}); "
+                            "fix or remove the link",
+                        )
+                        continue
+                    add(folder, entry_rel, identity=_identity(st), rank=(int(via_link), 1))
+                else:
+                    try:
+                        ident = _identity(entry.stat(follow_symlinks=False))
+                    except OSError:
+                        ident = None  # the probe reports why it cannot be read
+                    add(folder, entry_rel, identity=ident, rank=(int(via_link), 0))
+            for entry, entry_rel in reversed(subfolders):
+                try:
+                    ident = _identity(entry.stat(follow_symlinks=False))
+                except OSError:
+                    ident = None  # listing it reports why it cannot be read
+                if ident in visited:  # a bind mount or the like: the same folder twice
+                    add(folder, entry_rel, status="skipped", reason=f"folder {entry_rel} is {visited[ident]}, already scanned")
+                    continue
+                if ident is not None:
+                    visited[ident] = f"the folder {entry_rel}"
+                stack.append((Path(entry.path), entry_rel))
+
+    for name in classes.names:
+        walk(name, root / name, name, via_link=False)
+    while pending_links:
+        folder, rel, path = pending_links.popleft()
+        target = _link_text(path)
+        try:
+            ident = _identity(os.stat(path))
+        except OSError as exc:
+            add(folder, rel, status="skipped", reason=f"directory link {rel} -> {target} cannot be followed ({exc.strerror})")
+            continue
+        if ident in visited:
+            here, there = os.path.realpath(path.parent), os.path.realpath(path)
+            if here == there or _is_inside(here, there):
+                why = f"directory link loop: {rel} -> {target} leads back to {visited[ident]}, which contains it"
+            else:
+                why = f"directory link {rel} -> {target} leads to {visited[ident]}, which is read there"
+            add(folder, rel, status="skipped", reason=f"{why}; not followed")
+            continue
+        visited[ident] = f"the folder {rel}"
+        walk(folder, path, rel, via_link=True)
+
+    owners: dict[tuple[int, int], str] = {}
+    for item in sorted((f for f in found if f.identity is not None), key=lambda f: (f.rank, f.seq)):
+        first = owners.setdefault(item.identity, item.rel)
+        if first != item.rel:
+            item.status, item.reason = "skipped", f"same file as {first} (read once, under that id)"
+    order = {name: i for i, name in enumerate(classes.names)}
+    found.sort(key=lambda f: (order[f.folder], f.seq))
+    rows = [{"class_folder": f.folder, "id": f.rel, "status": f.status, "reason": f.reason} for f in found]
+    return rows + classes.rejected
 
 
 def scan_source(
@@ -197,27 +540,31 @@ def scan_source(
     """The raw manifest: one row per file under the source (columns ``MANIFEST_COLUMNS``).
 
     ``id`` is the path relative to the class root (``n01440764/n01440764_10026.JPEG``): unique,
-    stable across machines, and the key that seeds per-image sampling.
+    stable across machines, and the key that seeds per-image sampling. Each file is probed once
+    (see ``walk_source``); rows of top-level entries that are not classes (``find_class_folders``)
+    have ``class_folder`` "" and ``label`` -1, so they belong to no partition.
     """
-    root = resolve_source_root(source)
-    folders = list_class_folders(source)
-    labels = class_labels(folders)
-    files = list_files(source)
-    tasks = [(str(root / rel), max_pixels) for _, rel in files]
-    probes = []
-    for probe in map_ordered(_probe_task, tasks, workers, chunksize=64):
-        probes.append(probe)
+    classes = find_class_folders(source)
+    _require_classes(classes)
+    labels = class_labels(classes.names, classes.root)
+    entries = walk_source(source, classes)
+    todo = [i for i, entry in enumerate(entries) if not entry["status"]]
+    tasks = [(str(classes.root / entries[i]["id"]), max_pixels) for i in todo]
+    probes = {}
+    for i, probe in zip(todo, map_ordered(_probe_task, tasks, workers, chunksize=64)):
+        probes[i] = probe
         if progress is not None:
             progress(len(probes), len(tasks))
+    empty = {"width": 0, "height": 0, "mode": "", "format": "", "bytes": 0}
     rows = [
         {
-            "id": rel,
-            "class_folder": folder,
-            "label": labels.index[folder],
-            "label_text": labels.text[folder],
-            **probe,
+            "id": entry["id"],
+            "class_folder": entry["class_folder"],
+            "label": labels.index.get(entry["class_folder"], -1),
+            "label_text": labels.text.get(entry["class_folder"], ""),
+            **(probes[i] if i in probes else {**empty, "status": entry["status"], "reason": entry["reason"]}),
         }
-        for (folder, rel), probe in zip(files, probes)
+        for i, entry in enumerate(entries)
     ]
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = frame.astype(
