@@ -390,7 +390,7 @@ def _probe_task(task: tuple[str, int]) -> dict:
     return probe_image(path, max_pixels)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Found:
     """One entry met while walking a class: a file to probe (status "") or a row decided here."""
 
@@ -546,7 +546,7 @@ def scan_source(
     """
     classes = find_class_folders(source)
     _require_classes(classes)
-    labels = class_labels(classes.names, classes.root)
+    labels = class_labels(classes.names, source)
     entries = walk_source(source, classes)
     todo = [i for i, entry in enumerate(entries) if not entry["status"]]
     tasks = [(str(classes.root / entries[i]["id"]), max_pixels) for i in todo]
