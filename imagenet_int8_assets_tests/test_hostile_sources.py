@@ -189,6 +189,7 @@ def test_names_dagster_cannot_use_as_partition_keys_are_bad_and_load_fine(tmp_pa
     src = make_image_folder(tmp_path / "src", {"good": 1, "a, b [1]": 1}, size=SMALL)
     for name in ("dots...", "tab\there", "new\nline", "bell\a", "esc\x1b"):
         make_image_folder(src, {name: 1}, size=SMALL)
+    os.symlink("loop", src / "loop")  # a class folder linking to itself used to crash loading
     settings = ImagenetInt8Settings(source=str(src), output=str(tmp_path / "out"), vae="tiny-random", device="cpu", workers=1)
     defs = build_definitions(settings)
     keys = defs.resolve_assets_def("preprocessed_crops").partitions_def.get_partition_keys()
@@ -201,6 +202,7 @@ def test_names_dagster_cannot_use_as_partition_keys_are_bad_and_load_fine(tmp_pa
     bad = frame[frame["status"] == "bad"]
     assert set(bad["id"]) == {"dots...", "tab\there", "new\nline", "bell\a", "esc\x1b"}
     assert set(frame[frame["status"] == "ok"]["class_folder"]) == set(keys)
+    assert by_id["loop"][0] == "skipped" and "loops (Too many levels of symbolic links)" in by_id["loop"][1]
 
 
 def test_cifar_label_names_never_become_paths(tmp_path):
@@ -264,8 +266,13 @@ def test_hostile_source_builds_every_good_image_exactly_once(tmp_path):
         source=str(src), output=str(tmp_path / "out"), vae="tiny-random", device="cpu", workers=1
     )
     defs = build_definitions(settings)
-    results = materialize_all(defs, dg.DagsterInstance.ephemeral())
+    instance = dg.DagsterInstance.ephemeral()
+    results = materialize_all(defs, instance)
     assert all(r.success for r in results)
+    metadata = instance.get_latest_materialization_event(dg.AssetKey("raw_manifest")).asset_materialization.metadata
+    assert metadata["not_classes"].value == 1 and metadata["classes"].value == 2
+    per_class = metadata["per_class"].value.splitlines()[2:]  # below the header: one line per class
+    assert [line.split(" | ")[0] for line in per_class] == ["| apple", "| pear"]
 
     manifest = pd.read_parquet(manifest_path(settings.output_path))
     by_id = rows(manifest)
