@@ -68,7 +68,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
     def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
         from imagenet_int8_assets.core import mds
 
-        labels = class_labels(partitions_def.get_partition_keys())
+        labels = class_labels(partitions_def.get_partition_keys(), settings.source_path())
         root = mds_root(settings.output_path)
         for key in context.partition_keys:
             ids, arrays, meta = read_latents(settings.output_path, key)
