@@ -68,3 +68,27 @@ def test_cifar10_python_folder_is_a_source_with_classes_as_partitions(tmp_path):
     ids, crops = read_crops(settings.output_path, keys[0])
     assert crops.shape[1:] == (256, 256, 3) and all(i.startswith(f"{keys[0]}/train_") for i in ids)
     assert np.ptp(crops[0]) > 0
+
+
+def test_cifar10_hostile_label_names_stay_labels_and_never_become_paths(tmp_path):
+    """batches.meta naming classes '../../a' and '/b': the dataset keeps those texts as labels and
+    every exported file stays inside the output."""
+    import pickle
+
+    folder = tmp_path / "downloads" / "cifar-10-batches-py"
+    written = make_cifar(folder, {**{f"data_batch_{i}": 3 for i in range(1, 6)}, "test_batch": 2})
+    names = ["../../a", "/b", *LABEL_NAMES[2:]]
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [n.encode() for n in names], b"num_cases_per_batch": 10000}, fh)
+    before = {p for p in tmp_path.rglob("*")}
+    settings = _settings(tmp_path / "downloads", tmp_path / "out")
+    results = materialize_all(build_definitions(settings, partitions_per_run=10), dg.DagsterInstance.ephemeral())
+    assert all(r.success for r in results)
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p.is_relative_to(tmp_path / "out") for p in created)
+    train_labels = [label for name, (_, labels) in written.items() if name != "test_batch" for label in labels]
+    ds = open_dataset(settings.output_path / "mds")
+    samples = [ds[i] for i in range(len(ds))]
+    assert sorted(s["label"] for s in samples) == sorted(train_labels)
+    assert all(s["label_as_text"] == names[s["label"]] for s in samples)
+    assert {s["label_as_text"] for s in samples} & {"../../a", "/b"}
