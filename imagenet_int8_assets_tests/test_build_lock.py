@@ -28,6 +28,7 @@ from imagenet_int8_assets.core.build_lock import (
 from imagenet_int8_assets.dead_runs import HOST_TAG, PID_TAG, START_TAG, fail_dead_build_runs, process_run_tags
 from imagenet_int8_assets.instance import GPU_POOL, prepare_dagster_home
 from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
+from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
 
 BIN = Path(sys.executable).parent
 HOLDER = """
@@ -188,3 +189,93 @@ def test_demo_on_an_output_being_built_is_refused_before_touching_anything(tmp_p
     assert lines[0].startswith("imagenet-int8: another build is already running on the output"), lines[0]
     assert f"pid {holder.pid}" in lines[0] and str(build_lock_path(out)) in lines[0]
     assert sorted(p.name for p in out.iterdir()) == [build_lock_path(out).name], "the refused demo wrote something"
+
+
+def _alembic_heads(home: Path) -> dict[str, int]:
+    """Rows of ``alembic_version`` in every SQLite database of a DAGSTER_HOME (1 each when healthy)."""
+    import sqlite3
+
+    heads = {}
+    for db in sorted(home.rglob("*.db")):
+        with sqlite3.connect(db) as conn:
+            if conn.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchone():
+                heads[str(db.relative_to(home))] = conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+    return heads
+
+
+PREPARE = """
+import sys
+from imagenet_int8_assets.instance import prepare_dagster_home
+prepare_dagster_home(sys.argv[1])
+"""
+
+
+def test_processes_sharing_a_new_dagster_home_initialize_it_one_at_a_time(tmp_path):
+    # Builds of different outputs may share a DAGSTER_HOME set by the user. Without the init lock,
+    # three processes creating one new SQLite instance together left two alembic heads in
+    # schedules.db in two trials out of three.
+    home = tmp_path / "shared_home"
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PREPARE, str(home)], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], "\n-----\n".join(e[-3000:] for e in errors)
+    heads = _alembic_heads(home)
+    assert len(heads) >= 3 and set(heads.values()) == {1}, heads
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs() == []
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 1
+
+
+@pytest.mark.timeout(600)
+def test_two_builds_at_once_then_a_killed_build_that_blocks_nothing(tmp_path):
+    source = make_image_folder(tmp_path / "src", {"n01440764": 3, "n02102040": 2})
+    out, home = tmp_path / "out", tmp_path / "out" / "dagster_home"
+    env = _cli_env(tmp_path)
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--output", str(out)]
+
+    # ---- two builds started together on a new output: one builds, the other is refused at once
+    logs = [tmp_path / f"build-{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "wb") as fh:
+            procs.append(subprocess.Popen(command, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT))
+    ended: dict[int, float] = {}
+    while len(ended) < 2:
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.1)
+    codes = [proc.returncode for proc in procs]
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert sorted(codes) == [0, 2], f"exit codes {codes}:\n" + "\n-----\n".join(t[-3000:] for t in texts)
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert ended[loser] < ended[winner], "the refused build was not refused before the other one finished"
+    refusal = texts[loser].strip().splitlines()
+    assert len(refusal) == 1, texts[loser]
+    assert f"pid {procs[winner].pid} on {current_host()}, started 20" in refusal[0], refusal[0]
+    assert f"command: imagenet-int8 build --source {source} --output {out}" in refusal[0], refusal[0]
+    assert f"(lock file {build_lock_path(out)})" in refusal[0], refusal[0]
+    assert "Dataset:" in texts[winner]
+    assert _alembic_heads(home) and set(_alembic_heads(home).values()) == {1}, _alembic_heads(home)
+
+    # ---- a build killed with SIGKILL mid-run leaves a stale lock file and a STARTED run holding the gpu pool
+    killed = kill_build_during_gpu_run(command, env, tmp_path, home, tmp_path / "killed.log")
+    assert build_lock_path(out).is_file()
+
+    # ---- the next build is not blocked, fails the dead run, and leaves a healthy instance
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"Marked 1 run(s) left unfinished by imagenet-int8 builds whose process died as failed: {killed.run_id}" in proc.stdout
+    assert _alembic_heads(home) and set(_alembic_heads(home).values()) == {1}, _alembic_heads(home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+        failure = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert "died without finishing it" in failure[0].message, failure[0].message
+        runs = instance.get_runs()
+        unfinished = [r.run_id for r in runs if r.status not in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)]
+        assert not unfinished, f"runs left unfinished: {unfinished}"
+        # manifest, one batch, final: for the first build and the last; the killed one got its manifest done
+        assert sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs) == 3 + 1 + 3, [(r.run_id, r.status) for r in runs]

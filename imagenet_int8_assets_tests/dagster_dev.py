@@ -1,0 +1,316 @@
+"""Test support: a real `dagster dev` (webserver + daemon) in a subprocess, driven through GraphQL
+with the same operations the UI sends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCATION = "imagenet_int8_assets"
+STARTUP_TIMEOUT_S = 180
+
+# ------------------------------------------------------------------------------------------
+# GraphQL documents (the same operations the UI sends)
+
+WORKSPACE_QUERY = """
+query Workspace {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { name repositories { name } }
+          ... on PythonError { message stack }
+        }
+      }
+    }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+ASSET_NODES_QUERY = """
+query AssetNodes {
+  assetNodes {
+    assetKey { path }
+    isPartitioned
+    partitionKeys
+    repository { name location { name } }
+    backfillPolicy { maxPartitionsPerRun }
+  }
+}
+"""
+
+LAUNCH_BACKFILL_MUTATION = """
+mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId launchedRunIds }
+    ... on PartitionSetNotFoundError { message }
+    ... on PartitionKeysNotFoundError { message }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+BACKFILL_QUERY = """
+query Backfill($backfillId: String!) {
+  partitionBackfillOrError(backfillId: $backfillId) {
+    __typename
+    ... on PartitionBackfill {
+      id
+      status
+      isAssetBackfill
+      numPartitions
+      error { message stack }
+      runs { runId status }
+    }
+    ... on BackfillNotFoundError { message }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+RUNS_QUERY = """
+query BackfillRuns($filter: RunsFilter!) {
+  runsOrError(filter: $filter) {
+    __typename
+    ... on Runs {
+      results {
+        runId
+        status
+        startTime
+        endTime
+        assetSelection { path }
+        tags { key value }
+      }
+    }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+RUN_FAILURES_QUERY = """
+query RunLogs($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on MessageEvent { message }
+        ... on ExecutionStepFailureEvent { stepKey error { message stack } }
+        ... on RunFailureEvent { error { message stack } }
+      }
+    }
+  }
+}
+"""
+
+ASSET_STATUS_QUERY = """
+query AssetStatus {
+  assetNodes {
+    assetKey { path }
+    partitionStats { numMaterialized numPartitions numFailed numMaterializing }
+    assetMaterializations(limit: 1) { runId }
+  }
+}
+"""
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail_of(path: Path, chars: int = 15000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "<no dagster dev log>"
+    return text[-chars:]
+
+
+class DagsterDev:
+    """A running `dagster dev`, its GraphQL endpoint and its log."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, out: Path, home: Path):
+        self.proc, self.port, self.log, self.out, self.home = proc, port, log, out, home
+        self.base = f"http://127.0.0.1:{port}"
+
+    def log_tail(self) -> str:
+        return log_tail_of(self.log)
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            f"{self.base}/graphql", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+        assert not payload.get("errors"), f"GraphQL errors: {json.dumps(payload['errors'], indent=2)}"
+        return payload["data"]
+
+    def stop(self) -> None:
+        """Stop the whole process group (webserver, daemon, code servers, run workers)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children may outlive the leader; anything left in the group is killed.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def wait_until_served(dev: DagsterDev) -> dict:
+    """Poll /server_info, then the workspace, until the code location has loaded."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if dev.proc.poll() is not None:
+            pytest.fail(f"dagster dev exited with code {dev.proc.returncode}:\n{dev.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{dev.base}/server_info", timeout=5) as response:
+                info = json.loads(response.read())
+            workspace = dev.graphql(WORKSPACE_QUERY, timeout=30)["workspaceOrError"]
+            entries = workspace.get("locationEntries") or []
+            entry = next((e for e in entries if e["name"] == LOCATION), None)
+            if entry is not None and entry["loadStatus"] == "LOADED":
+                return {"server_info": info, "workspace": workspace}
+            last = json.dumps(workspace)[:2000]
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            last = repr(exc)
+        time.sleep(1.0)
+    pytest.fail(
+        f"dagster dev did not serve the {LOCATION!r} location within {STARTUP_TIMEOUT_S}s "
+        f"(last: {last}):\n{dev.log_tail()}"
+    )
+
+
+def run_failures(dev: DagsterDev, run_ids: list[str]) -> str:
+    lines = []
+    for run_id in run_ids:
+        try:
+            logs = dev.graphql(RUN_FAILURES_QUERY, {"runId": run_id})["logsForRun"]
+        except Exception as exc:  # diagnostics only
+            lines.append(f"run {run_id}: could not read logs: {exc!r}")
+            continue
+        for event in logs.get("events", []):
+            if event["__typename"] == "ExecutionStepFailureEvent":
+                err = event.get("error") or {}
+                lines.append(f"run {run_id} step {event['stepKey']}: {err.get('message')}\n{err.get('stack')}")
+            elif event["__typename"] == "RunFailureEvent":
+                err = event.get("error") or {}
+                lines.append(f"run {run_id} failed: {event.get('message')} {err.get('message') or ''}")
+    return "\n".join(lines)
+
+
+def dagster_dev_env(out: Path, home: Path, tmp: Path, **settings: str) -> dict:
+    """The environment of `dagster dev`: this test's output, DAGSTER_HOME and temp dir, tiny VAE on CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGENET_INT8_")}
+    env.update(
+        IMAGENET_INT8_OUTPUT=str(out),
+        IMAGENET_INT8_VAE="tiny-random",
+        IMAGENET_INT8_DEVICE="cpu",
+        IMAGENET_INT8_WORKERS="1",
+        DAGSTER_HOME=str(home),
+        TMPDIR=str(tmp),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(settings)
+    return env
+
+
+def start_dagster_dev(env: dict, log: Path, out: Path, home: Path) -> DagsterDev:
+    """Start `dagster dev` on a free port in its own process group (stop it with ``DagsterDev.stop``)."""
+    port = free_port()
+    dagster = Path(sys.executable).parent / "dagster"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-p", str(port), "-h", "127.0.0.1"],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return DagsterDev(proc, port, log, out, home)
+
+
+def launch_backfill(dev: DagsterDev, partitions: list[str], assets: list[str]) -> str:
+    """Launch a backfill of ``assets`` over ``partitions`` as the UI does; returns its id."""
+    params = {
+        "partitionNames": partitions,
+        "assetSelection": [{"path": [name]} for name in assets],
+        "fromFailure": False,
+        "tags": [],
+    }
+    launched = dev.graphql(LAUNCH_BACKFILL_MUTATION, {"backfillParams": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", f"launch failed: {json.dumps(launched, indent=2)}"
+    assert launched["backfillId"]
+    return launched["backfillId"]
+
+
+def wait_for_backfill(dev: DagsterDev, backfill_id: str, started: float, deadline_s: float) -> dict:
+    """Poll the backfill until it completes (returns it), fails, or is not done ``deadline_s`` after
+    ``started`` (a ``time.monotonic()`` value); failures come with run logs and the dagster dev log."""
+    deadline = started + deadline_s
+    status, backfill, seen = None, None, None
+    while True:
+        if dev.proc.poll() is not None:
+            pytest.fail(f"dagster dev exited with code {dev.proc.returncode} mid-backfill:\n{dev.log_tail()}")
+        backfill = dev.graphql(BACKFILL_QUERY, {"backfillId": backfill_id})["partitionBackfillOrError"]
+        assert backfill["__typename"] == "PartitionBackfill", f"backfill lookup failed: {backfill}"
+        status = backfill["status"]
+        progress = (status, tuple(sorted((r["runId"][:8], r["status"]) for r in backfill["runs"] or [])))
+        if progress != seen:
+            print(f"[ui] {time.monotonic() - started:6.1f}s backfill {status}, runs: {list(progress[1])}")
+            seen = progress
+        if status in ("COMPLETED", "COMPLETED_SUCCESS"):
+            return backfill
+        if status in ("FAILED", "FAILING", "CANCELED", "CANCELING", "COMPLETED_FAILED"):
+            run_ids = [r["runId"] for r in backfill["runs"] or [] if r["status"] != "SUCCESS"]
+            pytest.fail(
+                f"backfill ended {status}: {json.dumps(backfill.get('error'), indent=2)}\n"
+                f"{run_failures(dev, run_ids)}\n--- dagster dev log ---\n{dev.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            run_ids = [r["runId"] for r in backfill["runs"] or []]
+            pytest.fail(
+                f"backfill still {status} {deadline_s}s into the test; runs {backfill['runs']}\n"
+                f"{run_failures(dev, run_ids)}\n--- dagster dev log ---\n{dev.log_tail()}"
+            )
+        time.sleep(2.0)
