@@ -1,42 +1,65 @@
 """Reading a built dataset: import this module and the 'uint8' latent column decodes correctly.
 
 Importing registers the published ``uint8`` encoding (4096-byte latents) over streaming's
-built-in one-byte scalar of the same name. ``open_dataset`` returns a ``LatentStreamingDataset``,
-whose samples are ``{"latent": float32 (C, H, W), "label": int, "label_as_text": str}`` (plus
-``latent_flip`` when stored), decoded with the shape and range recorded in ``build.json``; it is
-safe in DataLoader workers under any start method, since unpickling it imports this package.
-No Dagster import.
+built-in one-byte scalar of the same name. ``open_dataset`` first verifies the dataset (every shard
+named by ``index.json`` exists, has its recorded size and content hash) and raises
+``DatasetDamaged`` naming the damaged file and how to repair it; it then returns a
+``LatentStreamingDataset``, whose samples are ``{"latent": float32 (C, H, W), "label": int,
+"label_as_text": str}`` (plus ``latent_flip`` when stored), decoded with the shape and range the
+dataset records; it is safe in DataLoader workers under any start method, since unpickling it
+imports this package. No Dagster import.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+import warnings
 
+from imagenet_int8_assets.core.dataset_check import VERIFY_MODES, DatasetDamaged, check_dataset
 from imagenet_int8_assets.core.mds import LatentStreamingDataset, Uint8Latents, register_uint8_encoding
-from imagenet_int8_assets.core.mds_index import BUILD_INFO, LATENT_SHAPE
-from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
+from imagenet_int8_assets.core.quantize import dequantize
 
 # Importing core.mds above registered the "uint8" latent encoding for this process.
 
 
-def open_dataset(path: str | os.PathLike, local: str | os.PathLike | None = None, **kwargs) -> LatentStreamingDataset:
-    """Open a dataset built by this project (or the published one).
+def open_dataset(
+    path: str | os.PathLike, local: str | os.PathLike | None = None, verify: str = "hash", **kwargs
+) -> LatentStreamingDataset:
+    """Open a dataset built by this project (or the published one), after verifying it.
 
     ``path`` is the dataset folder (``<output>/mds`` or a download of Imagenet.int8). With
-    ``local`` it is treated as the remote and copied shard by shard into ``local``. Other keyword
-    arguments go to StreamingDataset (``shuffle``, ``batch_size``, ...).
+    ``local`` it is treated as the remote and copied shard by shard into ``local``. ``verify``:
+    ``"hash"`` (default: every shard exists, has its recorded size and xxh3_64 hash), ``"size"``
+    (existence and size only) or ``"none"``; damage raises ``DatasetDamaged``. A dataset whose
+    index records no hashes (the published Imagenet.int8) gets its sizes verified, with a warning.
+    The shape and range of the codes come from the dataset's build record (the defaults are the
+    published ones). Other keyword arguments go to StreamingDataset (``shuffle``, ``batch_size``, ...).
+    The returned dataset's ``verified`` attribute says what was checked.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"open_dataset(verify={verify!r}): use one of {', '.join(VERIFY_MODES)}")
     kwargs.setdefault("batch_size", 1)
-    info_file = Path(path) / BUILD_INFO
-    if info_file.is_file():  # our datasets say how their codes decode; the published one has none
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        kwargs.setdefault("latent_shape", tuple(info.get("latent_shape", LATENT_SHAPE)))
-        kwargs.setdefault("value_range", float(info.get("quant_range", DEFAULT_RANGE)))
+    verified = "nothing (remote dataset: shards are checked by streaming when downloaded)"
+    if "://" not in os.fspath(path):  # a local folder: verify it and read how its codes decode
+        check = check_dataset(path, verify)
+        for note in check.notes:
+            warnings.warn(note, stacklevel=2)
+        kwargs.setdefault("latent_shape", check.decode.latent_shape)
+        kwargs.setdefault("value_range", check.decode.value_range)
+        verified = check.verified
     if local is None:
-        return LatentStreamingDataset(local=os.fspath(path), **kwargs)
-    return LatentStreamingDataset(local=os.fspath(local), remote=os.fspath(path), **kwargs)
+        dataset = LatentStreamingDataset(local=os.fspath(path), **kwargs)
+    else:
+        dataset = LatentStreamingDataset(local=os.fspath(local), remote=os.fspath(path), **kwargs)
+    dataset.verified = verified
+    return dataset
 
 
-__all__ = ["LatentStreamingDataset", "Uint8Latents", "dequantize", "open_dataset", "register_uint8_encoding"]
+__all__ = [
+    "DatasetDamaged",
+    "LatentStreamingDataset",
+    "Uint8Latents",
+    "dequantize",
+    "open_dataset",
+    "register_uint8_encoding",
+]

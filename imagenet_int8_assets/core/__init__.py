@@ -5,6 +5,7 @@ export), ``images`` (safe opening, odd modes), ``preprocess`` (crop recipes), ``
 atomic writes), ``vae`` (presets and loading), ``aura`` (AuraEquiVAE, latent flips), ``encode``
 (batched encoding, precision guard, seeded sampling), ``quantize`` (uint8 codec, streaming
 statistics), ``mds`` (MDS encoding, writer, reader dataset), ``mds_index`` (merged index and build
-records), ``reconstruct`` and ``metrics`` (decoding, PSNR/SSIM), ``report_figures`` and
+records), ``dataset_check`` (verifying a dataset before it is read), ``reconstruct`` and
+``metrics`` (decoding, PSNR/SSIM), ``report_figures`` and
 ``plotting`` (figures, HTML), ``probe`` (classifiers on latents), ``parallel`` (process pools).
 """
