@@ -19,6 +19,7 @@ from dagster import (
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
+    encode_record,
     non_finite_count,
     precision_error,
     select_latent,
@@ -100,6 +101,7 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
             "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
             "seed": settings.seed,
             "store_flip": settings.store_flip,
+            "encode": encode_record(device, settings.batch_size),
         }
         run_checks: dict = {}
         for key in context.partition_keys:
@@ -138,6 +140,8 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
                 "vae_fallback": bool(info.is_fallback),
                 "device": device,
                 "precision": settings.precision,
+                "encode_batch_size": provenance["encode"]["batch_size"],
+                "encode": MetadataValue.json(provenance["encode"]),
                 "reencoded_in_fp32": redone,
                 "stored_flip": settings.store_flip,
                 "seconds": round(seconds, 3),

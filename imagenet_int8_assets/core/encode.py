@@ -66,6 +66,56 @@ def torch_dtype(precision: str):
     return table[precision]
 
 
+def cpu_threads() -> int:
+    """torch's intra-op thread count (the CPU kernels split a batch over these threads)."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def forward_batch_size(device: str, batch_size: int) -> int:
+    """Images per forward pass. GPU: ``batch_size``. CPU: a multiple of the thread count.
+
+    On the CPU, a batch that does not divide evenly over torch's threads has its remainder images
+    split across threads, which sums in another order: their float latents differ by about 1e-4
+    from the same image encoded in a batch that divides evenly (a uint8 code changes about once in
+    30,000). With every forward pass a multiple of the thread count (the last one padded), each
+    image is computed whole by one thread, so its bytes do not depend on the batch size, its
+    position in the batch, the other images, the class's size or order, or the thread count.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be >= 1: set IMAGENET_INT8_BATCH_SIZE to a positive integer")
+    if device.startswith("cuda"):
+        return batch_size
+    threads = cpu_threads()
+    return max(threads, batch_size - batch_size % threads)
+
+
+def encode_record(device: str, batch_size: int) -> dict:
+    """What decides the encoder's exact float output, recorded with the latents (see README,
+    "Reproducibility"): device type, configured and per-pass batch size, CPU threads, torch."""
+    import torch
+
+    cpu = not device.startswith("cuda")
+    return {
+        "device_type": "cpu" if cpu else "cuda",
+        "batch_size": int(batch_size),
+        "forward_batch_size": forward_batch_size(device, batch_size),
+        "cpu_threads": cpu_threads() if cpu else None,
+        "torch": torch.__version__,
+    }
+
+
+def _padded(x, multiple: int):
+    """``x`` with blank images appended so its length is a multiple of ``multiple``."""
+    import torch
+
+    short = -x.shape[0] % multiple
+    if not short:
+        return x
+    return torch.cat([x, x.new_zeros((short, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+
+
 @dataclass
 class Posterior:
     """Encoder output for N images: float32 mean (N, C, h, w), std (or None: no posterior)."""
@@ -89,10 +139,14 @@ def encode_posterior(
     ``precision`` bf16/fp16 runs a cast copy of the model; any sample whose output is NaN or
     infinite (the SDXL VAE overflows in fp16) is re-encoded in fp32, so no non-finite value
     leaves this function for a finite input. ``flip`` encodes the horizontally flipped crops.
-    ``progress`` is called with the number of images finished after every batch.
+    ``progress`` is called with the number of images finished after every batch. On the CPU the
+    forward passes hold a multiple of the thread count (``forward_batch_size``; the last one and
+    fp32 re-encodes padded with blank images), so each image's result is independent of the batch.
     """
     import torch
 
+    batch_size = forward_batch_size(device, batch_size)
+    pad = 1 if device.startswith("cuda") else cpu_threads()
     low = vae if precision == "fp32" else vae.cast(torch_dtype(precision))
     n = images.shape[0]
     factor = vae.info.downsample
@@ -106,13 +160,13 @@ def encode_posterior(
             x = to_model_input(images[start:stop], device)
             if flip:
                 x = x.flip(-1)
-            m, s = _encode(low, x)
+            m, s = _encode(low, x, pad)
             if low is not vae:
                 bad = ~torch.isfinite(m).flatten(1).all(1)
                 if s is not None:
                     bad |= ~torch.isfinite(s).flatten(1).all(1)
                 if bad.any():
-                    m32, s32 = _encode(vae, x[bad])
+                    m32, s32 = _encode(vae, x[bad], pad)
                     m[bad] = m32
                     if s is not None:
                         s[bad] = s32
@@ -125,10 +179,12 @@ def encode_posterior(
     return Posterior(mean, std, redone)
 
 
-def _encode(vae, x):
-    """(mean, std) as float32 tensors, computing in the model's dtype."""
-    mean, std = vae.encode(x.to(vae.dtype))
-    return mean.float(), (std.float() if std is not None else None)
+def _encode(vae, x, pad: int = 1):
+    """(mean, std) as float32 tensors, computing in the model's dtype on ``x`` padded to a
+    multiple of ``pad`` images (the padding's outputs are dropped)."""
+    n = x.shape[0]
+    mean, std = vae.encode(_padded(x, pad).to(vae.dtype))
+    return mean[:n].float(), (std[:n].float() if std is not None else None)
 
 
 def precision_error(vae, images: np.ndarray, device: str, precision: str, value_range: float) -> dict:

@@ -26,8 +26,26 @@ def step(value_range: float = DEFAULT_RANGE) -> float:
 
 
 def quantize(z: np.ndarray, value_range: float = DEFAULT_RANGE) -> np.ndarray:
-    """float latents -> uint8, round to nearest, clipped to [-range, range]."""
-    u = np.rint((np.asarray(z, dtype=np.float64) / (2.0 * value_range) + 0.5) * LEVELS)
+    """float latents -> uint8, round to nearest, clipped to [-range, range].
+
+    Refuses (ValueError) a range that is not a finite positive number, and NaN or infinite
+    latents: there is no honest code for them (NaN would silently become 0, +-Inf the clip bounds).
+    """
+    if not (isinstance(value_range, (int, float, np.floating, np.integer)) and np.isfinite(value_range) and value_range > 0):
+        raise ValueError(
+            f"quantization range {value_range!r} is not a finite positive number: set "
+            "IMAGENET_INT8_QUANT_RANGE to a value > 0 (or 0 for the VAE's default)"
+        )
+    z = np.asarray(z, dtype=np.float64)
+    finite = np.isfinite(z)
+    if not finite.all():
+        bad = z.size - int(np.count_nonzero(finite))
+        raise ValueError(
+            f"cannot quantize {bad} of {z.size} latent values: they are NaN or infinite (no uint8 code "
+            "represents them); re-encode those images in fp32 (re-materialize vae_latents with "
+            "IMAGENET_INT8_PRECISION=fp32) and check the VAE weights"
+        )
+    u = np.rint((z / (2.0 * value_range) + 0.5) * LEVELS)
     return np.clip(u, 0, LEVELS).astype(np.uint8)
 
 
