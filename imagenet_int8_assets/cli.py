@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Sequence
@@ -65,10 +66,15 @@ class _RunProgress:
 
 
 def error_text(error) -> str:
-    """The innermost cause of a Dagster SerializableErrorInfo (the user's actual error)."""
+    """The innermost cause of a Dagster SerializableErrorInfo (the user's actual error).
+
+    A ``dagster.Failure`` (a step's own one-line message: settings, nothing to build, disk full)
+    is shown without its class name."""
     while error is not None and error.cause is not None:
         error = error.cause
-    return error.message.strip() if error is not None else "failed"
+    if error is None:
+        return "failed"
+    return error.message.strip().removeprefix("dagster._core.definitions.events.Failure: ")
 
 
 def _failures(result) -> list[str]:
@@ -153,7 +159,7 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> in
             return result.success
 
         bar.set_description("manifest")
-        if run(["raw_manifest"]):
+        if run(["raw_manifest"]) and _usable_images(settings, failures):
             for n, batch in enumerate(batches, 1):
                 bar.set_description(f"classes {n}/{len(batches)}")
                 run(
@@ -170,11 +176,26 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> in
         print("\nThe build did not finish:\n" + "\n".join(failures), file=sys.stderr)
         print(
             f"Fix the cause and run the same command again (finished classes are simply redone). "
-            f"Full logs: DAGSTER_HOME={home} dagster dev -m imagenet_int8_assets",
+            f"Full logs: {_ui_command(settings, home)}",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def _usable_images(settings, failures: list[str]) -> bool:
+    """After the manifest: False, with the "no usable images" message in ``failures``, when there
+    is nothing to build (the build then stops instead of failing in later steps)."""
+    from dagster import Failure
+
+    from imagenet_int8_assets.assets.manifest import read_manifest, require_usable_images
+
+    try:
+        require_usable_images(read_manifest(settings))
+    except Failure as exc:
+        failures.append(f"  {exc.description}")
+        return False
+    return True
 
 
 def _summary(settings) -> str:
@@ -212,14 +233,74 @@ def _summary(settings) -> str:
     lines += [
         "",
         "Read it:",
-        f'  {sys.executable} -c "from imagenet_int8_assets.reader import open_dataset; ds = open_dataset(\'{root}\'); '
-        "s = ds[0]; print(len(ds), s['latent'].shape, s['label'], s['label_as_text'])\"",
+        "  " + _read_command(root),
         "See the runs and assets in the UI:",
-        f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} IMAGENET_INT8_OUTPUT={settings.output_path} "
-        + ("" if settings.is_sample else f"IMAGENET_INT8_SOURCE={settings.source_path()} ")
-        + f"{Path(sys.executable).parent / 'dagster'} dev -m imagenet_int8_assets",
+        "  " + _ui_command(settings, os.environ["DAGSTER_HOME"]),
     ]
     return "\n".join(lines)
+
+
+READ_CODE = (
+    "import sys; from imagenet_int8_assets.reader import open_dataset; ds = open_dataset(sys.argv[1]); "
+    's = ds[0]; print(len(ds), s["latent"].shape, s["label"], s["label_as_text"])'
+)
+
+
+def _read_command(root: Path) -> str:
+    """A shell command that opens the dataset at ``root`` (quoted: valid for any path)."""
+    return " ".join(shlex.quote(str(a)) for a in (sys.executable, "-c", READ_CODE, root))
+
+
+def _settings_env(settings, changed_only: bool = False) -> dict[str, str]:
+    """The IMAGENET_INT8_* values that reproduce ``settings`` (output and source always; with
+    ``changed_only`` the rest only where they differ from the default)."""
+    from imagenet_int8_assets.resources import ENV
+
+    env = {ENV["output"]: str(settings.output_path)}
+    env[ENV["source"]] = settings.source if settings.is_sample else str(Path(settings.source).expanduser().resolve())
+    for name, var in ENV.items():
+        field = type(settings).model_fields.get(name)
+        if field is None or name in ("source", "output"):
+            continue
+        value = getattr(settings, name)
+        if not changed_only or value != field.default:
+            env[var] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def _ui_command(settings, home) -> str:
+    """``dagster dev`` with this build's DAGSTER_HOME and every non-default setting, quoted for a shell."""
+    env = {"DAGSTER_HOME": str(home), **_settings_env(settings, changed_only=True)}
+    assignments = [f"{var}={shlex.quote(value)}" for var, value in env.items()]
+    dagster = shlex.quote(str(Path(sys.executable).parent / "dagster"))
+    return " ".join([*assignments, dagster, "dev", "-m", "imagenet_int8_assets"])
+
+
+def _disk_full_message(exc: BaseException, output: Path) -> str | None:
+    """One line for a build stopped by a full disk outside any step (the Dagster instance's SQLite
+    files, the output), or None when ``exc`` has another cause."""
+    import sqlite3
+
+    from imagenet_int8_assets.assets.disk_space import disk_full_error, free_bytes, human_bytes
+
+    error = disk_full_error(exc)
+    if error is None:
+        return None
+    again = "and run the same command again: it completes the build."
+    if isinstance(error, sqlite3.Error):
+        home = Path(os.environ.get("DAGSTER_HOME") or ".")
+        free = free_bytes(home)
+        return (
+            f"the Dagster instance at DAGSTER_HOME={home} could not be written (SQLite: {error}); "
+            f"{human_bytes(free) if free is not None else 'unknown space'} free there, so its disk is probably full. "
+            f"Free space there (or set DAGSTER_HOME to a folder on another disk) {again}"
+        )
+    where = Path(error.filename) if getattr(error, "filename", None) else output
+    free = free_bytes(where)
+    return (
+        f"disk full while writing {where}: {error.strerror or error}; "
+        f"{human_bytes(free) if free is not None else 'unknown space'} free there. Free space {again}"
+    )
 
 
 def presets_table() -> str:
@@ -265,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from imagenet_int8_assets.core.sources import SourceError
     from imagenet_int8_assets.core.vae import RANDOM_PRESETS
-    from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError
+    from imagenet_int8_assets.instance import dagster_home_path
+    from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError, max_partitions_per_run
 
     overrides: dict = {
         "source": getattr(args, "source", None),
@@ -288,12 +370,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.update(source=SAMPLE_SOURCE, vae_fallback=fallback)
         if not os.environ.get("IMAGENET_INT8_REPORT_PER_CLASS"):
             overrides["report_per_class"] = 1  # keeps the report quick with a full SDXL decoder on a CPU
-    try:
+    settings = None
+    try:  # every setting is checked before any work starts (exit code 2, one line)
         settings = ImagenetInt8Settings.from_env(**overrides)
+        if args.max_partitions_per_run is not None and args.max_partitions_per_run <= 0:
+            raise SettingsError(f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes.")
+        max_partitions_per_run()
+        settings.preflight(dagster_home_path(settings.output_path / "dagster_home"))
+        # Flags become the environment: loading the definitions module (which builds its default
+        # Definitions from IMAGENET_INT8_*) then sees this build's source and output, not others.
+        os.environ.update(_settings_env(settings))
         code = build(settings, args.max_partitions_per_run, args.verbose)
     except (SettingsError, SourceError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        message = _disk_full_message(exc, settings.output_path if settings is not None else Path.cwd())
+        if message is None:
+            raise
+        print(f"imagenet-int8: {message}", file=sys.stderr)
+        return 1
     if code == 0:
         print(_summary(settings))
     return code

@@ -6,7 +6,9 @@ See the README's configuration table for meanings and defaults.
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from pathlib import Path
 
 from dagster import ConfigurableResource
@@ -17,12 +19,27 @@ from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import default_workers
 from imagenet_int8_assets.core.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
-from imagenet_int8_assets.core.vae import DEFAULT_VAE
+from imagenet_int8_assets.core.sources import SourceError, list_class_folders, resolve_source_root
+from imagenet_int8_assets.core.vae import (
+    DEFAULT_VAE,
+    PRESETS,
+    RANDOM_PRESETS,
+    VaeLoadError,
+    check_device_name,
+    check_vae,
+    resolve_device,
+)
 from imagenet_int8_assets.sample import generate_sample_dataset
 
 DEFAULT_OUTPUT = "./imagenet_int8_data"
 DEFAULT_MAX_PARTITIONS_PER_RUN = 50
 SAMPLE_SOURCE = "sample"  # IMAGENET_INT8_SOURCE value (and default) meaning the bundled sample
+# Crop side bounds: the report's SSIM needs 11x11 images (so 16, the first multiple of 8 above);
+# 1024 (3 MiB per crop, the SDXL VAE's native size) keeps a class's crops and a VAE batch in memory.
+MIN_CROP_SIZE, MAX_CROP_SIZE = 16, 1024
+# The seed is hashed with each image id (core.encode.image_seed) and also seeds numpy and
+# scikit-learn (report and probe samples, probe models), which take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 ENV = {
     "source": "IMAGENET_INT8_SOURCE",
@@ -56,6 +73,37 @@ class SettingsError(ValueError):
     """A setting has a value that cannot work; the message names the variable and the fix."""
 
 
+def _bad(name: str, value, accepted: str) -> SettingsError:
+    """``VARIABLE=value: accepted``: one line naming the variable, the value and what works."""
+    return SettingsError(f"{ENV.get(name, name)}={value!r}: {accepted}.")
+
+
+def check_writable_folder(path: Path, variable: str) -> None:
+    """``path`` is a folder in which files can be written, or can be created; else SettingsError.
+
+    Creates nothing: a missing folder's nearest existing parent must be a writable folder.
+    """
+    shown = str(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    try:
+        if existing == path and not path.is_dir():
+            raise SettingsError(
+                f"{variable}={shown!r} is a file, not a folder: point {variable} at a folder (it is created when missing)."
+            )
+        if existing is None or not existing.is_dir():
+            raise SettingsError(
+                f"{variable}={shown!r} cannot be created ({str(existing)!r} is not a folder): point {variable} at a "
+                "folder you can write to."
+            )
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
+        raise SettingsError(
+            f"{variable}={shown!r} {what} ({exc.strerror or exc}): make it writable or point {variable} at another folder."
+        ) from None
+
+
 class ImagenetInt8Settings(ConfigurableResource):
     """Where the data is, which VAE encodes it, and how (see README: Configuration)."""
 
@@ -63,13 +111,13 @@ class ImagenetInt8Settings(ConfigurableResource):
     output: str = Field(default=DEFAULT_OUTPUT, description="Output root for every artifact.")
     vae: str = Field(default=DEFAULT_VAE, description="VAE preset name, Hub id, or local diffusers folder.")
     vae_fallback: str = Field(default="", description="Random preset to use when real weights cannot be loaded (the demo sets sdxl-random; empty = fail).")
-    device: str = Field(default="auto", description="auto (GPU when present), cpu or cuda.")
+    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
     batch_size: int = Field(default=16, description="Images per VAE forward pass.")
     crop_recipe: str = Field(default=DEFAULT_RECIPE, description=f"One of {', '.join(RECIPES)}.")
-    crop_size: int = Field(default=256, description="Crop side in pixels: 256 (published) or 512 (a multiple of 8).")
+    crop_size: int = Field(default=256, description="Crop side in pixels, a multiple of 8 from 16 to 1024: 256 (published) or 512.")
     precision: str = Field(default="fp32", description="Encode precision: fp32, bf16 or fp16 (NaN/Inf samples are redone in fp32).")
     store_flip: bool = Field(default=False, description="Also store the latent of the horizontally flipped crop (vae_output_flip).")
-    seed: int = Field(default=0, description="Run seed for per-image latent sampling.")
+    seed: int = Field(default=0, description="Run seed for per-image latent sampling and the report/probe samples (0 to 2**32 - 1).")
     latent_value: str = Field(default="sample", description="Stored latent: 'sample' (seeded per image) or 'mean'.")
     quant_range: float = Field(default=0.0, description="uint8 range +-R; 0 = the VAE's default (SDXL: 12, as published).")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="Refuse images declaring more pixels.")
@@ -101,31 +149,120 @@ class ImagenetInt8Settings(ConfigurableResource):
                         values[name] = kind(raw) if kind in (int, float) else raw
                 except ValueError:
                     raise SettingsError(f"{var}={raw!r} is not a valid {kind.__name__}.") from None
+        for name in ("source", "output"):  # an empty path is a mistake (an unset shell variable), not "default"
+            if overrides.get(name) is None and ENV[name] in env and not env[ENV[name]].strip():
+                raise _bad(name, env[ENV[name]], "empty; set a folder, or unset the variable for the default"
+                           + (" (the bundled sample)" if name == "source" else f" ({DEFAULT_OUTPUT})"))
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate_values()
         return settings
 
     def validate_values(self) -> None:
+        """Every value on its own (no file system, no torch): raises SettingsError naming the variable."""
+        if not self.source.strip():
+            raise _bad("source", self.source, "empty; set a folder of class folders, or 'sample' for the bundled sample")
+        if not self.output.strip():
+            raise _bad("output", self.output, f"empty; set a folder (default {DEFAULT_OUTPUT})")
+        if not self.vae.strip():
+            raise _bad("vae", self.vae, "empty; use a preset (imagenet-int8 presets), a Hub id or a local folder")
+        if self.vae_fallback and self.vae_fallback not in RANDOM_PRESETS:
+            raise _bad("vae_fallback", self.vae_fallback, f"use one of {', '.join(RANDOM_PRESETS)}")
         try:
+            check_device_name(self.device)
             check_recipe(self.crop_recipe)
-        except ValueError as exc:
+        except (ValueError, VaeLoadError) as exc:
             raise SettingsError(str(exc)) from None
         if self.latent_value not in LATENT_VALUES:
-            raise SettingsError(
-                f"IMAGENET_INT8_LATENT_VALUE={self.latent_value!r}: use one of {', '.join(LATENT_VALUES)}."
-            )
+            raise _bad("latent_value", self.latent_value, f"use one of {', '.join(LATENT_VALUES)}")
         if self.cifar_split not in ("train", "test", "all"):
-            raise SettingsError(f"IMAGENET_INT8_CIFAR_SPLIT={self.cifar_split!r}: use train, test or all.")
+            raise _bad("cifar_split", self.cifar_split, "use train, test or all")
+        if self.precision not in PRECISIONS:
+            raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
         for name in ("batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{ENV.get(name, name)} must be positive, got {getattr(self, name)}.")
-        if self.crop_size % 8:
-            raise SettingsError(f"IMAGENET_INT8_CROP_SIZE must be a multiple of 8 (256 or 512), got {self.crop_size}.")
-        if self.quant_range < 0:
-            raise SettingsError(f"IMAGENET_INT8_QUANT_RANGE must be positive (or 0 for the VAE's default), got {self.quant_range}.")
-        if self.precision not in PRECISIONS:
-            raise SettingsError(f"IMAGENET_INT8_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}.")
+                raise _bad(name, getattr(self, name), "must be a positive integer")
+        if self.crop_size % 8 or not MIN_CROP_SIZE <= self.crop_size <= MAX_CROP_SIZE:
+            raise _bad(
+                "crop_size", self.crop_size,
+                f"use a multiple of 8 from {MIN_CROP_SIZE} to {MAX_CROP_SIZE} (256 as published, 512)",
+            )
+        if not math.isfinite(self.quant_range) or self.quant_range < 0:
+            raise _bad("quant_range", self.quant_range, "use a finite range R > 0 (uint8 codes span +-R), or 0 for the VAE's default")
+        if not math.isfinite(self.report_max_psnr_gap) or self.report_max_psnr_gap < 0:
+            raise _bad("report_max_psnr_gap", self.report_max_psnr_gap, "use a finite number of dB >= 0")
+        if not 0 <= self.report_max_clip_fraction <= 1:  # also refuses NaN
+            raise _bad("report_max_clip_fraction", self.report_max_clip_fraction, "use a fraction from 0 to 1")
+        if self.workers < 0:
+            raise _bad("workers", self.workers, "use 0 (all cores) or a positive number of processes")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise _bad("seed", self.seed, f"use an integer from 0 to {MAX_SEED} (2**32 - 1)")
+        preset = PRESETS.get(self.vae)
+        side = self.crop_size // (preset.downsample if preset is not None else 8)
+        if self.probe_pool < side and side % self.probe_pool:
+            raise _bad(
+                "probe_pool", self.probe_pool,
+                f"must divide the latent side {side} (IMAGENET_INT8_CROP_SIZE={self.crop_size} / 8) or be >= it",
+            )
+
+    def check_source_and_output(self) -> None:
+        """The output is neither the source nor inside it, and the source is not inside the output.
+
+        Symlinks are resolved. The bundled sample and a CIFAR-10 export are generated inside the
+        output by design: they are not the user's source and are not checked.
+        """
+        if self.is_sample:
+            return
+        out, src = self.output_path, Path(self.source).expanduser().resolve()
+        scanned = resolve_source_root(src).resolve() if src.is_dir() else src
+        if out in (src, scanned):
+            raise SettingsError(
+                f"IMAGENET_INT8_OUTPUT={str(out)!r} is the source folder IMAGENET_INT8_SOURCE={str(src)!r}: the "
+                "next build would read its own output as images. Choose an output outside the source."
+            )
+        if out.is_relative_to(scanned):
+            raise SettingsError(
+                f"IMAGENET_INT8_OUTPUT={str(out)!r} is inside IMAGENET_INT8_SOURCE={str(scanned)!r}: the next build "
+                "would read its own output (report images, crops) as images. Choose an output outside the source."
+            )
+        if src.is_relative_to(out):
+            raise SettingsError(
+                f"IMAGENET_INT8_SOURCE={str(src)!r} is inside IMAGENET_INT8_OUTPUT={str(out)!r}, which the build "
+                "writes and cleans up. Move the source out of the output, or choose another output."
+            )
+
+    def preflight(self, dagster_home: Path | None = None) -> str | None:
+        """Check every setting before any work starts; raises SettingsError (or SourceError).
+
+        Values, source and output not nested, the output (a writable folder, or one that can be
+        created; ``dagster_home`` too when given; nothing is created), the source's class folders, the device (torch sees
+        that GPU) and the VAE (resolvable without loading weights; see ``core.vae.check_vae``).
+        Returns the reason the demo's VAE fallback will be used, or None.
+        """
+        self.validate_values()
+        self.check_source_and_output()
+        check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
+        if dagster_home is not None:
+            check_writable_folder(dagster_home, "DAGSTER_HOME")
+        if not self.is_sample:
+            source = resolve_source_root(Path(self.source).expanduser().resolve())  # exists, or SourceError
+            if find_cifar10_root(Path(self.source).expanduser().resolve()) is None:
+                list_class_folders(source)
+        try:
+            resolve_device(self.device)
+            return check_vae(self.vae, fallback=self.vae_fallback or None)
+        except VaeLoadError as exc:
+            raise SettingsError(str(exc)) from None
+
+    def preflight_or_fail(self) -> None:
+        """``preflight`` at the start of a Dagster run: a failed check is a ``dagster.Failure`` whose
+        description is the same one-line message the CLI prints (no traceback to read)."""
+        from dagster import Failure
+
+        try:
+            self.preflight()
+        except (SettingsError, SourceError) as exc:
+            raise Failure(description=str(exc), allow_retries=False) from None
 
     # ---- derived values -------------------------------------------------------------------
 
@@ -145,10 +282,12 @@ class ImagenetInt8Settings(ConfigurableResource):
         the crop recipe then upsamples the 32x32 images to the crop size).
         """
         if self.is_sample:
+            check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
             return generate_sample_dataset(self.output_path / "sample_source")
         path = Path(self.source).expanduser().resolve()
         cifar = find_cifar10_root(path) if path.is_dir() else None
         if cifar is not None:
+            check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
             return export_cifar10_as_folders(cifar, self.output_path / f"cifar10_{self.cifar_split}", self.cifar_split)
         return path
 

@@ -11,6 +11,7 @@ from dagster import (
     asset,
 )
 
+from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
 from imagenet_int8_assets.core.parallel import map_ordered
@@ -40,6 +41,8 @@ def build_crops_asset(partitions_def: PartitionsDefinition, backfill_policy: Bac
         manifest = read_manifest(settings)
         root = resolve_source_root(settings.source_path())
         size = settings.crop_size
+        total = sum(len(ok_rows(manifest, key)) for key in context.partition_keys)
+        space = SpaceNeeds("preprocessed_crops", settings.output_path, total)
         for key in context.partition_keys:
             rows = ok_rows(manifest, key)
             tasks = [(str(root / i), settings.crop_recipe, size, settings.max_pixels) for i in rows["id"]]
@@ -56,13 +59,15 @@ def build_crops_asset(partitions_def: PartitionsDefinition, backfill_policy: Bac
                     images[len(ids)] = arr
                     ids.append(image_id)
                 progress(n)
-            folder = write_crops(
-                settings.output_path,
-                key,
-                ids,
-                images[: len(ids)],
-                {"recipe": settings.crop_recipe, "size": size, "failed": failed},
-            )
+            space.writing(len(ids), images[: len(ids)].nbytes, key)
+            with space.guard():
+                folder = write_crops(
+                    settings.output_path,
+                    key,
+                    ids,
+                    images[: len(ids)],
+                    {"recipe": settings.crop_recipe, "size": size, "failed": failed},
+                )
             context.add_asset_metadata(
                 {
                     "path": MetadataValue.path(str(folder)),

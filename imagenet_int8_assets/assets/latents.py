@@ -16,6 +16,7 @@ from dagster import (
     asset_check,
 )
 
+from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
@@ -104,6 +105,8 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
             "encode": encode_record(device, settings.batch_size),
         }
         run_checks: dict = {}
+        crop_counts = [len(read_crops_with_meta(settings.output_path, k, mmap=True)[0]) for k in context.partition_keys]
+        space = SpaceNeeds("vae_latents", settings.output_path, sum(crop_counts))
         for key in context.partition_keys:
             ids, images, crop_meta = read_crops_with_meta(settings.output_path, key, mmap=True)
             if not run_checks and len(ids):
@@ -125,7 +128,9 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
             seconds = time.monotonic() - t0
             bad = non_finite_count(*arrays.values())
             meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
-            folder = write_latents(settings.output_path, key, ids, arrays, meta)
+            space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
+            with space.guard():
+                folder = write_latents(settings.output_path, key, ids, arrays, meta)
             latent = arrays["latent"]
             finite = latent[np.isfinite(latent)]
             partition_metadata = {

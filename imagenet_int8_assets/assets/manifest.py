@@ -27,6 +27,30 @@ def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
     return manifest[(manifest["class_folder"] == class_folder) & (manifest["status"] == "ok")]
 
 
+def require_usable_images(manifest: pd.DataFrame) -> None:
+    """Stop with "no usable images" and the manifest's counts when no file is ``ok``.
+
+    Nothing to build (every file bad or skipped, or class folders without files): the steps that
+    need at least one image (mds_dataset, probe_features) and `imagenet-int8 build` (right after
+    the manifest) call this first, so the user reads the counts instead of a stack trace.
+    """
+    from dagster import Failure
+
+    if (manifest["status"] == "ok").any():
+        return
+    counts = manifest["status"].value_counts()
+    classes = manifest.loc[manifest["class_folder"] != "", "class_folder"].nunique()
+    raise Failure(
+        description=(
+            f"No usable images: the manifest lists {len(manifest)} file(s) in {classes} class folder(s), "
+            f"0 ok, {int(counts.get('bad', 0))} bad, {int(counts.get('skipped', 0))} skipped, so there is "
+            "nothing to build. Add images to the source's class folders or fix the bad files (raw_manifest's "
+            "metadata lists each with its reason), then materialize raw_manifest again."
+        ),
+        allow_retries=False,
+    )
+
+
 @asset(
     name="raw_manifest",
     group_name=GROUP,
@@ -38,6 +62,7 @@ def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
     ),
 )
 def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    settings.preflight_or_fail()  # every setting checked before any work (README: Settings are checked ...)
     source = settings.source_path()
     context.log.info(f"Scanning {source} with {settings.worker_count()} worker process(es)")
     frame, labels = scan_source(

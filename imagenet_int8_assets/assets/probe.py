@@ -6,6 +6,8 @@ import json
 import numpy as np
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PartitionsDefinition, asset
 
+from imagenet_int8_assets.assets.disk_space import SpaceNeeds
+from imagenet_int8_assets.assets.manifest import read_manifest, require_usable_images
 from imagenet_int8_assets.assets.metadata import markdown_table
 from imagenet_int8_assets.core.plotting import markdown_image
 from imagenet_int8_assets.core.reconstruct import choose_samples
@@ -39,6 +41,7 @@ def build_probe_assets(partitions_def: PartitionsDefinition):
     def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
         from imagenet_int8_assets.core.probe import build_feature_sets
 
+        require_usable_images(read_manifest(settings))
         all_keys = partitions_def.get_partition_keys()
         labels = class_labels(all_keys, settings.source_path())
         keys = all_keys
@@ -70,7 +73,10 @@ def build_probe_assets(partitions_def: PartitionsDefinition):
         buffer = io.BytesIO()
         np.savez(buffer, labels=np.array(y), class_names=np.array(names, dtype=str), **{f"features:{k}": v for k, v in arrays.items()})
         path = probe_dir(settings.output_path) / "features.npz"
-        atomic_write_bytes(path, buffer.getvalue())
+        space = SpaceNeeds("probe_features", settings.output_path)
+        space.writing(1, buffer.getbuffer().nbytes)
+        with space.guard():
+            atomic_write_bytes(path, buffer.getvalue())
         return MaterializeResult(
             metadata={
                 "path": MetadataValue.path(str(path)),
@@ -121,7 +127,9 @@ def build_probe_assets(partitions_def: PartitionsDefinition):
         }
         accuracy = probe.accuracy_table_markdown(result)
         detailed = probe.full_table_rows(result)
-        with atomic_dir(probe_dir(settings.output_path) / "report") as tmp:
+        space = SpaceNeeds("latent_probe", settings.output_path)
+        space.writing(1, sum(map(len, images.values())) + len(accuracy))
+        with space.guard(), atomic_dir(probe_dir(settings.output_path) / "report") as tmp:
             for name, png in images.items():
                 (tmp / f"{name}.png").write_bytes(png)
             (tmp / "accuracy.md").write_text(accuracy, encoding="utf-8")

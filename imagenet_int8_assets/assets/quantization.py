@@ -1,8 +1,11 @@
 """quantization_stats: per-channel statistics of the stored latents over every class."""
 
 
+import json
+
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PartitionsDefinition, asset
 
+from imagenet_int8_assets.assets.disk_space import disk_full_guard
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
 from imagenet_int8_assets.core.quantize import ChannelStats, recommend_ranges, step
 from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_json, read_latents, stats_path
@@ -58,18 +61,18 @@ def build_quantization_asset(partitions_def: PartitionsDefinition):
         value_range = overall.value_range if overall is not None else settings.range_for(0.0)
         recommended = recommend_ranges(channels)
         path = stats_path(settings.output_path)
-        atomic_write_json(
-            path,
-            {
-                "quant_range": value_range,
-                "step": step(value_range),
-                "recommended": recommended,
-                "overall": channels,
-                "per_class": per_class_json,
-                "clip_fraction": clip,
-                "quant_rmse": rmse,
-            },
-        )
+        record = {
+            "quant_range": value_range,
+            "step": step(value_range),
+            "recommended": recommended,
+            "overall": channels,
+            "per_class": per_class_json,
+            "clip_fraction": clip,
+            "quant_rmse": rmse,
+        }
+        with disk_full_guard("quantization_stats", settings.output_path) as space:
+            space.writing(1, len(json.dumps(record, indent=2, default=float)))
+            atomic_write_json(path, record)
         context.log.info(f"{total} latent values: clip fraction {clip:.4%}, quantization RMSE {rmse:.4f}")
         return MaterializeResult(
             metadata={

@@ -16,6 +16,7 @@ torch and diffusers are imported only when a model is built, so the Dagster defi
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,19 +220,36 @@ class LoadedVae:
         return self.model.decode(z).sample
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a device that is none of auto, cpu, cuda, cuda:N (no torch import)."""
+    if not isinstance(device, str) or not _DEVICE_NAME.fullmatch(device):
+        raise VaeLoadError(f"Unknown device: IMAGENET_INT8_DEVICE={device!r}; use {DEVICE_CHOICES}.")
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; ``cuda`` without a GPU is an error."""
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; a GPU torch cannot see is an error."""
+    check_device_name(device)
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise VaeLoadError(
-            "IMAGENET_INT8_DEVICE=cuda but torch sees no CUDA GPU. Use IMAGENET_INT8_DEVICE=auto "
+            f"IMAGENET_INT8_DEVICE={device!r} but torch sees no CUDA GPU. Use IMAGENET_INT8_DEVICE=auto "
             "(GPU when present, else CPU) or cpu."
         )
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise VaeLoadError(f"Unknown device {device!r}: use auto, cpu or cuda (cuda:N).")
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise VaeLoadError(
+            f"IMAGENET_INT8_DEVICE={device!r} but torch sees {count} GPU(s): use auto, cpu, cuda or cuda:N "
+            f"with N < {count}."
+        )
     return device
 
 
@@ -283,25 +301,54 @@ def _snapshot(spec: str, repo_id: str, patterns: list[str], files: str) -> Path:
         ) from exc
 
 
-def _resolve_autoencoder_kl(spec: str, preset: VaePreset | None) -> tuple[Path, VaeInfo]:
-    """A local diffusers folder for ``spec`` (a preset, a Hub id or a folder), plus provenance."""
-    files = "config.json and diffusion_pytorch_model.safetensors (what AutoencoderKL.save_pretrained writes)"
-    folder = Path(spec).expanduser()
-    if preset is None and folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise VaeLoadError(
-                f"VAE folder {str(folder)!r} has no config.json; it must be a diffusers AutoencoderKL "
-                "folder (as written by save_pretrained) or hold an AuraEquiVAE weights file."
-            )
-        weights = folder / WEIGHT_FILES[1]
-        return folder, _local_folder_info(spec, folder, weights if weights.is_file() else None)
-    repo_id = preset.hub_id if preset is not None else spec
-    subfolder = preset.subfolder if preset is not None else None
-    if preset is None and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
+KL_FILES_TEXT = "config.json and diffusion_pytorch_model.safetensors (what AutoencoderKL.save_pretrained writes)"
+LOCAL_WEIGHT_FILES = (WEIGHT_FILES[1], "diffusion_pytorch_model.bin")  # what from_pretrained reads
+HUB_LOOKUP_TIMEOUT_S = 5.0
+
+
+def _check_local_folder(folder: Path, need_weights: bool = False) -> None:
+    """A local AutoencoderKL folder must hold config.json (and, to load, its weights)."""
+    if not (folder / "config.json").is_file():
+        raise VaeLoadError(
+            f"VAE folder {str(folder)!r} has no config.json; it must be a diffusers AutoencoderKL "
+            "folder (as written by save_pretrained) or hold an AuraEquiVAE weights file."
+        )
+    if need_weights and not any((folder / name).is_file() for name in LOCAL_WEIGHT_FILES):
+        raise VaeLoadError(
+            f"VAE folder {str(folder)!r} has a config.json but no weights ({' or '.join(LOCAL_WEIGHT_FILES)}); "
+            "copy the whole folder written by AutoencoderKL.save_pretrained."
+        )
+
+
+def _check_hub_id(spec: str) -> None:
+    """``spec`` (not a preset, not an existing path) must be a Hub id of the form 'owner/name'."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    valid = not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+    if valid:
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            valid = False
+    if not valid:
         raise VaeLoadError(
             f"IMAGENET_INT8_VAE={spec!r} is neither a preset ({', '.join(PRESETS)}), an existing "
             "local folder, nor a Hub id of the form 'owner/name'."
         )
+
+
+def _resolve_autoencoder_kl(spec: str, preset: VaePreset | None) -> tuple[Path, VaeInfo]:
+    """A local diffusers folder for ``spec`` (a preset, a Hub id or a folder), plus provenance."""
+    files = KL_FILES_TEXT
+    folder = Path(spec).expanduser()
+    if preset is None and folder.is_dir():
+        _check_local_folder(folder)
+        weights = folder / WEIGHT_FILES[1]
+        return folder, _local_folder_info(spec, folder, weights if weights.is_file() else None)
+    repo_id = preset.hub_id if preset is not None else spec
+    subfolder = preset.subfolder if preset is not None else None
+    if preset is None:
+        _check_hub_id(spec)
     prefix = f"{subfolder}/" if subfolder else ""
     snapshot = _snapshot(spec, repo_id, [prefix + f for f in WEIGHT_FILES], files)
     folder = snapshot / subfolder if subfolder else snapshot
@@ -355,6 +402,72 @@ def _is_aura_path(path: Path) -> bool:
     from imagenet_int8_assets.core.aura import AURA_WEIGHTS_FILE
 
     return (path.is_file() and path.suffix in (".pt", ".safetensors")) or (path / AURA_WEIGHTS_FILE).is_file()
+
+
+def _check_hub_files(spec: str, repo_id: str, files: list[str], timeout: float) -> None:
+    """Each file is in the local HF cache or, unless HF_HUB_OFFLINE is set, found by a metadata lookup."""
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    missing = [f for f in files if not isinstance(try_to_load_from_cache(repo_id, f), str)]
+    described = " and ".join(files)
+    if missing and constants.HF_HUB_OFFLINE:
+        raise VaeLoadError(
+            f"IMAGENET_INT8_VAE={spec!r}: {missing[0]} of {repo_id!r} is not in the local Hugging Face cache "
+            f"and HF_HUB_OFFLINE is set. " + _help_text(repo_id, described)
+        )
+    for name in missing:
+        try:  # one HEAD request, no retries: a lookup, not a download
+            response = get_session().head(
+                hf_hub_url(repo_id, name), headers=build_hf_headers(), timeout=timeout, allow_redirects=False
+            )
+            if response.status_code >= 400:
+                raise OSError(f"HTTP {response.status_code}")
+        except Exception as exc:  # network, auth, missing repository or file: the same advice
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise VaeLoadError(
+                f"IMAGENET_INT8_VAE={spec!r}: {name} of {repo_id!r} is neither in the local Hugging Face cache "
+                f"nor found on the Hub ({type(exc).__name__}: {reason}). " + _help_text(repo_id, described)
+            ) from None
+
+
+def check_vae(spec: str, fallback: str | None = None, timeout: float = HUB_LOOKUP_TIMEOUT_S) -> str | None:
+    """Check, without loading any weights, that ``load_vae(spec)`` can work.
+
+    Random presets always can; a local AutoencoderKL folder needs config.json and its weights; a
+    local AuraEquiVAE file must exist; a Hub id must be valid and every file the loader needs must
+    be in the local HF cache or (when HF_HUB_OFFLINE is not set) found by a metadata lookup with
+    a ``timeout`` of a few seconds. Returns None when the VAE can be loaded. When it cannot,
+    raises ``VaeLoadError`` with the loader's advice, unless ``fallback`` names a random preset
+    (the demo): then ``load_vae`` will fall back, and the reason is returned.
+    """
+    if fallback and fallback not in RANDOM_PRESETS:
+        raise VaeLoadError(f"VAE fallback {fallback!r} must be one of the random presets: {', '.join(RANDOM_PRESETS)}.")
+    preset = PRESETS.get(spec)
+    try:
+        if preset is not None and preset.is_random:
+            return None
+        if preset is None:
+            path = Path(spec).expanduser()
+            if _is_aura_path(path):
+                return None
+            if path.is_dir():
+                _check_local_folder(path, need_weights=True)
+                return None
+            _check_hub_id(spec)
+            repo_id, files = spec, list(WEIGHT_FILES)
+        elif preset.family == "aura":
+            repo_id, files = preset.hub_id, [preset.weights_file]
+        else:
+            prefix = f"{preset.subfolder}/" if preset.subfolder else ""
+            repo_id, files = preset.hub_id, [prefix + f for f in WEIGHT_FILES]
+        _check_hub_files(spec, repo_id, files, timeout)
+    except VaeLoadError as exc:
+        message = str(exc) if str(exc).startswith("IMAGENET_INT8_VAE=") else f"IMAGENET_INT8_VAE={spec!r}: {exc}"
+        if not fallback:
+            raise VaeLoadError(message) from None
+        return message
+    return None
 
 
 def load_vae(spec: str = DEFAULT_VAE, fallback: str | None = None) -> LoadedVae:
