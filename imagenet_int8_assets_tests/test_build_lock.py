@@ -25,7 +25,14 @@ from imagenet_int8_assets.core.build_lock import (
     process_is_alive,
     process_start_token,
 )
-from imagenet_int8_assets.dead_runs import HOST_TAG, PID_TAG, START_TAG, fail_dead_build_runs, process_run_tags
+from imagenet_int8_assets.dead_runs import (
+    HOST_TAG,
+    PID_TAG,
+    START_TAG,
+    dead_build_runs_sensor,
+    fail_dead_build_runs,
+    process_run_tags,
+)
 from imagenet_int8_assets.instance import GPU_POOL, prepare_dagster_home
 from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
 from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
@@ -167,6 +174,23 @@ def test_runs_of_dead_builds_are_failed_and_free_their_slots(tmp_path, monkeypat
         assert "died without finishing it" in failure[0].message
         assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
         assert fail_dead_build_runs(instance) == []  # nothing twice
+
+        # the sensor of our definitions does the same, from the daemon of `dagster dev`
+        another = started_run(dead_tags)
+        tick = dead_build_runs_sensor(dg.build_sensor_context(instance=instance))
+        assert isinstance(tick, dg.SkipReason) and another.run_id in tick.skip_message, tick
+        assert instance.get_run_by_id(another.run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_the_dead_run_sensor_is_registered_and_runs_by_default(tmp_path):
+    from imagenet_int8_assets.definitions import build_definitions
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    source = make_image_folder(tmp_path / "src", {"n01440764": 1})
+    settings = ImagenetInt8Settings(source=str(source), output=str(tmp_path / "out"), vae="tiny-random", device="cpu")
+    sensor_def = build_definitions(settings).resolve_sensor_def("fail_dead_build_runs")
+    assert sensor_def.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor_def.minimum_interval_seconds <= 30
 
 
 # ------------------------------------------------------------------------------------------

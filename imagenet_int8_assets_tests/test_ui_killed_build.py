@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from imagenet_int8_assets.core.storage import manifest_path, mds_root
+from imagenet_int8_assets.dead_runs import PID_TAG
 from imagenet_int8_assets_tests.conftest import make_image_folder
 from imagenet_int8_assets_tests.dagster_dev import (
     dagster_dev_env,
@@ -69,7 +70,7 @@ def test_backfill_from_the_ui_proceeds_after_a_build_was_killed_holding_the_gpu_
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
         failure = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
         assert len(failure) == 1 and "died without finishing it" in failure[0].message, failure
-        assert f"pid {killed.tags['imagenet-int8/pid']}" in failure[0].message
+        assert f"pid {killed.tags[PID_TAG]}" in failure[0].message
         stuck = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED]))
         assert not stuck, [(r.run_id, r.status) for r in stuck]
 
