@@ -8,7 +8,8 @@ published defaults. Anything wrong raises ``DatasetDamaged``, one line naming th
 wrong with it and how to repair it. The published Imagenet.int8 records no hashes: then only sizes
 are verified, and the result says so.
 
-Needs only ``json``, ``hashlib`` and ``xxhash`` (no mosaicml-streaming, no Dagster).
+Needs only ``json``, ``hashlib``, ``xxhash`` and the layout names of ``mds_index`` (no
+mosaicml-streaming, no Dagster).
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from imagenet_int8_assets.core.mds_index import BUILD_INFO, CLASSES, CURRENT, INDEX, RECORD_KEY
+from imagenet_int8_assets.core.mds_index import LATENT_SHAPE as PUBLISHED_SHAPE
+from imagenet_int8_assets.core.quantize import DEFAULT_RANGE as PUBLISHED_RANGE
+
 VERIFY_MODES = ("hash", "size", "none")
 # Preferred first: xxh3_64 (what our shards record, several GB/s), then the other fast ones.
 FAST_HASHES = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32")
-PUBLISHED_SHAPE = (4, 32, 32)
-PUBLISHED_RANGE = 12.0
-RECORD_KEY = "imagenet_int8"  # the dataset's build record inside the merged index.json
-INDEX = "index.json"
-BUILD_INFO = "build.json"
-CLASSES = "classes"
 REBUILD_DATASET = "re-run the merged dataset step (materialize mds_dataset)"
 MAX_LISTED = 3
 
@@ -249,7 +248,7 @@ def class_of_shard(root: Path, basename: str) -> str | None:
         return None
     if home is not None:
         try:
-            name = json.loads((home / "current.json").read_text(encoding="utf-8")).get("class")
+            name = json.loads((home / CURRENT).read_text(encoding="utf-8")).get("class")
             if isinstance(name, str) and name:
                 return name
         except (OSError, ValueError, AttributeError):
