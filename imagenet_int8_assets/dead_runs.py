@@ -16,7 +16,15 @@ recorded on another host, and runs without these tags (launched by Dagster itsel
 
 from __future__ import annotations
 
-from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunsFilter, SensorEvaluationContext, SkipReason, sensor
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunsFilter,
+    SensorEvaluationContext,
+    SkipReason,
+    sensor,
+)
 
 from imagenet_int8_assets.core.build_lock import current_host, process_identity, process_is_alive
 

@@ -71,7 +71,8 @@ def test_backfill_from_the_ui_proceeds_after_a_build_was_killed_holding_the_gpu_
         failure = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
         assert len(failure) == 1 and "died without finishing it" in failure[0].message, failure
         assert f"pid {killed.tags[PID_TAG]}" in failure[0].message
-        stuck = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED]))
+        active = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED]
+        stuck = instance.get_runs(filters=dg.RunsFilter(statuses=active))
         assert not stuck, [(r.run_id, r.status) for r in stuck]
 
     from imagenet_int8_assets.reader import open_dataset
