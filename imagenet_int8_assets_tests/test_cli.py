@@ -63,8 +63,9 @@ def test_build_errors_are_clear_and_nonzero(tmp_path):
     assert proc.returncode == 2 and "IMAGENET_INT8_SOURCE" in proc.stderr
     source = make_image_folder(tmp_path / "src", {"a": 1})
     proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--vae", "stabilityai/sdxl-vae"], env)
-    assert proc.returncode == 1
-    assert "The build did not finish" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert proc.returncode == 2  # the VAE is checked before any work starts (no manifest, no crops)
+    assert "IMAGENET_INT8_VAE='stabilityai/sdxl-vae'" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert not (tmp_path / "out" / "manifest").exists()
     assert "RANDOM" not in proc.stdout + proc.stderr  # only the demo may fall back
 
 
