@@ -196,3 +196,27 @@ def test_class_named_like_the_datasets_own_files(tmp_path, name):
     assert len(samples) == 4
     texts = {open_dataset(root)[i]["label_as_text"] for i in range(4)}
     assert texts == {name, "other"}
+
+
+def test_a_damaged_class_is_not_published_and_rebuilding_it_repairs_the_dataset(tmp_path):
+    """The reader's advice ("rebuild class X, then mds_dataset") works: the rebuilt version has the
+    same content id as the damaged one, which is replaced instead of kept."""
+    from imagenet_int8_assets.reader import DatasetDamaged
+
+    make_image_folder(tmp_path / "src", {"a": 2, "b": 3})
+    settings = _settings(tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    assert all(r.success for r in materialize_all(build_definitions(settings, partitions_per_run=3), instance, 3))
+    root = mds_root(settings.output_path)
+    good = _samples(root)
+    shard = next(mds_index.current_version_dir(root, "b").glob("shard.*.mds"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # a bit flip inside a latent
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetDamaged, match="rebuild class 'b'"):
+        open_dataset(root)
+    refused = _publish(settings, instance)  # the damaged version is never published again
+    assert not refused.success and "Not publishing" in " ".join(failures(refused))
+    _rematerialize_class(settings, instance, "b")
+    assert _publish(settings, instance).success
+    assert _samples(root) == good

@@ -1,5 +1,7 @@
 """mds_shards (one MDS folder per class) and mds_dataset (the merged, readable dataset)."""
 
+import json
+
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -14,9 +16,11 @@ from dagster import (
     asset_check,
 )
 
-from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest
+from imagenet_int8_assets.assets.disk_space import SpaceNeeds
+from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest, require_usable_images
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
 from imagenet_int8_assets.core import mds_index
+from imagenet_int8_assets.core.dataset_check import DatasetDamaged, check_dataset
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
 from imagenet_int8_assets.core.sources import class_labels
@@ -70,6 +74,8 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
 
         labels = class_labels(partitions_def.get_partition_keys(), settings.source_path())
         root = mds_root(settings.output_path)
+        manifest = read_manifest(settings)
+        space = SpaceNeeds("mds_shards", settings.output_path, sum(len(ok_rows(manifest, k)) for k in context.partition_keys))
         for key in context.partition_keys:
             ids, arrays, meta = read_latents(settings.output_path, key)
             latent = arrays["latent"]
@@ -81,16 +87,18 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 )
             value_range = settings.range_for(meta["vae"]["quant_range"])
             flips = arrays.get("latent_flip")
-            folder = mds.write_class_shards(
-                root,
-                key,
-                quantize(latent, value_range),
-                labels.index[key],
-                labels.text[key],
-                {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
-                value_range=value_range,
-                flips_u8=quantize(flips, value_range) if flips is not None else None,
-            )
+            space.writing(len(ids), latent.size * (1 if flips is None else 2), key)
+            with space.guard():
+                folder = mds.write_class_shards(
+                    root,
+                    key,
+                    quantize(latent, value_range),
+                    labels.index[key],
+                    labels.text[key],
+                    {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
+                    value_range=value_range,
+                    flips_u8=quantize(flips, value_range) if flips is not None else None,
+                )
             mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
             index = mds_index.read_index(folder)
             count = mds_index.index_sample_count(index)
@@ -147,6 +155,7 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
 
         keys = partitions_def.get_partition_keys()
         root = mds_root(settings.output_path)
+        require_usable_images(read_manifest(settings))
         infos, missing = {}, []
         for key in keys:
             try:
@@ -172,16 +181,24 @@ def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: B
                 + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
                 + ". Re-materialize raw_manifest and then those partitions."
             )
-        index, summary = mds_index.merged_index(root, keys)
-        first = next(iter(infos.values()))
-        broken = mds_index.unreadable_shards(root, index)
+        broken = []
+        for key in keys:  # every shard of the new version: present, its size, its hash
+            try:
+                check_dataset(mds_index.current_version_dir(root, key), "hash")
+            except DatasetDamaged as exc:
+                broken.append(f"class {key}: {exc}")
         if broken:
             raise Failure(
                 "Not publishing: shard files of the new version are missing or damaged:\n- "
                 + "\n- ".join(broken[:20])
                 + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
             )
-        published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
+        index, summary = mds_index.merged_index(root, keys)
+        first = next(iter(infos.values()))
+        space = SpaceNeeds("mds_dataset", settings.output_path)
+        space.writing(1, 2 * len(json.dumps(index)))
+        with space.guard():
+            published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
         check = mds.verify_readable(root)
         if check["samples"] != summary["samples"]:
             raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")

@@ -25,6 +25,7 @@ import numpy as np
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds.encodings import Encoding, _encodings
 
+from imagenet_int8_assets.core.dataset_check import DatasetDamaged, check_dataset
 from imagenet_int8_assets.core.mds_index import (
     BUILD_INFO,
     INDEX,
@@ -32,10 +33,11 @@ from imagenet_int8_assets.core.mds_index import (
     class_home,
     columns_for,
     commit_class_version,
+    content_version,
     dequantize_formula,
 )
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
-from imagenet_int8_assets.core.storage import TMP_PREFIX, atomic_write_json, remove_leftovers
+from imagenet_int8_assets.core.storage import TMP_PREFIX, TRASH_PREFIX, atomic_write_json, remove_leftovers
 
 SIZE_LIMIT = 1 << 26
 # Recorded per shard in index.json (raw_data.hashes): sha1 is what streaming's validate_hash
@@ -117,10 +119,24 @@ def write_class_shards(
                 "dequantize": dequantize_formula(value_range),
             },
         )
+        existing = home / content_version(tmp)
+        if existing.is_dir() and not _intact(existing):
+            # the same content was written before and has since been damaged: replace it
+            trash = home / f"{TRASH_PREFIX}{existing.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(existing, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         return commit_class_version(root, class_name, tmp)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        check_dataset(folder, "hash")
+    except DatasetDamaged:
+        return False
+    return True
 
 
 class LatentStreamingDataset(StreamingDataset):

@@ -263,26 +263,6 @@ def collect_garbage(root: str | os.PathLike, class_names: list[str] | None = Non
     return removed
 
 
-def unreadable_shards(root: str | os.PathLike, index: dict) -> list[str]:
-    """Shard files named by ``index`` that are missing or whose size differs from the index."""
-    root = Path(root)
-    problems = []
-    for shard in index.get("shards", []):
-        for key in ("raw_data", "zip_data"):
-            entry = shard.get(key)
-            if not entry:
-                continue
-            path = root / entry["basename"]
-            try:
-                size = path.stat().st_size
-            except OSError:
-                problems.append(f"{entry['basename']}: missing")
-                continue
-            if size != entry["bytes"]:
-                problems.append(f"{entry['basename']}: {size} bytes, the index says {entry['bytes']}")
-    return problems
-
-
 def stray_entries(root: str | os.PathLike, class_names: list[str]) -> list[str]:
     """Entries under ``root`` that the dataset does not account for (reported, not deleted)."""
     root = Path(root)
