@@ -302,10 +302,11 @@ def test_nothing_to_build_says_no_usable_images_with_the_counts(tmp_path):
     settings = ImagenetInt8Settings(source=str(_all_bad_source(tmp_path)), output=str(tmp_path / "out"), **TINY)
     instance = dg.DagsterInstance.ephemeral()
     assert _materialize(settings, ["raw_manifest"], instance).success  # the manifest records the bad files
-    result = _materialize(settings, ["probe_features"], instance)
+    result = _materialize(settings, ["mds_dataset", "probe_features"], instance)
     errors = _step_errors(result)
-    assert errors["probe_features"].startswith(NO_USABLE), errors
-    assert "Traceback" not in errors["probe_features"]
+    for step in ("mds_dataset", "probe_features"):
+        assert errors[step].startswith(NO_USABLE), errors
+        assert "Traceback" not in errors[step]
 
 
 def test_cli_stops_after_the_manifest_when_nothing_is_usable(tmp_path):
