@@ -235,8 +235,9 @@ class ImagenetInt8Settings(ConfigurableResource):
         """Check every setting before any work starts; raises SettingsError (or SourceError).
 
         Values, source and output not nested, the output (a writable folder, or one that can be
-        created; ``dagster_home`` too when given; nothing is created), the source's class folders, the device (torch sees
-        that GPU) and the VAE (resolvable without loading weights; see ``core.vae.check_vae``).
+        created; ``dagster_home`` too when given; nothing is created), the source's class folders,
+        the device (torch sees that GPU) and the VAE (resolvable without loading weights; see
+        ``core.vae.check_vae``).
         Returns the reason the demo's VAE fallback will be used, or None.
         """
         self.validate_values()
@@ -245,9 +246,10 @@ class ImagenetInt8Settings(ConfigurableResource):
         if dagster_home is not None:
             check_writable_folder(dagster_home, "DAGSTER_HOME")
         if not self.is_sample:
-            source = resolve_source_root(Path(self.source).expanduser().resolve())  # exists, or SourceError
-            if find_cifar10_root(Path(self.source).expanduser().resolve()) is None:
-                list_class_folders(source)
+            source = Path(self.source).expanduser().resolve()
+            root = resolve_source_root(source)  # exists, or SourceError
+            if find_cifar10_root(source) is None:
+                list_class_folders(root)
         try:
             resolve_device(self.device)
             return check_vae(self.vae, fallback=self.vae_fallback or None)
