@@ -347,7 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imagenet_int8_assets.core.sources import SourceError
     from imagenet_int8_assets.core.vae import RANDOM_PRESETS
     from imagenet_int8_assets.instance import dagster_home_path
-    from imagenet_int8_assets.resources import SAMPLE_SOURCE, ImagenetInt8Settings, SettingsError, max_partitions_per_run
+    from imagenet_int8_assets.resources import (
+        SAMPLE_SOURCE,
+        ImagenetInt8Settings,
+        SettingsError,
+        max_partitions_per_run,
+    )
 
     overrides: dict = {
         "source": getattr(args, "source", None),
@@ -374,7 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # every setting is checked before any work starts (exit code 2, one line)
         settings = ImagenetInt8Settings.from_env(**overrides)
         if args.max_partitions_per_run is not None and args.max_partitions_per_run <= 0:
-            raise SettingsError(f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes.")
+            raise SettingsError(
+                f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes."
+            )
         max_partitions_per_run()
         settings.preflight(dagster_home_path(settings.output_path / "dagster_home"))
         # Flags become the environment: loading the definitions module (which builds its default

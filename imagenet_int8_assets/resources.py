@@ -88,7 +88,8 @@ def check_writable_folder(path: Path, variable: str) -> None:
     try:
         if existing == path and not path.is_dir():
             raise SettingsError(
-                f"{variable}={shown!r} is a file, not a folder: point {variable} at a folder (it is created when missing)."
+                f"{variable}={shown!r} is a file, not a folder: point {variable} at a folder "
+                "(it is created when missing)."
             )
         if existing is None or not existing.is_dir():
             raise SettingsError(
@@ -100,7 +101,8 @@ def check_writable_folder(path: Path, variable: str) -> None:
     except OSError as exc:
         what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
         raise SettingsError(
-            f"{variable}={shown!r} {what} ({exc.strerror or exc}): make it writable or point {variable} at another folder."
+            f"{variable}={shown!r} {what} ({exc.strerror or exc}): make it writable or point {variable} "
+            "at another folder."
         ) from None
 
 
@@ -161,7 +163,9 @@ class ImagenetInt8Settings(ConfigurableResource):
     def validate_values(self) -> None:
         """Every value on its own (no file system, no torch): raises SettingsError naming the variable."""
         if not self.source.strip():
-            raise _bad("source", self.source, "empty; set a folder of class folders, or 'sample' for the bundled sample")
+            raise _bad(
+                "source", self.source, "empty; set a folder of class folders, or 'sample' for the bundled sample"
+            )
         if not self.output.strip():
             raise _bad("output", self.output, f"empty; set a folder (default {DEFAULT_OUTPUT})")
         if not self.vae.strip():
@@ -188,7 +192,10 @@ class ImagenetInt8Settings(ConfigurableResource):
                 f"use a multiple of 8 from {MIN_CROP_SIZE} to {MAX_CROP_SIZE} (256 as published, 512)",
             )
         if not math.isfinite(self.quant_range) or self.quant_range < 0:
-            raise _bad("quant_range", self.quant_range, "use a finite range R > 0 (uint8 codes span +-R), or 0 for the VAE's default")
+            raise _bad(
+                "quant_range", self.quant_range,
+                "use a finite range R > 0 (uint8 codes span +-R), or 0 for the VAE's default",
+            )
         if not math.isfinite(self.report_max_psnr_gap) or self.report_max_psnr_gap < 0:
             raise _bad("report_max_psnr_gap", self.report_max_psnr_gap, "use a finite number of dB >= 0")
         if not 0 <= self.report_max_clip_fraction <= 1:  # also refuses NaN

@@ -215,7 +215,9 @@ def test_hub_vaes_are_resolved_without_loading_weights(tmp_path):
         "import json, sys\n"
         "from imagenet_int8_assets.core.vae import check_vae, VaeLoadError\n"
         "out = {}\n"
-        "for spec, fallback in [('acme/tiny-vae', None), ('acme/missing', None), ('acme/missing', 'tiny-random'), ('flux1-vae', None)]:\n"
+        "cases = [('acme/tiny-vae', None), ('acme/missing', None), ('acme/missing', 'tiny-random')]\n"
+        "cases.append(('flux1-vae', None))\n"
+        "for spec, fallback in cases:\n"
         "    try:\n"
         "        out[f'{spec}|{fallback}'] = ['ok', check_vae(spec, fallback=fallback)]\n"
         "    except VaeLoadError as exc:\n"
@@ -249,8 +251,12 @@ def _cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str, str]]:
     (tmp_path / "home-file").write_text("")
     return {
         "infinite range": ([], {"IMAGENET_INT8_QUANT_RANGE": "inf"}, "IMAGENET_INT8_QUANT_RANGE", "inf"),
-        "DAGSTER_HOME is a file": ([], {"DAGSTER_HOME": str(tmp_path / "home-file")}, "DAGSTER_HOME", str(tmp_path / "home-file")),
-        "output inside the source": (["--output", str(source / "out")], {}, "IMAGENET_INT8_OUTPUT", str(source / "out")),
+        "DAGSTER_HOME is a file": (
+            [], {"DAGSTER_HOME": str(tmp_path / "home-file")}, "DAGSTER_HOME", str(tmp_path / "home-file")
+        ),
+        "output inside the source": (
+            ["--output", str(source / "out")], {}, "IMAGENET_INT8_OUTPUT", str(source / "out")
+        ),
         "unknown Hub VAE": (["--vae", "acme/missing"], {}, "IMAGENET_INT8_VAE", "acme/missing"),
     }
 
@@ -272,7 +278,8 @@ def test_dagster_asset_materialize_gives_the_same_one_line_message(tmp_path):
     env = _env(tmp_path, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_OUTPUT=str(source / "out"),
                DAGSTER_HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    proc = _run([str(BIN / "dagster"), "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"], env)
+    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"]
+    proc = _run(command, env)
     assert proc.returncode != 0
     expected = (
         f"IMAGENET_INT8_OUTPUT={str(source / 'out')!r} is inside IMAGENET_INT8_SOURCE={str(source)!r}: the next "
@@ -328,7 +335,8 @@ def test_space_estimate_uses_the_bytes_per_image_measured_so_far(tmp_path):
     needs.writing(2, 2400, "b")  # a is done: 1,000 bytes per image; b (and 4 more) still to write
     error = OSError(28, "No space left on device", str(tmp_path / "crops" / "b"))
     message = needs.message(error)
-    assert message.startswith(f"Disk full while writing preprocessed_crops (class b) under {tmp_path}: No space left on device")
+    step = "Disk full while writing preprocessed_crops (class b)"
+    assert message.startswith(f"{step} under {tmp_path}: No space left on device"), message
     assert "about 6.0 kB (6 image(s) x 1.0 kB per image, measured so far)" in message
     assert "run the same build again" in message and "\n" not in message
     assert disk_full_error(RuntimeError("wrapped")) is None
@@ -390,12 +398,13 @@ def test_a_full_dagster_home_is_reported_in_one_line(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     with tmpfs(tmp_path / "home", "8m") as home:
         env = _env(tmp_path, DAGSTER_HOME=str(home))
-        code = "import sys; from imagenet_int8_assets.instance import prepare_dagster_home; prepare_dagster_home(sys.argv[1])"
+        code = "import sys; from imagenet_int8_assets.instance import prepare_dagster_home as p; p(sys.argv[1])"
         assert _run([sys.executable, "-c", code, str(home)], env).returncode == 0  # an instance that worked
         _fill(home, leave=0)
         proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source)], env, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"imagenet-int8: the Dagster instance at DAGSTER_HOME={home} could not be written (SQLite: ")
+        expected = f"imagenet-int8: the Dagster instance at DAGSTER_HOME={home} could not be written (SQLite: "
+        assert last.startswith(expected), last
         assert "disk is probably full" in last and "run the same command again" in last
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

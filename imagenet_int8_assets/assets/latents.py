@@ -105,8 +105,8 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
             "encode": encode_record(device, settings.batch_size),
         }
         run_checks: dict = {}
-        crop_counts = [len(read_crops_with_meta(settings.output_path, k, mmap=True)[0]) for k in context.partition_keys]
-        space = SpaceNeeds("vae_latents", settings.output_path, sum(crop_counts))
+        counts = [len(read_crops_with_meta(settings.output_path, k, mmap=True)[0]) for k in context.partition_keys]
+        space = SpaceNeeds("vae_latents", settings.output_path, sum(counts))
         for key in context.partition_keys:
             ids, images, crop_meta = read_crops_with_meta(settings.output_path, key, mmap=True)
             if not run_checks and len(ids):
