@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +15,29 @@ from imagenet_int8_assets.cli import FINAL_STEPS
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # where `imagenet-int8` and `dagster` are installed
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict:
+    """Environment for the real CLI in a subprocess: output under ``tmp_path``, tiny VAE on CPU,
+    offline, none of the caller's IMAGENET_INT8_* or DAGSTER_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
+    env.update(
+        IMAGENET_INT8_OUTPUT=str(tmp_path / "out"),
+        IMAGENET_INT8_VAE="tiny-random",
+        IMAGENET_INT8_DEVICE="cpu",
+        IMAGENET_INT8_WORKERS="1",
+        TMPDIR=os.environ.get("TMPDIR", tempfile.gettempdir()),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(args, env: dict, cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,7 @@ from imagenet_int8_assets.dead_runs import (
     process_run_tags,
 )
 from imagenet_int8_assets.instance import GPU_POOL, prepare_dagster_home
-from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
+from imagenet_int8_assets_tests.conftest import REPO, cli_env, make_image_folder
 from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
 
 BIN = Path(sys.executable).parent
@@ -62,20 +62,13 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _cli_env(tmp_path: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
-    env.update(
-        IMAGENET_INT8_VAE="tiny-random",
-        IMAGENET_INT8_DEVICE="cpu",
-        IMAGENET_INT8_WORKERS="1",
+    return cli_env(
+        tmp_path,
         IMAGENET_INT8_DEMO_VAE_FALLBACK="tiny-random",
         IMAGENET_INT8_REPORT_PER_CLASS="1",
         IMAGENET_INT8_PROBE_PER_CLASS="2",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
-        PYTHONUNBUFFERED="1",
+        **extra,
     )
-    env.update(extra)
-    return env
 
 
 # ------------------------------------------------------------------------------------------

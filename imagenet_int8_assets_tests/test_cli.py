@@ -5,43 +5,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from imagenet_int8_assets.core.mds_index import class_home, index_sample_count, read_class_index
-from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
-
-BIN = Path(sys.executable).parent
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 
 
-def _env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
-    env.update(
-        IMAGENET_INT8_OUTPUT=str(tmp_path / "out"),
-        IMAGENET_INT8_VAE="tiny-random",
-        IMAGENET_INT8_DEVICE="cpu",
-        IMAGENET_INT8_WORKERS="1",
-        TMPDIR=os.environ["TMPDIR"],
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
-def _run(args, env, cwd=REPO, timeout=600):
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
 
 
 def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
     source = make_image_folder(tmp_path / "src", {"n01440764": 3, "n02676566": 2, "n09999999x": 0})
     (source / "n02676566" / "broken.JPEG").write_bytes(b"\xff\xd8\xff garbage")
-    env = _env(tmp_path)
-    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "2"], env, cwd=tmp_path)
+    env = cli_env(tmp_path)
+    proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "2"], env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Dataset: {tmp_path / 'out' / 'mds'}" in proc.stdout
     assert "5 samples in 3 classes" in proc.stdout and "1 bad" in proc.stdout
@@ -58,11 +39,11 @@ def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
 
 
 def test_build_errors_are_clear_and_nonzero(tmp_path):
-    env = _env(tmp_path)
-    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "nowhere")], env)
+    env = cli_env(tmp_path)
+    proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "nowhere")], env)
     assert proc.returncode == 2 and "IMAGENET_INT8_SOURCE" in proc.stderr
     source = make_image_folder(tmp_path / "src", {"a": 1})
-    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--vae", "stabilityai/sdxl-vae"], env)
+    proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(source), "--vae", "stabilityai/sdxl-vae"], env)
     assert proc.returncode == 2  # the VAE is checked before any work starts (no manifest, no crops)
     assert "IMAGENET_INT8_VAE='stabilityai/sdxl-vae'" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
     assert not (tmp_path / "out" / "manifest").exists()
@@ -70,10 +51,10 @@ def test_build_errors_are_clear_and_nonzero(tmp_path):
 
 
 def test_demo_falls_back_loudly_and_says_how_to_read(tmp_path):
-    env = _env(tmp_path)
+    env = cli_env(tmp_path)
     del env["IMAGENET_INT8_VAE"]  # the real default, unavailable offline: the demo's fallback
     env["IMAGENET_INT8_DEMO_VAE_FALLBACK"] = "tiny-random"  # keep the test fast on CPU
-    proc = _run([str(BIN / "imagenet-int8"), "demo"], env, cwd=tmp_path)
+    proc = run_cli([str(BIN / "imagenet-int8"), "demo"], env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "VAE FALLBACK" in proc.stderr and "RANDOM weights" in proc.stdout
     assert "21 samples in 4 classes" in proc.stdout and "open_dataset" in proc.stdout
@@ -85,12 +66,12 @@ def test_demo_falls_back_loudly_and_says_how_to_read(tmp_path):
 
 def test_dagster_asset_materialize_one_partition(tmp_path):
     source = make_image_folder(tmp_path / "src", {"n01440764": 2, "n01443537": 3})
-    env = _env(tmp_path, IMAGENET_INT8_SOURCE=str(source), DAGSTER_HOME=str(tmp_path / "home"))
+    env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source), DAGSTER_HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     dagster = str(BIN / "dagster")
-    proc = _run([dagster, "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"], env)
+    proc = run_cli([dagster, "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _run(
+    proc = run_cli(
         [dagster, "asset", "materialize", "-m", "imagenet_int8_assets",
          "--select", "preprocessed_crops,vae_latents,mds_shards", "--partition", "n01443537"],
         env,
@@ -109,7 +90,7 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
     import time
 
     source = make_image_folder(tmp_path / "src", {f"class{i}": 6 for i in range(4)})
-    env = _env(tmp_path)
+    env = cli_env(tmp_path)
     args = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latents = tmp_path / "out" / "latents"
@@ -121,7 +102,7 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "out" / "mds" / "index.json").exists()
 
-    rerun = _run(args, env, cwd=tmp_path)
+    rerun = run_cli(args, env, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     out = tmp_path / "out"
     hidden = [p for p in out.rglob(".*") if p.name.startswith((".tmp-", ".trash-"))]
@@ -139,7 +120,7 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
 def test_presets_command_lists_every_preset_with_its_properties(tmp_path):
     from imagenet_int8_assets.core.vae import PRESETS
 
-    proc = _run([str(BIN / "imagenet-int8"), "presets"], _env(tmp_path))
+    proc = run_cli([str(BIN / "imagenet-int8"), "presets"], cli_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line and not line.startswith(" ")}
     for name, preset in PRESETS.items():

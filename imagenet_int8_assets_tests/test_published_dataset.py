@@ -21,10 +21,9 @@ from imagenet_int8_assets.core.storage import mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import materialize_all, make_image_folder
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, materialize_all
 
 PARTITIONED = [dg.AssetKey(k) for k in ("preprocessed_crops", "vae_latents", "mds_shards")]
-BIN = os.path.dirname(sys.executable)
 
 
 def _samples(root) -> list[tuple[bytes, int]]:
@@ -145,12 +144,8 @@ def test_a_build_killed_after_remaking_a_class_keeps_the_previous_dataset(tmp_pa
     """The real CLI, killed once a class has a new version: readers see the old dataset; a re-run
     publishes the new one, complete."""
     source = make_image_folder(tmp_path / "src", {f"c{i}": 3 for i in range(4)})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
-    env.update(
-        IMAGENET_INT8_OUTPUT=str(tmp_path / "out"), IMAGENET_INT8_VAE="tiny-random", IMAGENET_INT8_DEVICE="cpu",
-        IMAGENET_INT8_WORKERS="1", IMAGENET_INT8_REPORT_PER_CLASS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-    )
-    args = [os.path.join(BIN, "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    env = cli_env(tmp_path, IMAGENET_INT8_REPORT_PER_CLASS="1")
+    args = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
     first = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     root = tmp_path / "out" / "mds"

@@ -25,30 +25,13 @@ from imagenet_int8_assets.core.metrics import ssim
 from imagenet_int8_assets.core.storage import manifest_path
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import MIN_CROP_SIZE, ImagenetInt8Settings, SettingsError
-from imagenet_int8_assets_tests.conftest import REPO, make_image_folder
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 
-BIN = Path(sys.executable).parent
 TINY = {"vae": "tiny-random", "device": "cpu", "workers": 1}
 
 
-def _env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGENET_INT8_", "DAGSTER_HOME"))}
-    env.update(
-        IMAGENET_INT8_OUTPUT=str(tmp_path / "out"),
-        IMAGENET_INT8_VAE="tiny-random",
-        IMAGENET_INT8_DEVICE="cpu",
-        IMAGENET_INT8_WORKERS="1",
-        TMPDIR=os.environ["TMPDIR"],
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
-def _run(args, env, cwd=REPO, timeout=600):
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -227,7 +210,7 @@ def test_hub_vaes_are_resolved_without_loading_weights(tmp_path):
     import json
 
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    offline = json.loads(_run([sys.executable, "-c", code], env, timeout=120).stdout)
+    offline = json.loads(run_cli([sys.executable, "-c", code], env, timeout=120).stdout)
     assert offline["acme/tiny-vae|None"] == ["ok", None]  # found in the cache, nothing loaded
     status, message = offline["acme/missing|None"]
     assert status == "error" and "IMAGENET_INT8_VAE='acme/missing'" in message and "HF_HUB_OFFLINE" in message
@@ -237,7 +220,7 @@ def test_hub_vaes_are_resolved_without_loading_weights(tmp_path):
     # Not offline: one metadata lookup, here to an endpoint that refuses connections.
     env = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    online = json.loads(_run([sys.executable, "-c", code], env, timeout=120).stdout)
+    online = json.loads(run_cli([sys.executable, "-c", code], env, timeout=120).stdout)
     assert online["acme/tiny-vae|None"] == ["ok", None]
     status, message = online["acme/missing|None"]
     assert status == "error" and "nor found on the Hub" in message and "\n" not in message
@@ -263,8 +246,8 @@ def _cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str, str]]:
 
 def test_cli_refuses_bad_settings_with_one_line_exit_2_and_no_work(tmp_path):
     for name, (args, extra, var, value) in _cli_cases(tmp_path).items():
-        env = _env(tmp_path, **extra)
-        proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "src"), *args], env, cwd=tmp_path)
+        env = cli_env(tmp_path, **extra)
+        proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "src"), *args], env, cwd=tmp_path)
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
@@ -275,11 +258,11 @@ def test_cli_refuses_bad_settings_with_one_line_exit_2_and_no_work(tmp_path):
 
 def test_dagster_asset_materialize_gives_the_same_one_line_message(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
-    env = _env(tmp_path, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_OUTPUT=str(source / "out"),
+    env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_OUTPUT=str(source / "out"),
                DAGSTER_HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     command = [str(BIN / "dagster"), "asset", "materialize", "-m", "imagenet_int8_assets", "--select", "raw_manifest"]
-    proc = _run(command, env)
+    proc = run_cli(command, env)
     assert proc.returncode != 0
     expected = (
         f"IMAGENET_INT8_OUTPUT={str(source / 'out')!r} is inside IMAGENET_INT8_SOURCE={str(source)!r}: the next "
@@ -317,8 +300,8 @@ def test_nothing_to_build_says_no_usable_images_with_the_counts(tmp_path):
 
 
 def test_cli_stops_after_the_manifest_when_nothing_is_usable(tmp_path):
-    env = _env(tmp_path)
-    proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(_all_bad_source(tmp_path))], env, cwd=tmp_path)
+    env = cli_env(tmp_path)
+    proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(_all_bad_source(tmp_path))], env, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert NO_USABLE in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -357,9 +340,9 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
     home = tmp_path / "home"
     with tmpfs(tmp_path / "it's out", "16m") as out:
         filler = _fill(out, leave=800_000)  # the manifest and one class of crops fit, not two
-        env = _env(tmp_path, IMAGENET_INT8_OUTPUT=str(out), DAGSTER_HOME=str(home))
+        env = cli_env(tmp_path, IMAGENET_INT8_OUTPUT=str(out), DAGSTER_HOME=str(home))
         args = [str(BIN / "imagenet-int8"), "build", "--source", str(source)]
-        proc = _run(args, env, cwd=tmp_path)
+        proc = run_cli(args, env, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
         step = "preprocessed_crops: Disk full while writing preprocessed_crops (class b) under "
         line = next((ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith(step)), proc.stderr[-3000:])
@@ -369,7 +352,7 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
         assert not (out / "mds" / "index.json").exists()
 
         filler.unlink()
-        proc = _run(args, env, cwd=tmp_path)
+        proc = run_cli(args, env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "6 samples in 2 classes" in proc.stdout
         hidden = [p for p in out.rglob(".*") if p.name.startswith((".tmp-", ".trash-"))]
@@ -397,11 +380,11 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
 def test_a_full_dagster_home_is_reported_in_one_line(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     with tmpfs(tmp_path / "home", "8m") as home:
-        env = _env(tmp_path, DAGSTER_HOME=str(home))
+        env = cli_env(tmp_path, DAGSTER_HOME=str(home))
         code = "import sys; from imagenet_int8_assets.instance import prepare_dagster_home as p; p(sys.argv[1])"
-        assert _run([sys.executable, "-c", code, str(home)], env).returncode == 0  # an instance that worked
+        assert run_cli([sys.executable, "-c", code, str(home)], env).returncode == 0  # an instance that worked
         _fill(home, leave=0)
-        proc = _run([str(BIN / "imagenet-int8"), "build", "--source", str(source)], env, cwd=tmp_path)
+        proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(source)], env, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         expected = f"imagenet-int8: the Dagster instance at DAGSTER_HOME={home} could not be written (SQLite: "
