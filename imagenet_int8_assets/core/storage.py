@@ -14,6 +14,7 @@ Layout under the output root (``IMAGENET_INT8_OUTPUT``)::
     mds/build.json                   how the published dataset was built (also embedded in index.json)
     report/                          reconstruction report (PNG figures, report.html, metrics.csv)
     probe/                           latent probe (features.npz, figures, report.html)
+    .imagenet-int8-build.lock        held by the running `imagenet-int8 build` (see ``build_lock``)
 
 Every partition folder is written to a hidden sibling (``.tmp-<name>-<random>``) and swapped in
 with renames, so a killed run never leaves a half-written folder under a real name; leftovers
