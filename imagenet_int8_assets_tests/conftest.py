@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,11 +45,33 @@ def run_cli(args, env: dict, cwd=REPO, timeout: float = 600) -> subprocess.Compl
 
 @pytest.fixture(autouse=True)
 def own_tmpdir(tmp_path_factory, monkeypatch):
-    """StreamingDataset leaves shared memory and lock files in the temp dir: one per test."""
+    """StreamingDataset leaves shared memory and lock files in the temp dir: one per test.
+
+    It also never unlinks its shared-memory segments (/dev/shm/NNNNNN_*), and every new
+    StreamingDataset attaches to all the earlier ones while looking for a free prefix, keeping a
+    descriptor open for each: in one long pytest process the open descriptors grow with the square
+    of the datasets opened, until "Too many open files". Unlinking the segments that this test's
+    datasets left (they are garbage once the test ends) keeps that growth linear.
+    """
     tmp = tmp_path_factory.mktemp("tmpdir")
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
+    before = _streaming_segments()
+    yield tmp
+    gc.collect()
+    for name in _streaming_segments() - before:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
+
+
+def _streaming_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if STREAMING_SEGMENT.match(n)}
+    except OSError:  # no /dev/shm on this platform
+        return set()
+
+
+STREAMING_SEGMENT = re.compile(r"\d{6}_")
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size=(300, 240)) -> Path:
