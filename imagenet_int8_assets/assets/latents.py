@@ -105,10 +105,10 @@ def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: 
             "encode": encode_record(device, settings.batch_size),
         }
         run_checks: dict = {}
-        counts = [len(read_crops_with_meta(settings.output_path, k, mmap=True)[0]) for k in context.partition_keys]
-        space = SpaceNeeds("vae_latents", settings.output_path, sum(counts))
+        crops = {k: read_crops_with_meta(settings.output_path, k, mmap=True) for k in context.partition_keys}
+        space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
         for key in context.partition_keys:
-            ids, images, crop_meta = read_crops_with_meta(settings.output_path, key, mmap=True)
+            ids, images, crop_meta = crops.pop(key)
             if not run_checks and len(ids):
                 run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
                 for name, value in run_checks.items():

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from imagenet_int8_assets.core.mds_index import BUILD_INFO, CLASSES, CURRENT, INDEX, RECORD_KEY
 from imagenet_int8_assets.core.mds_index import LATENT_SHAPE as PUBLISHED_SHAPE
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE as PUBLISHED_RANGE
+from imagenet_int8_assets.core.storage import file_hash
 
 VERIFY_MODES = ("hash", "size", "none")
 # Preferred first: xxh3_64 (what our shards record, several GB/s), then the other fast ones.
@@ -203,22 +204,6 @@ def _check_columns(root: Path, index: dict, decode: DecodeParams) -> None:
                     f"{encoding!r}, which does not hold latents of shape {decode.latent_shape} (from "
                     f"{decode.source}); {REBUILD_DATASET}."
                 )
-
-
-def file_hash(path: str | os.PathLike, algo: str) -> str:
-    """Hex digest of a file with a hash that MDS indexes record (hashlib or xxhash names)."""
-    if algo.startswith("xxh"):
-        import xxhash
-
-        digest = getattr(xxhash, algo)()
-    else:
-        digest = hashlib.new(algo)
-    buffer = bytearray(1 << 22)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _hash_to_check(hashes) -> str | None:

@@ -39,13 +39,26 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+def file_hash(path: str | os.PathLike, algo: str) -> str:
+    """Hex digest of a file, read in 4 MiB blocks; ``algo`` is a hashlib name or an xxhash one
+    (``xxh3_64``, ..., as MDS indexes record them)."""
+    if algo.startswith("xxh"):
+        import xxhash
+
+        digest = getattr(xxhash, algo)()
+    else:
+        digest = hashlib.new(algo)
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file."""
+    return file_hash(path, "sha256")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
