@@ -1,17 +1,31 @@
-"""One static partition per class folder found under the source when definitions load."""
+"""Class partitions: one dynamic partition per class folder, registered in the Dagster instance.
+
+The set of classes lives in the instance, not in the code: loading the definitions neither scans
+the source nor writes anything. Partitions are added by ``raw_manifest`` (which scans the source),
+by the ``class_folders`` sensor (within one sensor interval of a new class folder appearing) and
+by ``imagenet-int8 build`` (which needs no daemon). A class whose folder vanished keeps its
+partition: the dataset keeps its last build (README: "Live class partitions").
+"""
 
 from __future__ import annotations
 
-from dagster import StaticPartitionsDefinition
+from collections.abc import Iterable
 
-from imagenet_int8_assets.core.sources import list_class_folders
-from imagenet_int8_assets.resources import ImagenetInt8Settings
+from dagster import DagsterInstance, DynamicPartitionsDefinition
+
+CLASS_PARTITIONS = "classes"
+class_partitions = DynamicPartitionsDefinition(name=CLASS_PARTITIONS)
 
 
-def class_partitions(settings: ImagenetInt8Settings) -> StaticPartitionsDefinition:
-    """Partition keys are the class folder names, sorted (= label order for ImageNet wnids).
+def registered_classes(instance: DagsterInstance) -> list[str]:
+    """Every registered class, sorted (= label order for ImageNet wnids, and the dataset's order)."""
+    return sorted(instance.get_dynamic_partitions(CLASS_PARTITIONS))
 
-    Folders that cannot be classes (a name that is not UTF-8 or that Dagster refuses as a key, a
-    broken, looping or duplicate link) are left out here and recorded by the manifest
-    (``core.sources.find_class_folders``), so loading the definitions never fails on them."""
-    return StaticPartitionsDefinition(list_class_folders(settings.source_path()))
+
+def register_classes(instance: DagsterInstance, names: Iterable[str]) -> list[str]:
+    """Add the classes not registered yet; returns them (sorted). Existing ones are left alone."""
+    known = set(instance.get_dynamic_partitions(CLASS_PARTITIONS))
+    new = sorted(set(names) - known)
+    if new:
+        instance.add_dynamic_partitions(CLASS_PARTITIONS, new)
+    return new

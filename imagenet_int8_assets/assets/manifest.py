@@ -2,12 +2,15 @@
 
 
 import io
+import json
+from dataclasses import dataclass
 
 import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
 from imagenet_int8_assets.core.sources import scan_source
+from imagenet_int8_assets.partitions import registered_classes
 from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_bytes, manifest_path
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
@@ -19,6 +22,60 @@ def read_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame:
             f"No manifest at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
         )
     return pd.read_parquet(path)
+
+
+SOURCE_CLASSES = "classes.json"  # beside the manifest: the class folders and labels of the last scan
+
+
+def source_classes_path(settings: ImagenetInt8Settings):
+    return manifest_path(settings.output_path).with_name(SOURCE_CLASSES)
+
+
+def read_source_classes(settings: ImagenetInt8Settings) -> dict:
+    """The last scan's classes: ``{"classes": [...], "labels": {class: [index, text]}, "versions": {class: v}}``."""
+    path = source_classes_path(settings)
+    if not path.is_file():
+        raise MissingArtifact(
+            f"No class list at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class DatasetClasses:
+    """Which registered classes form the dataset.
+
+    ``present``: in the source at the last scan. ``vanished``: registered and built by this output
+    but gone from the source; the dataset keeps their last build (never silently dropped).
+    ``foreign``: registered in the instance but neither in this source nor built here (another
+    output sharing the DAGSTER_HOME); left out.
+    """
+
+    present: list[str]
+    vanished: list[str]
+    foreign: list[str]
+
+    @property
+    def in_dataset(self) -> list[str]:
+        return sorted(self.present + self.vanished)
+
+
+def dataset_classes(instance, settings: ImagenetInt8Settings) -> DatasetClasses:
+    """Split the instance's registered classes by ``DatasetClasses``' rules (reads the last scan)."""
+    from imagenet_int8_assets.core import mds_index
+    from imagenet_int8_assets.core.storage import mds_root
+
+    in_source = set(read_source_classes(settings)["classes"])
+    present, vanished, foreign = [], [], []
+    root = mds_root(settings.output_path)
+    for key in sorted(set(registered_classes(instance)) | in_source):
+        if key in in_source:
+            present.append(key)
+        elif (mds_index.class_home(root, key) / mds_index.CURRENT).is_file():
+            vanished.append(key)
+        else:
+            foreign.append(key)
+    return DatasetClasses(present, vanished, foreign)
 
 
 def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
