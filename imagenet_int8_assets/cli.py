@@ -88,8 +88,8 @@ def _failures(result) -> list[str]:
     return lines
 
 
-def build(settings, partitions_per_run: int | None, verbose: bool = False) -> int:
-    """Materialize the whole graph under the output's build lock; returns a process exit code.
+def build(settings, partitions_per_run: int | None, verbose: bool = False, force: bool = False) -> int:
+    """Materialize what is missing or stale under the output's build lock; returns an exit code.
 
     A second build (or demo) of an output that is being built is refused at once with exit code 2
     and a message naming the running one; the lock dies with its process, so a killed build never
@@ -99,17 +99,19 @@ def build(settings, partitions_per_run: int | None, verbose: bool = False) -> in
 
     try:
         with hold_build_lock(settings.output_path):
-            return _build_locked(settings, partitions_per_run, verbose)
+            return _build_locked(settings, partitions_per_run, verbose, force)
     except (BuildLockBusy, BuildLockError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
 
 
-def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> int:
+def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force: bool) -> int:
     from dagster import AssetKey, DagsterInstance
     from dagster._core.utils import make_new_run_id
     from tqdm import tqdm
 
+    from imagenet_int8_assets.assets.manifest import read_source_classes
+    from imagenet_int8_assets.build_plan import plan_build
     from imagenet_int8_assets.dead_runs import fail_dead_build_runs, process_run_tags
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.instance import prepare_dagster_home
@@ -124,23 +126,20 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> in
             f"failed: {', '.join(dead)}",
             flush=True,
         )
+    if force:
+        settings.record_settings(replace=True)  # --force rebuilds everything with these settings
     own_tags = process_run_tags()  # lets the next build (or the UI's sensor) fail our runs if we die
     per_run = partitions_per_run or max_partitions_per_run()
     defs = build_definitions(settings, per_run)
     job = defs.resolve_implicit_global_asset_job_def()
-    keys = defs.resolve_assets_def("preprocessed_crops").partitions_def.get_partition_keys()
-    batches = _chunks(keys, per_run)
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO" if verbose else "WARNING"}}}}
     print(
-        f"Building {len(keys)} class(es) from {settings.source_path()} into {settings.output_path}\n"
-        f"VAE {settings.vae!r}, {len(batches)} batched run(s) of up to {per_run} class(es); "
-        f"Dagster instance: DAGSTER_HOME={home}",
+        f"Building from {settings.source_path()} into {settings.output_path}\n"
+        f"VAE {settings.vae!r}; Dagster instance: DAGSTER_HOME={home}",
         flush=True,
     )
     failures: list[str] = []
-    with DagsterInstance.get() as instance, tqdm(
-        total=1 + len(PARTITIONED_STEPS) * len(keys) + len(FINAL_STEPS), unit="step", dynamic_ncols=True
-    ) as bar:
+    with DagsterInstance.get() as instance, tqdm(total=1, unit="step", dynamic_ncols=True) as bar:
 
         def run(selection: Sequence[str], tags: dict[str, str] | None = None) -> bool:
             run_id = make_new_run_id()
@@ -160,6 +159,11 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> in
 
         bar.set_description("manifest")
         if run(["raw_manifest"]) and _usable_images(settings, failures):
+            plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
+            batches = _chunks(plan.classes, per_run)
+            bar.total = 1 + len(PARTITIONED_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0)
+            bar.refresh()
+            tqdm.write(plan.describe(per_run))
             for n, batch in enumerate(batches, 1):
                 bar.set_description(f"classes {n}/{len(batches)}")
                 run(
@@ -169,13 +173,13 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool) -> in
                         "dagster/asset_partition_range_end": batch[-1],
                     },
                 )
-            if not failures:
+            if not failures and plan.dataset:
                 bar.set_description("dataset")
                 run(FINAL_STEPS)
     if failures:
         print("\nThe build did not finish:\n" + "\n".join(failures), file=sys.stderr)
         print(
-            f"Fix the cause and run the same command again (finished classes are simply redone). "
+            f"Fix the cause and run the same command again (classes already built are not redone). "
             f"Full logs: {_ui_command(settings, home)}",
             file=sys.stderr,
         )
@@ -338,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(
             "--max-partitions-per-run", type=int, help="classes per batched run (IMAGENET_INT8_MAX_PARTITIONS_PER_RUN)"
         )
+        p.add_argument(
+            "--force", action="store_true",
+            help="rebuild every class and the dataset, and record the current settings for the output",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="show Dagster INFO logs")
     args = parser.parse_args(argv)
     if args.command == "presets":
@@ -384,10 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         max_partitions_per_run()
         settings.preflight(dagster_home_path(settings.output_path / "dagster_home"))
+        if not args.force:
+            settings.require_recorded_settings()
         # Flags become the environment: loading the definitions module (which builds its default
         # Definitions from IMAGENET_INT8_*) then sees this build's source and output, not others.
         os.environ.update(_settings_env(settings))
-        code = build(settings, args.max_partitions_per_run, args.verbose)
+        code = build(settings, args.max_partitions_per_run, args.verbose, args.force)
     except (SettingsError, SourceError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2

@@ -1,49 +1,73 @@
 """The one Definitions object (used by workspace.yaml, `dagster dev` and `dagster asset materialize`).
 
-Partitions are the class folders found under the source when this module loads; settings come
-from IMAGENET_INT8_* environment variables (see resources.py and the README).
+Loading it is fast and writes nothing: class partitions are dynamic (registered in the instance,
+see partitions.py), the source is neither scanned nor prepared here. Settings come from the
+IMAGENET_INT8_* environment variables and the output's recorded settings (resources.py); they
+decide each asset's code version, the batching of class runs and the refresh cron.
 """
 
 from __future__ import annotations
 
-import warnings
+from dagster import AssetsDefinition, BackfillPolicy, Definitions, in_process_executor
 
-from dagster import BackfillPolicy, BetaWarning, Definitions, PreviewWarning, in_process_executor
-
-from imagenet_int8_assets.assets.crops import build_crops_asset
-from imagenet_int8_assets.assets.latents import build_latents_assets
-from imagenet_int8_assets.assets.manifest import raw_manifest
-from imagenet_int8_assets.assets.probe import build_probe_assets
-from imagenet_int8_assets.assets.quantization import build_quantization_asset
-from imagenet_int8_assets.assets.report import build_report_assets
-from imagenet_int8_assets.assets.shards import build_shards_assets
+from imagenet_int8_assets.assets.crops import preprocessed_crops
+from imagenet_int8_assets.assets.latents import latents_are_finite, vae_latents
+from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
+from imagenet_int8_assets.assets.probe import latent_probe, probe_features
+from imagenet_int8_assets.assets.quantization import quantization_stats
+from imagenet_int8_assets.assets.report import reconstruction_quality, reconstruction_report
+from imagenet_int8_assets.assets.shards import mds_count_matches_manifest, mds_dataset, mds_shards
+from imagenet_int8_assets.automation import (
+    build_automation_sensor,
+    class_folders_sensor,
+    dataset_condition,
+    partition_condition,
+    refresh_schedule,
+)
 from imagenet_int8_assets.dead_runs import dead_build_runs_sensor
-from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
+
+CLASS_ASSETS = (preprocessed_crops, vae_latents, mds_shards)
+DATASET_ASSETS = (quantization_stats, mds_dataset, reconstruction_report, probe_features, latent_probe)
+CHECKS = (latents_are_finite, mds_count_matches_manifest, reconstruction_quality)
+
+
+def configured(
+    assets_def: AssetsDefinition, settings: ImagenetInt8Settings, policy: BackfillPolicy | None, condition
+) -> AssetsDefinition:
+    """The asset with the code version of ``settings``, its automation condition and, for class
+    assets, the backfill policy (classes per run)."""
+    name = assets_def.key.to_user_string()
+    spec_fn = lambda spec: spec.replace_attributes(  # noqa: E731
+        code_version=settings.code_version(name), automation_condition=condition
+    )
+    updated = assets_def.map_asset_specs(spec_fn)
+    return updated.with_attributes(backfill_policy=policy) if policy is not None else updated
 
 
 def build_definitions(
     settings: ImagenetInt8Settings | None = None, partitions_per_run: int | None = None
 ) -> Definitions:
     settings = settings if settings is not None else ImagenetInt8Settings.from_env()
-    partitions = class_partitions(settings)
     policy = BackfillPolicy.multi_run(partitions_per_run or max_partitions_per_run())
-    with warnings.catch_warnings():
-        # backfill policies and partitioned checks are marked beta/preview in 1.13; we pin it
-        warnings.simplefilter("ignore", BetaWarning)
-        warnings.simplefilter("ignore", PreviewWarning)
-        crops = build_crops_asset(partitions, policy)
-        latents, latents_check = build_latents_assets(partitions, policy)
-        stats = build_quantization_asset(partitions)
-        shards, shards_check, dataset = build_shards_assets(partitions, policy)
-        report, report_check = build_report_assets(partitions)
-        probe_features, latent_probe = build_probe_assets(partitions)
+    cron = settings.refresh_cron
+    assets = [
+        configured(raw_manifest, settings, None, None),
+        source_class_files,
+        *(configured(a, settings, policy, partition_condition(cron)) for a in CLASS_ASSETS),
+        *(configured(a, settings, None, dataset_condition(cron)) for a in DATASET_ASSETS),
+    ]
     return Definitions(
-        assets=[raw_manifest, crops, latents, stats, shards, dataset, report, probe_features, latent_probe],
-        asset_checks=[latents_check, shards_check, report_check],
+        assets=assets,
+        asset_checks=list(CHECKS),
         resources={"settings": settings},
-        # fails the runs of killed `imagenet-int8 build` processes, which would hold the gpu pool
-        sensors=[dead_build_runs_sensor],
+        schedules=[refresh_schedule(settings)],
+        sensors=[
+            class_folders_sensor,
+            build_automation_sensor(settings),
+            # fails the runs of killed `imagenet-int8 build` processes, which would hold the gpu pool
+            dead_build_runs_sensor,
+        ],
         # The steps of a run are sequential; one process per run pays the heavy imports (torch,
         # streaming) once instead of once per step, and shares nothing it should not.
         executor=in_process_executor,

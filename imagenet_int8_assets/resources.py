@@ -33,6 +33,7 @@ from imagenet_int8_assets.sample import generate_sample_dataset
 
 DEFAULT_OUTPUT = "./imagenet_int8_data"
 DEFAULT_MAX_PARTITIONS_PER_RUN = 50
+DEFAULT_REFRESH_CRON = "0 3 * * *"  # the refresh_source schedule: every day at 03:00 (instance time zone)
 SAMPLE_SOURCE = "sample"  # IMAGENET_INT8_SOURCE value (and default) meaning the bundled sample
 # Crop side bounds: the report's SSIM needs 11x11 images (so 16, the first multiple of 8 above);
 # 1024 (3 MiB per crop, the SDXL VAE's native size) keeps a class's crops and a VAE batch in memory.
@@ -41,32 +42,32 @@ MIN_CROP_SIZE, MAX_CROP_SIZE = 16, 1024
 # scikit-learn (report and probe samples, probe models), which take 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 
-ENV = {
-    "source": "IMAGENET_INT8_SOURCE",
-    "output": "IMAGENET_INT8_OUTPUT",
-    "vae": "IMAGENET_INT8_VAE",
-    "device": "IMAGENET_INT8_DEVICE",
-    "batch_size": "IMAGENET_INT8_BATCH_SIZE",
-    "crop_recipe": "IMAGENET_INT8_CROP_RECIPE",
-    "crop_size": "IMAGENET_INT8_CROP_SIZE",
-    "precision": "IMAGENET_INT8_PRECISION",
-    "store_flip": "IMAGENET_INT8_STORE_FLIP",
-    "seed": "IMAGENET_INT8_SEED",
-    "latent_value": "IMAGENET_INT8_LATENT_VALUE",
-    "quant_range": "IMAGENET_INT8_QUANT_RANGE",
-    "max_pixels": "IMAGENET_INT8_MAX_PIXELS",
-    "workers": "IMAGENET_INT8_WORKERS",
-    "max_partitions_per_run": "IMAGENET_INT8_MAX_PARTITIONS_PER_RUN",
-    "report_per_class": "IMAGENET_INT8_REPORT_PER_CLASS",
-    "report_grid_images": "IMAGENET_INT8_REPORT_GRID_IMAGES",
-    "report_max_psnr_gap": "IMAGENET_INT8_REPORT_MAX_PSNR_GAP",
-    "report_max_clip_fraction": "IMAGENET_INT8_REPORT_MAX_CLIP_FRACTION",
-    "report_blocking": "IMAGENET_INT8_REPORT_BLOCKING",
-    "probe_per_class": "IMAGENET_INT8_PROBE_PER_CLASS",
-    "probe_pool": "IMAGENET_INT8_PROBE_POOL",
-    "probe_max_classes": "IMAGENET_INT8_PROBE_MAX_CLASSES",
-    "cifar_split": "IMAGENET_INT8_CIFAR_SPLIT",
+# Every field's environment variable is IMAGENET_INT8_<FIELD NAME> (the table is derived from the
+# fields below, after the class); plus one that is not a resource field:
+PARTITIONS_PER_RUN_VAR = "IMAGENET_INT8_MAX_PARTITIONS_PER_RUN"
+ENV: dict[str, str] = {}  # filled after ImagenetInt8Settings
+
+# The settings that decide the bytes of the dataset an output holds. They are recorded in
+# <output>/settings.json when the output is first built; every entry point then uses them, and a
+# launch with different values is refused (README: "One set of settings per output").
+RECORDED = (
+    "source", "cifar_split", "max_pixels", "crop_recipe", "crop_size", "vae", "vae_fallback",
+    "precision", "latent_value", "seed", "store_flip", "quant_range",
+)
+SETTINGS_RECORD = "settings.json"
+# Which settings decide each asset's bytes: its code version (README: "Versions and staleness").
+BYTES_SETTINGS = {
+    "raw_manifest": ("source", "cifar_split", "max_pixels"),
+    "preprocessed_crops": ("crop_recipe", "crop_size", "max_pixels"),
+    "vae_latents": ("vae", "vae_fallback", "precision", "latent_value", "seed", "store_flip"),
+    "mds_shards": ("quant_range",),
+    "quantization_stats": ("quant_range",),
+    "mds_dataset": ("quant_range",),
+    "reconstruction_report": ("seed", "report_per_class", "report_grid_images"),
+    "probe_features": ("seed", "probe_per_class", "probe_max_classes", "probe_pool"),
+    "latent_probe": ("seed",),
 }
+CODE_REVISION = "1"  # bump when the code changes what an asset writes for the same settings
 
 
 class SettingsError(ValueError):
@@ -133,9 +134,13 @@ class ImagenetInt8Settings(ConfigurableResource):
     probe_max_classes: int = Field(default=100, description="Classes used by the latent probe (a seeded subset when there are more).")
     probe_pool: int = Field(default=8, description="Latents are average-pooled to probe_pool x probe_pool before the probe.")
     cifar_split: str = Field(default="train", description="For a CIFAR-10 source: train, test or all.")
+    automation: bool = Field(default=False, description="Start the build_automation sensor (materializes new, changed and missing classes, on the GPU) when the code location loads; else turn it on in the UI.")
+    refresh_cron: str = Field(default=DEFAULT_REFRESH_CRON, description="Cron of the refresh_source schedule (rescan the source; stopped until turned on).")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ImagenetInt8Settings:
+        """Settings from IMAGENET_INT8_* variables and ``overrides`` (CLI flags); a setting given by
+        neither takes the value recorded for the output (``settings.json``), else its default."""
         env = os.environ if environ is None else environ
         values: dict = {}
         for name, var in ENV.items():
@@ -156,9 +161,66 @@ class ImagenetInt8Settings(ConfigurableResource):
                 raise _bad(name, env[ENV[name]], "empty; set a folder, or unset the variable for the default"
                            + (" (the bundled sample)" if name == "source" else f" ({DEFAULT_OUTPUT})"))
         values.update({k: v for k, v in overrides.items() if v is not None})
+        output = values.get("output", DEFAULT_OUTPUT)
+        recorded = read_recorded_settings(Path(output).expanduser().resolve())
+        for name, value in (recorded or {}).items():
+            if name in RECORDED and name not in values:
+                values[name] = value
         settings = cls(**values)
         settings.validate_values()
         return settings
+
+    # ---- one set of settings per output ---------------------------------------------------
+
+    def recorded_values(self) -> dict:
+        """The values of ``RECORDED`` (the source as an absolute path, or 'sample')."""
+        values = {name: getattr(self, name) for name in RECORDED}
+        if not self.is_sample:
+            values["source"] = str(Path(self.source).expanduser().resolve())
+        return values
+
+    def settings_conflicts(self) -> list[str]:
+        """``NAME: recorded -> this launch`` for every recorded setting this launch changes."""
+        recorded = read_recorded_settings(self.output_path)
+        if recorded is None:
+            return []
+        mine = self.recorded_values()
+        return [
+            f"{ENV[name]}: the output holds {recorded[name]!r}, this launch has {mine[name]!r}"
+            for name in RECORDED
+            if name in recorded and recorded[name] != mine[name]
+        ]
+
+    def require_recorded_settings(self) -> None:
+        """Refuse (SettingsError) a launch whose settings differ from those the output was built with."""
+        conflicts = self.settings_conflicts()
+        if conflicts:
+            raise SettingsError(
+                f"IMAGENET_INT8_OUTPUT={str(self.output_path)!r} holds a dataset built with other settings "
+                f"({self.output_path / SETTINGS_RECORD}):\n  - " + "\n  - ".join(conflicts) + "\n"
+                "Launch with the recorded values (unset those variables or launchpad values: the recorded ones then "
+                "apply), choose another IMAGENET_INT8_OUTPUT, or rebuild this output with the new settings: "
+                "`imagenet-int8 build --force` (records them)."
+            )
+
+    def record_settings(self, replace: bool = False) -> Path:
+        """Write ``settings.json`` for the output when it has none (or ``replace``); returns its path."""
+        from imagenet_int8_assets.core.storage import atomic_write_json
+
+        path = self.output_path / SETTINGS_RECORD
+        if replace or not path.is_file():
+            atomic_write_json(path, self.recorded_values())
+        return path
+
+    def code_version(self, asset_name: str) -> str:
+        """The asset's code version: the code revision and the settings that decide its bytes,
+        readable in the UI (``1 crop_recipe=imagenet.int8 crop_size=256 ...``)."""
+        values = self.recorded_values()
+        parts = [
+            f"{name}={values[name] if name in values else getattr(self, name)}"
+            for name in BYTES_SETTINGS[asset_name]
+        ]
+        return " ".join([CODE_REVISION, *parts])
 
     def validate_values(self) -> None:
         """Every value on its own (no file system, no torch): raises SettingsError naming the variable."""
@@ -204,6 +266,10 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("workers", self.workers, "use 0 (all cores) or a positive number of processes")
         if not 0 <= self.seed <= MAX_SEED:
             raise _bad("seed", self.seed, f"use an integer from 0 to {MAX_SEED} (2**32 - 1)")
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(self.refresh_cron):
+            raise _bad("refresh_cron", self.refresh_cron, "use a cron string such as '0 3 * * *' (every day at 03:00)")
         preset = PRESETS.get(self.vae)
         side = self.crop_size // (preset.downsample if preset is not None else 8)
         if self.probe_pool < side and side % self.probe_pool:
@@ -273,6 +339,15 @@ class ImagenetInt8Settings(ConfigurableResource):
         except (SettingsError, SourceError) as exc:
             raise Failure(description=str(exc), allow_retries=False) from None
 
+    def require_recorded_settings_or_fail(self) -> None:
+        """``require_recorded_settings`` at the start of every asset step (a one-line ``Failure``)."""
+        from dagster import Failure
+
+        try:
+            self.require_recorded_settings()
+        except SettingsError as exc:
+            raise Failure(description=str(exc), allow_retries=False) from None
+
     # ---- derived values -------------------------------------------------------------------
 
     @property
@@ -284,20 +359,38 @@ class ImagenetInt8Settings(ConfigurableResource):
         return self.source == SAMPLE_SOURCE
 
     def source_path(self) -> Path:
-        """The folder of class folders the graph reads.
+        """The folder of class folders the graph reads (no side effect: see ``prepare_source``).
 
-        The bundled sample is generated under the output root on first use; a CIFAR-10 "python
-        version" folder is exported once to ``<output>/cifar10_<split>/<class>/*.png`` (lossless;
-        the crop recipe then upsamples the 32x32 images to the crop size).
+        The bundled sample lives at ``<output>/sample_source``; a CIFAR-10 "python version" folder
+        is read through its export at ``<output>/cifar10_<split>/<class>/*.png``.
         """
         if self.is_sample:
+            return self.output_path / "sample_source"
+        path = Path(self.source).expanduser().resolve()
+        if path.is_dir() and find_cifar10_root(path) is not None:
+            return self.output_path / f"cifar10_{self.cifar_split}"
+        return path
+
+    @property
+    def source_is_generated(self) -> bool:
+        """True for the bundled sample and a CIFAR-10 source (read through an export in the output)."""
+        if self.is_sample:
+            return True
+        path = Path(self.source).expanduser().resolve()
+        return path.is_dir() and find_cifar10_root(path) is not None
+
+    def prepare_source(self) -> Path:
+        """Make ``source_path()`` exist: generate the bundled sample, or export CIFAR-10 once
+        (lossless; the crop recipe then upsamples the 32x32 images to the crop size). Called by
+        ``raw_manifest`` and the CLI, never while the definitions load."""
+        if self.is_sample:
             check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
-            return generate_sample_dataset(self.output_path / "sample_source")
+            return generate_sample_dataset(self.source_path())
         path = Path(self.source).expanduser().resolve()
         cifar = find_cifar10_root(path) if path.is_dir() else None
         if cifar is not None:
             check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
-            return export_cifar10_as_folders(cifar, self.output_path / f"cifar10_{self.cifar_split}", self.cifar_split)
+            return export_cifar10_as_folders(cifar, self.source_path(), self.cifar_split)
         return path
 
     def range_for(self, vae_default: float) -> float:
@@ -308,10 +401,30 @@ class ImagenetInt8Settings(ConfigurableResource):
         return self.workers if self.workers > 0 else default_workers()
 
 
+ENV.update({name: f"IMAGENET_INT8_{name.upper()}" for name in ImagenetInt8Settings.model_fields})
+ENV["max_partitions_per_run"] = PARTITIONS_PER_RUN_VAR
+
+
+def read_recorded_settings(output: Path) -> dict | None:
+    """The settings recorded for an output (``<output>/settings.json``), or None."""
+    import json
+
+    path = Path(output) / SETTINGS_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SettingsError(
+            f"{path} cannot be read ({exc}): it records the settings this output was built with. Restore it, or "
+            "delete it to record the current settings at the next build."
+        ) from None
+
+
 def max_partitions_per_run(environ: dict[str, str] | None = None) -> int:
     """Partitions per batched run (BackfillPolicy), from IMAGENET_INT8_MAX_PARTITIONS_PER_RUN."""
     env = os.environ if environ is None else environ
-    raw = env.get(ENV["max_partitions_per_run"], "").strip()
+    raw = env.get(PARTITIONS_PER_RUN_VAR, "").strip()
     if not raw:
         return DEFAULT_MAX_PARTITIONS_PER_RUN
     try:

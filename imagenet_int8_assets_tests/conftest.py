@@ -88,10 +88,14 @@ def make_image_folder(root: Path, classes: dict[str, int], size=(300, 240)) -> P
 
 
 def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, partitions_per_run: int = 50):
-    """Materialize the whole graph as `imagenet-int8 build` does; returns the run results."""
+    """Materialize the whole graph as `imagenet-int8 build --force` does; returns the run results.
+
+    The manifest runs first: it registers the class partitions, which the batches then cover."""
+    from imagenet_int8_assets.partitions import registered_classes
+
     job = defs.resolve_implicit_global_asset_job_def()
-    keys = defs.resolve_assets_def("preprocessed_crops").partitions_def.get_partition_keys()
     results = [job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")])]
+    keys = registered_classes(instance)
     for start in range(0, len(keys), partitions_per_run):
         batch = keys[start : start + partitions_per_run]
         results.append(

@@ -6,18 +6,18 @@ import time
 import numpy as np
 from dagster import (
     AssetCheckExecutionContext,
-    AssetCheckResult,
     AssetExecutionContext,
     BackfillPolicy,
     MaterializeResult,
     MetadataValue,
-    PartitionsDefinition,
     asset,
     asset_check,
 )
 
+from imagenet_int8_assets.assets.crops import preprocessed_crops
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
+from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
     encode_record,
@@ -26,9 +26,17 @@ from imagenet_int8_assets.core.encode import (
     select_latent,
     to_model_input,
 )
-from imagenet_int8_assets.core.storage import read_crops_with_meta, read_latents, write_latents
+from imagenet_int8_assets.core.storage import (
+    read_crops_with_meta,
+    read_latents,
+    write_latents,
+)
 from imagenet_int8_assets.core.vae import load_vae, resolve_device
-from imagenet_int8_assets.resources import ImagenetInt8Settings
+from imagenet_int8_assets.partitions import class_partitions
+from imagenet_int8_assets.resources import (
+    DEFAULT_MAX_PARTITIONS_PER_RUN,
+    ImagenetInt8Settings,
+)
 
 FALLBACK_BANNER = (
     "!!! VAE FALLBACK: real weights for {requested!r} could not be loaded, so this run encodes "
@@ -60,131 +68,126 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     return report
 
 
-def build_latents_assets(partitions_def: PartitionsDefinition, backfill_policy: BackfillPolicy):
-    @asset(
-        name="vae_latents",
-        group_name=GROUP,
-        partitions_def=partitions_def,
-        backfill_policy=backfill_policy,
-        deps=["preprocessed_crops"],
-        pool="gpu",
-        kinds={"pytorch"},
-        description=(
-            "The crops of one class encoded by the VAE (GPU when there is one, fp32). Stores the "
-            "posterior mean and std as float32 and the latent that goes into the dataset "
-            "('sample': mean + std * noise seeded by the run seed and the image id, so rebuilds "
-            "give the same bytes; or 'mean'), in latents/<class>/latents.npz. A batched run loads "
-            "the model once for all its partitions."
-        ),
+@asset(
+    name="vae_latents",
+    group_name=GROUP,
+    partitions_def=class_partitions,
+    backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
+    deps=[preprocessed_crops],
+    pool="gpu",
+    kinds={"pytorch"},
+    description=(
+        "The crops of one class encoded by the VAE (GPU when there is one, fp32). Stores the "
+        "posterior mean and std as float32 and the latent that goes into the dataset "
+        "('sample': mean + std * noise seeded by the run seed and the image id, so rebuilds "
+        "give the same bytes; or 'mean'), in latents/<class>/latents.npz. A batched run loads "
+        "the model once for all its partitions."
+    ),
+)
+def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    settings.require_recorded_settings_or_fail()
+    device = resolve_device(settings.device)
+    started = time.monotonic()
+    vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(device)
+    info = vae.info
+    load_s = time.monotonic() - started
+    banner = (
+        FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
+        if info.is_fallback
+        else None
     )
-    def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        device = resolve_device(settings.device)
-        started = time.monotonic()
-        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(device)
-        info = vae.info
-        load_s = time.monotonic() - started
-        banner = (
-            FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
-            if info.is_fallback
-            else None
-        )
-        if banner:
-            context.log.warning(banner)
-        context.log.info(
-            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {device} in {load_s:.1f}s for "
-            f"{len(context.partition_keys)} partition(s), precision {settings.precision}"
-        )
-        value_range = settings.range_for(info.quant_range)
-        provenance = {
-            "vae": info.as_dict(),
+    if banner:
+        context.log.warning(banner)
+    context.log.info(
+        f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {device} in {load_s:.1f}s for "
+        f"{len(context.partition_keys)} partition(s), precision {settings.precision}"
+    )
+    value_range = settings.range_for(info.quant_range)
+    provenance = {
+        "vae": info.as_dict(),
+        "device": device,
+        "precision": settings.precision,
+        "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
+        "seed": settings.seed,
+        "store_flip": settings.store_flip,
+        "encode": encode_record(device, settings.batch_size),
+    }
+    run_checks: dict = {}
+    crops = {k: read_crops_with_meta(settings.output_path, k, mmap=True) for k in context.partition_keys}
+    space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
+    for key in context.partition_keys:
+        ids, images, crop_meta = crops.pop(key)
+        if not run_checks and len(ids):
+            run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
+            for name, value in run_checks.items():
+                context.log.info(f"{name}: {value}")
+        t0 = time.monotonic()
+        progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
+        post = encode_posterior(vae, images, device, settings.batch_size, settings.precision, progress=progress)
+        arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
+        if post.std is not None:
+            arrays["std"] = post.std
+        redone = post.reencoded_fp32
+        if settings.store_flip:
+            flipped = encode_posterior(vae, images, device, settings.batch_size, settings.precision, flip=True)
+            flip_ids = [f"{i}#hflip" for i in ids]
+            arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
+            redone += flipped.reencoded_fp32
+        seconds = time.monotonic() - t0
+        bad = non_finite_count(*arrays.values())
+        meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
+        space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
+        with space.guard():
+            folder = write_latents(settings.output_path, key, ids, arrays, meta)
+        latent = arrays["latent"]
+        finite = latent[np.isfinite(latent)]
+        partition_metadata = {
+            "path": MetadataValue.path(str(folder)),
+            "images": len(ids),
+            "latent_shape": str(tuple(latent.shape[1:])),
+            "latent_value": provenance["latent_value"],
+            "vae": info.requested,
+            "vae_source": info.source,
+            "vae_revision": info.revision or "",
+            "vae_weights_sha256": info.weights_sha256 or "",
+            "vae_fallback": bool(info.is_fallback),
             "device": device,
             "precision": settings.precision,
-            "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
-            "seed": settings.seed,
-            "store_flip": settings.store_flip,
-            "encode": encode_record(device, settings.batch_size),
+            "encode_batch_size": provenance["encode"]["batch_size"],
+            "encode": MetadataValue.json(provenance["encode"]),
+            "reencoded_in_fp32": redone,
+            "stored_flip": settings.store_flip,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
+            "non_finite_values": bad,
+            "latent_mean": float(finite.mean()) if finite.size else float("nan"),
+            "latent_std": float(finite.std()) if finite.size else float("nan"),
+            "latent_min": float(finite.min()) if finite.size else float("nan"),
+            "latent_max": float(finite.max()) if finite.size else float("nan"),
+            **{k: MetadataValue.json(v) for k, v in run_checks.items()},
         }
-        run_checks: dict = {}
-        crops = {k: read_crops_with_meta(settings.output_path, k, mmap=True) for k in context.partition_keys}
-        space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
-        for key in context.partition_keys:
-            ids, images, crop_meta = crops.pop(key)
-            if not run_checks and len(ids):
-                run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
-                for name, value in run_checks.items():
-                    context.log.info(f"{name}: {value}")
-            t0 = time.monotonic()
-            progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
-            post = encode_posterior(vae, images, device, settings.batch_size, settings.precision, progress=progress)
-            arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
-            if post.std is not None:
-                arrays["std"] = post.std
-            redone = post.reencoded_fp32
-            if settings.store_flip:
-                flipped = encode_posterior(vae, images, device, settings.batch_size, settings.precision, flip=True)
-                flip_ids = [f"{i}#hflip" for i in ids]
-                arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
-                redone += flipped.reencoded_fp32
-            seconds = time.monotonic() - t0
-            bad = non_finite_count(*arrays.values())
-            meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
-            space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
-            with space.guard():
-                folder = write_latents(settings.output_path, key, ids, arrays, meta)
-            latent = arrays["latent"]
-            finite = latent[np.isfinite(latent)]
-            partition_metadata = {
-                "path": MetadataValue.path(str(folder)),
-                "images": len(ids),
-                "latent_shape": str(tuple(latent.shape[1:])),
-                "latent_value": provenance["latent_value"],
-                "vae": info.requested,
-                "vae_source": info.source,
-                "vae_revision": info.revision or "",
-                "vae_weights_sha256": info.weights_sha256 or "",
-                "vae_fallback": bool(info.is_fallback),
-                "device": device,
-                "precision": settings.precision,
-                "encode_batch_size": provenance["encode"]["batch_size"],
-                "encode": MetadataValue.json(provenance["encode"]),
-                "reencoded_in_fp32": redone,
-                "stored_flip": settings.store_flip,
-                "seconds": round(seconds, 3),
-                "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
-                "non_finite_values": bad,
-                "latent_mean": float(finite.mean()) if finite.size else float("nan"),
-                "latent_std": float(finite.std()) if finite.size else float("nan"),
-                "latent_min": float(finite.min()) if finite.size else float("nan"),
-                "latent_max": float(finite.max()) if finite.size else float("nan"),
-                **{k: MetadataValue.json(v) for k, v in run_checks.items()},
-            }
-            if banner:
-                partition_metadata["WARNING"] = banner
-            context.add_asset_metadata(partition_metadata, partition_key=key)
-            context.log.info(f"{key}: {len(ids)} latents in {seconds:.1f}s -> {folder}")
-        return MaterializeResult()
+        if banner:
+            partition_metadata["WARNING"] = banner
+        context.add_asset_metadata(partition_metadata, partition_key=key)
+        context.log.info(f"{key}: {len(ids)} latents in {seconds:.1f}s -> {folder}")
+    return MaterializeResult()
 
-    @asset_check(
-        asset=vae_latents,
-        partitions_def=partitions_def,
-        blocking=True,
-        description="Blocks the dataset when any stored latent (mean, std or the stored value) is NaN or infinite.",
-    )
-    def latents_are_finite(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings) -> AssetCheckResult:
-        rows = []
-        for key in context.partition_keys:
-            ids, arrays, _ = read_latents(settings.output_path, key)
-            rows.append({"partition": key, "images": len(ids), "non_finite": non_finite_count(*arrays.values())})
-        failing = [r["partition"] for r in rows if r["non_finite"]]
-        return AssetCheckResult(
-            passed=not failing,
-            description=(
-                "all latents are finite"
-                if not failing
-                else f"non-finite latents in {', '.join(failing)}: re-materialize vae_latents for them "
-                "(in fp32) before building the dataset"
-            ),
-            metadata={"partitions": MetadataValue.md(markdown_table(rows)), "failing": ", ".join(failing)},
+@asset_check(
+    asset=vae_latents,
+    partitions_def=class_partitions,
+    blocking=True,
+    description="Blocks the dataset when any stored latent (mean, std or the stored value) is NaN or infinite.",
+)
+def latents_are_finite(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings):
+    results = {}
+    for key in context.partition_keys:
+        ids, arrays, _ = read_latents(settings.output_path, key)
+        bad = non_finite_count(*arrays.values())
+        description = (
+            "all latents are finite"
+            if not bad
+            else f"{bad} non-finite latent value(s): re-materialize vae_latents for this class (in fp32) before "
+            "building the dataset"
         )
-
-    return vae_latents, latents_are_finite
+        results[key] = (not bad, description, {"images": len(ids), "non_finite": bad})
+    yield from per_partition_results(context, results)

@@ -6,12 +6,13 @@ import json
 from dataclasses import dataclass
 
 import pandas as pd
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetObservation, AssetSpec, MaterializeResult, MetadataValue, asset
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.sources import scan_source
-from imagenet_int8_assets.partitions import registered_classes
-from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_bytes, manifest_path
+from imagenet_int8_assets.core.sources import class_data_versions, find_class_folders, scan_source
+from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_bytes, atomic_write_json, manifest_path
+from imagenet_int8_assets.partitions import class_partitions, register_classes, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 
@@ -60,22 +61,43 @@ class DatasetClasses:
         return sorted(self.present + self.vanished)
 
 
-def dataset_classes(instance, settings: ImagenetInt8Settings) -> DatasetClasses:
-    """Split the instance's registered classes by ``DatasetClasses``' rules (reads the last scan)."""
+def dataset_kept_classes(settings: ImagenetInt8Settings, names) -> list[str]:
+    """Those of ``names`` that this output has built (a current MDS version): a dataset holds them."""
     from imagenet_int8_assets.core import mds_index
     from imagenet_int8_assets.core.storage import mds_root
 
-    in_source = set(read_source_classes(settings)["classes"])
-    present, vanished, foreign = [], [], []
     root = mds_root(settings.output_path)
-    for key in sorted(set(registered_classes(instance)) | in_source):
-        if key in in_source:
-            present.append(key)
-        elif (mds_index.class_home(root, key) / mds_index.CURRENT).is_file():
-            vanished.append(key)
-        else:
-            foreign.append(key)
-    return DatasetClasses(present, vanished, foreign)
+    return [k for k in names if (mds_index.class_home(root, k) / mds_index.CURRENT).is_file()]
+
+
+def dataset_classes(instance, settings: ImagenetInt8Settings) -> DatasetClasses:
+    """Split the instance's registered classes by ``DatasetClasses``' rules (reads the last scan)."""
+    in_source = set(read_source_classes(settings)["classes"])
+    others = sorted(set(registered_classes(instance)) - in_source)
+    vanished = dataset_kept_classes(settings, others)
+    foreign = [k for k in others if k not in set(vanished)]
+    return DatasetClasses(sorted(in_source), vanished, foreign)
+
+
+def require_classes_in_source(settings: ImagenetInt8Settings, keys) -> None:
+    """A ``Failure`` naming the partitions whose class folder the last scan did not find.
+
+    Rebuilding such a class would replace its last build with an empty one (silently dropping it
+    from the dataset), so it is refused."""
+    from dagster import Failure
+
+    in_source = set(read_source_classes(settings)["classes"])
+    missing = [k for k in keys if k not in in_source]
+    if missing:
+        raise Failure(
+            description=(
+                f"{len(missing)} class(es) are not in the source scanned by raw_manifest: {', '.join(missing[:20])}. "
+                "If the folder was added since, materialize raw_manifest first. If it vanished, the dataset keeps its "
+                "last build; to drop the class delete its partition (README: Live class partitions). A partition "
+                "of another output sharing this DAGSTER_HOME cannot be built here."
+            ),
+            allow_retries=False,
+        )
 
 
 def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
@@ -108,30 +130,95 @@ def require_usable_images(manifest: pd.DataFrame) -> None:
     )
 
 
+source_class_files = AssetSpec(
+    "source_class_files",
+    group_name=GROUP,
+    partitions_def=class_partitions,
+    kinds={"folder"},
+    description=(
+        "The image files of one class folder in the source (not written by this graph). Each scan "
+        "(raw_manifest) records an observation for every class whose files changed, with a data "
+        "version from the manifest: each file's name, size, modification time and status, and the "
+        "class's label. A new data version marks that class's preprocessed_crops stale, and only it."
+    ),
+)
+
+
+def _observed_versions(instance) -> dict[str, str]:
+    """The data version last observed for each class's files."""
+    from dagster import DagsterEventType
+
+    tags = instance.event_log_storage.get_latest_tags_by_partition(
+        source_class_files.key, DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG]
+    )
+    return {key: values[DATA_VERSION_TAG] for key, values in tags.items() if DATA_VERSION_TAG in values}
+
+
+def _previous_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame | None:
+    """The last manifest, to reuse its rows of unchanged files; None when absent or unreadable."""
+    try:
+        return read_manifest(settings)
+    except Exception:  # a damaged manifest is simply rebuilt
+        return None
+
+
 @asset(
     name="raw_manifest",
     group_name=GROUP,
     kinds={"parquet"},
     description=(
         "Every file under the source: relative path (id), class folder, label index and text, "
-        "width, height, mode, format, bytes, status (ok / bad / skipped) and the reason. Bad and "
-        "skipped files are recorded here and left out of every later step."
+        "width, height, mode, format, bytes, modification time, status (ok / bad / skipped) and the "
+        "reason. Bad and skipped files are recorded here and left out of every later step. Also "
+        "prepares the source (the bundled sample, a CIFAR-10 export), registers new class folders as "
+        "partitions and records changed classes' data versions (source_class_files). A rescan decodes "
+        "only new or changed files."
     ),
 )
 def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
     settings.preflight_or_fail()  # every setting checked before any work (README: Settings are checked ...)
-    source = settings.source_path()
+    settings.require_recorded_settings_or_fail()
+    settings.record_settings()
+    source = settings.prepare_source()
+    root_classes = find_class_folders(source).names
+    registered = registered_classes(context.instance)
+    vanished = [k for k in dataset_kept_classes(settings, registered) if k not in set(root_classes)]
     context.log.info(f"Scanning {source} with {settings.worker_count()} worker process(es)")
     frame, labels = scan_source(
         source,
         max_pixels=settings.max_pixels,
         workers=settings.worker_count(),
         progress=progress_logger(context.log.info, "files probed"),
+        previous=_previous_manifest(settings),
+        extra_classes=vanished,
     )
+    new_classes = register_classes(context.instance, root_classes)
+    versions = class_data_versions(frame, labels)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     path = manifest_path(settings.output_path)
     atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_json(
+        source_classes_path(settings),
+        {
+            "classes": list(root_classes),
+            "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},
+            "versions": {k: versions[k] for k in root_classes},
+            "vanished": vanished,
+        },
+    )
+    observed = _observed_versions(context.instance)
+    changed = [k for k in root_classes if observed.get(k) != versions[k]]
+    for key in changed:
+        rows = frame[frame["class_folder"] == key]
+        context.log_event(
+            AssetObservation(
+                asset_key=source_class_files.key,
+                partition=key,
+                tags={DATA_VERSION_TAG: versions[key]},
+                metadata={"files": len(rows), "ok": int((rows["status"] == "ok").sum()), "label": labels.index[key]},
+            )
+        )
 
     status_counts = frame["status"].value_counts().to_dict()
     in_class = frame[frame["class_folder"].isin(labels.index.keys())]
@@ -145,15 +232,25 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     problems = frame[frame["status"] != "ok"][["id", "status", "reason"]]
     for row in problems.itertuples():
         context.log.warning(f"{row.status}: {row.id}: {row.reason}")
+    if vanished:
+        context.log.warning(
+            f"{len(vanished)} class folder(s) vanished from the source: {', '.join(vanished[:20])}. The dataset keeps "
+            "their last build (README: Live class partitions)."
+        )
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(path)),
             "source": MetadataValue.path(str(source)),
             "files": len(frame),
+            "decoded_files": len(frame) - int(frame.attrs.get("reused_rows", 0)),
+            "reused_rows": int(frame.attrs.get("reused_rows", 0)),
             "ok": int(status_counts.get("ok", 0)),
             "bad": int(status_counts.get("bad", 0)),
             "skipped": int(status_counts.get("skipped", 0)),
-            "classes": len(labels.index),
+            "classes": len(root_classes),
+            "new_classes": ", ".join(new_classes),
+            "changed_classes": len(changed),
+            "vanished_classes": ", ".join(vanished),
             "not_classes": int((frame["class_folder"] == "").sum()),
             "label_scheme": labels.scheme,
             "label_note": labels.note,

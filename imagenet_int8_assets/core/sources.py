@@ -50,6 +50,7 @@ MANIFEST_COLUMNS = [
     "mode",
     "format",
     "bytes",
+    "mtime_ns",
     "status",
     "reason",
 ]
@@ -356,11 +357,12 @@ def probe_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     partition runs.
     """
     path = Path(path)
-    row = {"width": 0, "height": 0, "mode": "", "format": "", "bytes": 0}
+    row = {"width": 0, "height": 0, "mode": "", "format": "", "bytes": 0, "mtime_ns": 0}
     name = path.name
     suffix = path.suffix.lower()
     try:
-        row["bytes"] = path.stat().st_size
+        st = path.stat()
+        row["bytes"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
     except OSError as exc:
         return {**row, "status": "bad", "reason": f"cannot read file: {exc.strerror or exc}"}
     if name.startswith(".") or name.lower() in SYSTEM_FILES:
@@ -536,6 +538,8 @@ def scan_source(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    previous: pd.DataFrame | None = None,
+    extra_classes: list[str] = (),
 ) -> tuple[pd.DataFrame, ClassLabels]:
     """The raw manifest: one row per file under the source (columns ``MANIFEST_COLUMNS``).
 
@@ -543,19 +547,41 @@ def scan_source(
     stable across machines, and the key that seeds per-image sampling. Each file is probed once
     (see ``walk_source``); rows of top-level entries that are not classes (``find_class_folders``)
     have ``class_folder`` "" and ``label`` -1, so they belong to no partition.
+
+    ``previous``: an earlier manifest of the same source made with the same ``max_pixels``. A file
+    whose id, size and modification time (ns) match its row there is not decoded again; its row is
+    reused (a rescan of an unchanged source only stats its files). ``extra_classes``: classes that
+    keep their label although their folder is gone (registered partitions; see ``class_labels``).
     """
     classes = find_class_folders(source)
     _require_classes(classes)
-    labels = class_labels(classes.names, source)
+    labels = class_labels(sorted(set(classes.names) | set(extra_classes)), source)
     entries = walk_source(source, classes)
     todo = [i for i, entry in enumerate(entries) if not entry["status"]]
-    tasks = [(str(classes.root / entries[i]["id"]), max_pixels) for i in todo]
-    probes = {}
-    for i, probe in zip(todo, map_ordered(_probe_task, tasks, workers, chunksize=64)):
+    known = {}
+    if previous is not None and len(previous) and "mtime_ns" in previous.columns:
+        keep = previous[previous["mtime_ns"] > 0]
+        known = {row["id"]: row for row in keep.to_dict("records")}
+    probes: dict[int, dict] = {}
+    fresh = []
+    for i in todo:
+        old = known.get(entries[i]["id"])
+        if old is not None:
+            try:
+                st = os.stat(classes.root / entries[i]["id"])
+            except OSError:
+                st = None
+            if st is not None and st.st_size == old["bytes"] and st.st_mtime_ns == old["mtime_ns"]:
+                probes[i] = {k: old[k] for k in ("width", "height", "mode", "format", "bytes", "mtime_ns", "status", "reason")}
+                continue
+        fresh.append(i)
+    tasks = [(str(classes.root / entries[i]["id"]), max_pixels) for i in fresh]
+    reused = len(probes)
+    for i, probe in zip(fresh, map_ordered(_probe_task, tasks, workers, chunksize=64)):
         probes[i] = probe
         if progress is not None:
-            progress(len(probes), len(tasks))
-    empty = {"width": 0, "height": 0, "mode": "", "format": "", "bytes": 0}
+            progress(len(probes) - reused, len(tasks))
+    empty = {"width": 0, "height": 0, "mode": "", "format": "", "bytes": 0, "mtime_ns": 0}
     rows = [
         {
             "id": entry["id"],
@@ -568,6 +594,29 @@ def scan_source(
     ]
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = frame.astype(
-        {"label": "int64", "width": "int64", "height": "int64", "bytes": "int64"}
+        {"label": "int64", "width": "int64", "height": "int64", "bytes": "int64", "mtime_ns": "int64"}
     )
+    frame.attrs["reused_rows"] = reused
     return frame, labels
+
+
+def class_data_versions(frame: pd.DataFrame, labels: ClassLabels) -> dict[str, str]:
+    """Per class: a data version of its source files, from the manifest (each file's id, size,
+    modification time, status and reason) and the class's label index and text.
+
+    Equal versions mean the class's crops, latents and shards would be rebuilt byte for byte; a
+    changed, added, removed or renamed file, or a new label, changes it. Classes without files get
+    a version too (their folder exists)."""
+    import hashlib
+
+    versions = {}
+    columns = ["id", "bytes", "mtime_ns", "status", "reason"]
+    groups = {key: group for key, group in frame[frame["class_folder"] != ""].groupby("class_folder", sort=False)}
+    for name in labels.index:
+        digest = hashlib.sha256(f"{labels.index[name]}\0{labels.text[name]}\0".encode("utf-8", "surrogateescape"))
+        group = groups.get(name)
+        if group is not None:
+            for row in group.sort_values("id")[columns].itertuples(index=False):
+                digest.update("\0".join(map(str, row)).encode("utf-8", "surrogateescape") + b"\n")
+        versions[name] = digest.hexdigest()[:24]
+    return versions
