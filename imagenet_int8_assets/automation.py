@@ -27,6 +27,7 @@ from dagster import (
     DefaultSensorStatus,
     RunRequest,
     ScheduleDefinition,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -36,8 +37,6 @@ from dagster import (
 from imagenet_int8_assets.partitions import class_partitions, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-CLASS_FOLDERS_INTERVAL_S = 30
-AUTOMATION_INTERVAL_S = 30
 MANIFEST = AssetSelection.assets("raw_manifest")
 SOURCE_FILES = AssetSelection.assets("source_class_files")
 
@@ -81,7 +80,7 @@ def build_automation_sensor(settings: ImagenetInt8Settings) -> AutomationConditi
         "build_automation",
         target=AssetSelection.all() - MANIFEST - SOURCE_FILES,
         default_status=DefaultSensorStatus.RUNNING if settings.automation else DefaultSensorStatus.STOPPED,
-        minimum_interval_seconds=AUTOMATION_INTERVAL_S,
+        minimum_interval_seconds=settings.sensor_interval,
         emit_backfills=True,
         description=(
             "Materializes new, changed and missing classes end to end (crops, latents on the GPU, shards), then the "
@@ -103,17 +102,21 @@ def refresh_schedule(settings: ImagenetInt8Settings) -> ScheduleDefinition:
     )
 
 
-@sensor(
-    name="class_folders",
-    minimum_interval_seconds=CLASS_FOLDERS_INTERVAL_S,
-    default_status=DefaultSensorStatus.RUNNING,
-    target=MANIFEST,
-    description=(
-        "Registers new class folders of the source as partitions and requests a raw_manifest scan (CPU). Reports "
-        "vanished class folders, whose last build the dataset keeps."
-    ),
-)
-def class_folders_sensor(context: SensorEvaluationContext, settings: ImagenetInt8Settings):
+def class_folders_sensor(settings: ImagenetInt8Settings) -> SensorDefinition:
+    """The ``class_folders`` sensor, evaluated every ``settings.sensor_interval`` seconds."""
+    return sensor(
+        name="class_folders",
+        minimum_interval_seconds=settings.sensor_interval,
+        default_status=DefaultSensorStatus.RUNNING,
+        target=MANIFEST,
+        description=(
+            "Registers new class folders of the source as partitions and requests a raw_manifest scan (CPU). "
+            "Reports vanished class folders, whose last build the dataset keeps."
+        ),
+    )(check_class_folders)
+
+
+def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8Settings):
     from imagenet_int8_assets.assets.manifest import dataset_kept_classes
     from imagenet_int8_assets.core.sources import SourceError, find_class_folders
 

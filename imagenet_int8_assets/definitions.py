@@ -63,7 +63,7 @@ def build_definitions(
         resources={"settings": settings},
         schedules=[refresh_schedule(settings)],
         sensors=[
-            class_folders_sensor,
+            class_folders_sensor(settings),
             build_automation_sensor(settings),
             # fails the runs of killed `imagenet-int8 build` processes, which would hold the gpu pool
             dead_build_runs_sensor,

@@ -135,6 +135,7 @@ class ImagenetInt8Settings(ConfigurableResource):
     probe_pool: int = Field(default=8, description="Latents are average-pooled to probe_pool x probe_pool before the probe.")
     cifar_split: str = Field(default="train", description="For a CIFAR-10 source: train, test or all.")
     automation: bool = Field(default=False, description="Start the build_automation sensor (materializes new, changed and missing classes, on the GPU) when the code location loads; else turn it on in the UI.")
+    sensor_interval: int = Field(default=30, description="Seconds between evaluations of the class_folders sensor and the build_automation sensor.")
     refresh_cron: str = Field(default=DEFAULT_REFRESH_CRON, description="Cron of the refresh_source schedule (rescan the source; stopped until turned on).")
 
     @classmethod
@@ -245,7 +246,7 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("cifar_split", self.cifar_split, "use train, test or all")
         if self.precision not in PRECISIONS:
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
+        for name in ("sensor_interval", "batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
             if getattr(self, name) <= 0:
                 raise _bad(name, getattr(self, name), "must be a positive integer")
         if self.crop_size % 8 or not MIN_CROP_SIZE <= self.crop_size <= MAX_CROP_SIZE:
