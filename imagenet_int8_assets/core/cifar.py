@@ -26,14 +26,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imagenet_int8_assets.core.sources import SourceError, class_name_problem, write_labels_record
+from imagenet_int8_assets.core.storage import atomic_dir
 
 SUBFOLDER = "cifar-10-batches-py"
 META_FILE = "batches.meta"
@@ -260,11 +259,9 @@ def export_cifar10_as_folders(
     loaded = [(origin, _read_files(base, names, len(label_names))) for origin, names in groups]
 
     folders = class_folder_names(label_names)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-    old = None
-    try:
-        tmp.mkdir()
+    # Written aside and swapped in whole: a failure leaves the previous export (or nothing). Two
+    # exports to one folder may run at once, so neither deletes the other's temporary folder.
+    with atomic_dir(dest, clean_leftovers=False) as tmp:
         for folder in folders:
             (tmp / folder).mkdir()
         for origin, (images, labels, _) in loaded:
@@ -274,16 +271,4 @@ def export_cifar10_as_folders(
         if folders != label_names:
             write_labels_record(tmp, [(f, i, name) for i, (f, name) in enumerate(zip(folders, label_names))])
         (tmp / MARKER).write_text(f"{split}\n", encoding="utf-8")
-        if dest.exists():
-            old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None and not dest.exists():
-            os.rename(old, dest)  # put the previous export back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return dest

@@ -16,8 +16,6 @@ encoding too, whatever their start method.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from imagenet_int8_assets.core.mds_index import (
     dequantize_formula,
 )
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, dequantize
-from imagenet_int8_assets.core.storage import TMP_PREFIX, TRASH_PREFIX, atomic_write_json, remove_leftovers
+from imagenet_int8_assets.core.storage import atomic_write_json, staging_dir
 
 SIZE_LIMIT = 1 << 26
 # Recorded per shard in index.json (raw_data.hashes): sha1 is what streaming's validate_hash
@@ -92,11 +90,9 @@ def write_class_shards(
     if flips_u8 is not None and flips_u8.shape != latents_u8.shape:
         raise ValueError(f"flipped latents {flips_u8.shape} do not match latents {latents_u8.shape}")
     register_uint8_encoding()
-    home = class_home(root, class_name)
-    home.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(home)
-    tmp = home / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-    try:
+    # One run writes a class at a time (its partition), so a killed write's leftovers in the
+    # class's home are removed first; the version's name is known only once it is written.
+    with staging_dir(class_home(root, class_name)) as tmp:
         with MDSWriter(
             out=str(tmp), columns=columns, compression=None, size_limit=SIZE_LIMIT, hashes=list(SHARD_HASHES)
         ) as out:
@@ -119,16 +115,10 @@ def write_class_shards(
                 "dequantize": dequantize_formula(value_range),
             },
         )
-        existing = home / content_version(tmp)
-        if existing.is_dir() and not _intact(existing):
-            # the same content was written before and has since been damaged: replace it
-            trash = home / f"{TRASH_PREFIX}{existing.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(existing, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        return commit_class_version(root, class_name, tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        existing = tmp.parent / content_version(tmp)
+        # the same content written before and damaged since is replaced
+        damaged = existing.is_dir() and not _intact(existing)
+        return commit_class_version(root, class_name, tmp, replace=damaged)
 
 
 def _intact(folder: Path) -> bool:

@@ -35,6 +35,7 @@ from imagenet_int8_assets.core.storage import (
     atomic_write_bytes,
     atomic_write_json,
     class_dir_name,
+    move_into_place,
 )
 
 LATENT_SHAPE = (4, 32, 32)  # what the published schema's 4096-byte "uint8" column holds
@@ -100,11 +101,14 @@ def content_version(folder: str | os.PathLike) -> str:
     return "v-" + digest.hexdigest()[:16]
 
 
-def commit_class_version(root: str | os.PathLike, class_name: str, staged: str | os.PathLike) -> Path:
+def commit_class_version(
+    root: str | os.PathLike, class_name: str, staged: str | os.PathLike, replace: bool = False
+) -> Path:
     """Move a fully written class folder ``staged`` into place as a new version; make it current.
 
-    The version folder appears with one rename (or is already there with the same content), then
-    ``current.json`` is replaced atomically. The published dataset is not touched.
+    The version folder appears with one rename (or is already there with the same content, and
+    ``staged`` is deleted unless ``replace``: then it replaces that folder, e.g. a damaged one),
+    and ``current.json`` is replaced atomically. The published dataset is not touched.
     """
     home = class_home(root, class_name)
     home.mkdir(parents=True, exist_ok=True)
@@ -114,10 +118,10 @@ def commit_class_version(root: str | os.PathLike, class_name: str, staged: str |
     # version unreferenced; a kill between the two leaves a pointer to a missing folder, which
     # current_version_dir reports ("re-materialize mds_shards"), never a wrong dataset.
     atomic_write_json(home / CURRENT, {"version": version, "class": class_name})
-    if final.is_dir():
+    if final.is_dir() and not replace:
         shutil.rmtree(staged)
     else:
-        os.rename(staged, final)
+        move_into_place(staged, final)
     return final
 
 

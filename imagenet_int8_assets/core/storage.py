@@ -99,27 +99,68 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``final`` as a whole.
+def staging_dir(parent: str | os.PathLike, name: str | None = None, clean_leftovers: bool = True) -> Iterator[Path]:
+    """Yield a new hidden folder ``parent/.tmp-<name>-<random>`` (``.tmp-<random>`` without a name)
+    to write into; whatever is still there when the block ends (an exception, or the caller did
+    not move it into place) is deleted.
 
-    On an exception the temporary folder is deleted and ``final`` is left as it was.
+    ``clean_leftovers`` first removes the ``.tmp-``/``.trash-`` siblings that killed runs left
+    (for ``name``; every one in ``parent`` without a name). Only writers that are alone in
+    ``parent`` (one run per partition) may clean; a writer that can run concurrently with itself
+    passes False, or it would delete the other's folder in progress.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(final.parent, final.name)
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    if clean_leftovers:
+        remove_leftovers(parent, name)
     token = uuid.uuid4().hex[:8]
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{token}"
+    tmp = parent / (f"{TMP_PREFIX}{name}-{token}" if name else f"{TMP_PREFIX}{token}")
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    trash = final.parent / f"{TRASH_PREFIX}{final.name}-{token}"
-    if final.exists():
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(staged: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the finished folder ``staged`` to ``final``, replacing what is there as a whole.
+
+    An existing ``final`` is first renamed to a ``.trash-`` sibling and deleted once the new one is
+    in place; should that last rename fail, the old folder is put back, so ``final`` is always
+    either the old folder or the new one. Both must be on the same file system (siblings are).
+    """
+    staged, final = Path(staged), Path(final)
+    trash = final.parent / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
         os.rename(final, trash)
-    os.rename(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
+    except FileNotFoundError:
+        trash = None
+    try:
+        os.rename(staged, final)
+    except BaseException:
+        if trash is not None and not final.exists():
+            os.rename(trash, final)  # put the previous folder back
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, clean_leftovers: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces ``final`` as a whole.
+
+    The one way every writer of a folder writes it (partitions, the report, the probe, CIFAR
+    exports, the sample source): written aside in ``staging_dir``, swapped in by
+    ``move_into_place``. On an exception the temporary folder is deleted and ``final`` is left as
+    it was; a run killed mid-write leaves only hidden ``.tmp-``/``.trash-`` siblings, which the
+    next write of ``final`` removes (unless ``clean_leftovers`` is False, see ``staging_dir``).
+    """
+    final = Path(final)
+    with staging_dir(final.parent, final.name, clean_leftovers) as tmp:
+        yield tmp
+        move_into_place(tmp, final)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import os
 import random
-import shutil
 import struct
-import uuid
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from imagenet_int8_assets.core.storage import atomic_dir
 
 SAMPLE_VERSION = 1
 SAMPLE_CLASSES = {
@@ -102,12 +102,10 @@ def generate_sample_dataset(root: str | os.PathLike) -> Path:
     root = Path(root)
     if (root / MARKER).is_file():
         return root
-    tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:8]}"
-    for index, (wnid, colour) in enumerate(SAMPLE_CLASSES.items()):
-        _write_class(tmp / wnid, wnid, colour, index)
-    (tmp / MARKER).write_text(f"{SAMPLE_VERSION}\n")
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, root)
+    # Written aside and swapped in whole. Processes that load the definitions at the same time
+    # may each generate it, so none deletes another's temporary folder.
+    with atomic_dir(root, clean_leftovers=False) as tmp:
+        for index, (wnid, colour) in enumerate(SAMPLE_CLASSES.items()):
+            _write_class(tmp / wnid, wnid, colour, index)
+        (tmp / MARKER).write_text(f"{SAMPLE_VERSION}\n")
     return root
