@@ -16,7 +16,7 @@ from dagster import (
 
 from imagenet_int8_assets.assets.crops import preprocessed_crops
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
+from imagenet_int8_assets.assets.metadata import GROUP, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
@@ -60,7 +60,7 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     if vae.info.family == "aura":
         import torch
 
-        from imagenet_int8_assets.core.aura import equivariance_error
+        from imagenet_int8_assets.core.aura_latents import equivariance_error
 
         x = to_model_input(images, device)
         with torch.inference_mode():

@@ -6,13 +6,34 @@ import json
 from dataclasses import dataclass
 
 import pandas as pd
-from dagster import AssetExecutionContext, AssetObservation, AssetSpec, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetObservation,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.sources import class_data_versions, find_class_folders, scan_source
-from imagenet_int8_assets.core.storage import MissingArtifact, atomic_write_bytes, atomic_write_json, manifest_path
-from imagenet_int8_assets.partitions import class_partitions, register_classes, registered_classes
+from imagenet_int8_assets.core.sources import (
+    ClassLabels,
+    class_data_versions,
+    find_class_folders,
+    scan_source,
+)
+from imagenet_int8_assets.core.storage import (
+    MissingArtifact,
+    atomic_write_bytes,
+    atomic_write_json,
+    manifest_path,
+)
+from imagenet_int8_assets.partitions import (
+    class_partitions,
+    register_classes,
+    registered_classes,
+)
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 
@@ -77,6 +98,28 @@ def dataset_classes(instance, settings: ImagenetInt8Settings) -> DatasetClasses:
     vanished = dataset_kept_classes(settings, others)
     foreign = [k for k in others if k not in set(vanished)]
     return DatasetClasses(sorted(in_source), vanished, foreign)
+
+
+def recorded_labels(settings: ImagenetInt8Settings, keys) -> ClassLabels:
+    """The labels the last scan gave ``keys`` (vanished classes keep theirs)."""
+    from dagster import Failure
+
+    recorded = read_source_classes(settings)["labels"]
+    unknown = [k for k in keys if k not in recorded]
+    if unknown:
+        raise Failure(
+            description=(
+                f"No label for class(es) {', '.join(unknown[:20])}: they are not in the source scanned by raw_manifest. "
+                "Materialize raw_manifest; a partition of another output sharing this DAGSTER_HOME cannot be built here."
+            ),
+            allow_retries=False,
+        )
+    return ClassLabels(
+        scheme="recorded",
+        index={k: int(recorded[k][0]) for k in keys},
+        text={k: str(recorded[k][1]) for k in keys},
+        note="labels recorded by the last raw_manifest scan",
+    )
 
 
 def require_classes_in_source(settings: ImagenetInt8Settings, keys) -> None:

@@ -4,14 +4,18 @@ import io
 import json
 
 import numpy as np
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, PartitionsDefinition, asset
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.manifest import read_manifest, require_usable_images
+from imagenet_int8_assets.assets.manifest import (
+    dataset_classes,
+    read_manifest,
+    recorded_labels,
+    require_usable_images,
+)
 from imagenet_int8_assets.assets.metadata import markdown_table
 from imagenet_int8_assets.core.plotting import markdown_image
 from imagenet_int8_assets.core.reconstruct import choose_samples
-from imagenet_int8_assets.core.sources import class_labels
 from imagenet_int8_assets.core.storage import (
     MissingArtifact,
     atomic_dir,
@@ -25,140 +29,139 @@ GROUP = "latent_probe"
 MIN_PER_CLASS = 4  # so that a 25% stratified test split leaves every class in both parts
 
 
-def build_probe_assets(partitions_def: PartitionsDefinition):
-    @asset(
-        name="probe_features",
-        group_name=GROUP,
-        deps=["vae_latents"],
-        kinds={"numpy"},
-        description=(
-            "A seeded subsample of IMAGENET_INT8_PROBE_PER_CLASS latents per class (of at most "
-            "IMAGENET_INT8_PROBE_MAX_CLASSES classes), average-pooled "
-            "to IMAGENET_INT8_PROBE_POOL x IMAGENET_INT8_PROBE_POOL and flattened: the stored "
-            "latent ('sample') and, when the VAE has a posterior, mean and std ('mean+std')."
-        ),
-    )
-    def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        from imagenet_int8_assets.core.probe import build_feature_sets
+@asset(
+    name="probe_features",
+    group_name=GROUP,
+    deps=["vae_latents"],
+    kinds={"numpy"},
+    description=(
+        "A seeded subsample of IMAGENET_INT8_PROBE_PER_CLASS latents per class (of at most "
+        "IMAGENET_INT8_PROBE_MAX_CLASSES classes), average-pooled "
+        "to IMAGENET_INT8_PROBE_POOL x IMAGENET_INT8_PROBE_POOL and flattened: the stored "
+        "latent ('sample') and, when the VAE has a posterior, mean and std ('mean+std')."
+    ),
+)
+def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    from imagenet_int8_assets.core.probe import build_feature_sets
 
-        require_usable_images(read_manifest(settings))
-        all_keys = partitions_def.get_partition_keys()
-        labels = class_labels(all_keys, settings.source_path())
-        keys = all_keys
-        if len(all_keys) > settings.probe_max_classes:  # SVC and boosting scale with the class count
-            chosen = choose_samples(len(all_keys), settings.probe_max_classes, settings.seed, "probe:classes")
-            keys = [all_keys[int(i)] for i in chosen]
-            context.log.info(f"Probing a seeded subset of {len(keys)} of {len(all_keys)} classes")
-        sets: dict[str, list[np.ndarray]] = {}
-        y = []
-        for key in keys:
-            ids, arrays, _ = read_latents(settings.output_path, key)
-            pick = choose_samples(len(ids), settings.probe_per_class, settings.seed, f"probe:{key}")
-            if not len(pick):
-                continue
-            features = build_feature_sets(
-                arrays["latent"][pick],
-                arrays["mean"][pick] if "std" in arrays else None,
-                arrays["std"][pick] if "std" in arrays else None,
-                pool=settings.probe_pool,
-            )
-            for name, values in features.items():
-                sets.setdefault(name, []).append(values)
-            y.extend([labels.index[key]] * len(pick))
-        if not y:
-            raise MissingArtifact("No latents to probe: materialize vae_latents first.")
-        arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
-        present = sorted(set(y))
-        names = [labels.text[k] for k in keys if labels.index[k] in present]
-        buffer = io.BytesIO()
-        np.savez(buffer, labels=np.array(y), class_names=np.array(names, dtype=str), **{f"features:{k}": v for k, v in arrays.items()})
-        path = probe_dir(settings.output_path) / "features.npz"
-        space = SpaceNeeds("probe_features", settings.output_path)
-        space.writing(1, buffer.getbuffer().nbytes)
-        with space.guard():
-            atomic_write_bytes(path, buffer.getvalue())
-        return MaterializeResult(
-            metadata={
-                "path": MetadataValue.path(str(path)),
-                "samples": len(y),
-                "classes": len(present),
-                "feature_sets": MetadataValue.json({k: list(v.shape) for k, v in arrays.items()}),
-            }
+    require_usable_images(read_manifest(settings))
+    settings.require_recorded_settings_or_fail()
+    all_keys = dataset_classes(context.instance, settings).in_dataset
+    labels = recorded_labels(settings, all_keys)
+    keys = all_keys
+    if len(all_keys) > settings.probe_max_classes:  # SVC and boosting scale with the class count
+        chosen = choose_samples(len(all_keys), settings.probe_max_classes, settings.seed, "probe:classes")
+        keys = [all_keys[int(i)] for i in chosen]
+        context.log.info(f"Probing a seeded subset of {len(keys)} of {len(all_keys)} classes")
+    sets: dict[str, list[np.ndarray]] = {}
+    y = []
+    for key in keys:
+        ids, arrays, _ = read_latents(settings.output_path, key)
+        pick = choose_samples(len(ids), settings.probe_per_class, settings.seed, f"probe:{key}")
+        if not len(pick):
+            continue
+        features = build_feature_sets(
+            arrays["latent"][pick],
+            arrays["mean"][pick] if "std" in arrays else None,
+            arrays["std"][pick] if "std" in arrays else None,
+            pool=settings.probe_pool,
         )
-
-    @asset(
-        name="latent_probe",
-        group_name=GROUP,
-        deps=[probe_features],
-        kinds={"sklearn"},
-        description=(
-            "Logistic regression, k-NN (k=25), SVC, histogram gradient boosting and random forest "
-            "trained on the probe features with a stratified held-out split: an accuracy table in "
-            "the shape of seed 001's Table 1 (plus precision/recall/F1 and a chance row), the best "
-            "model's confusion matrix, a PCA scatter and per-feature densities."
-        ),
-    )
-    def latent_probe(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        from imagenet_int8_assets.core import probe
-        from imagenet_int8_assets.core.report_figures import html_report, html_table
-
-        with np.load(probe_dir(settings.output_path) / "features.npz", allow_pickle=False) as data:
-            labels = data["labels"]
-            class_names = [str(n) for n in data["class_names"]]
-            features = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("features:")}
-        # labels are dataset indices (e.g. ImageNet's); the probe wants 0..k-1 with names in order
-        present, counts = np.unique(labels, return_counts=True)
-        present = present.tolist()
-        if len(present) < 2 or counts.min() < MIN_PER_CLASS:
-            note = (
-                f"skipped: the probe needs at least {MIN_PER_CLASS} latents in each of at least 2 classes "
-                f"for a stratified held-out split; found {len(present)} class(es), the smallest with {counts.min()}"
-            )
-            context.log.warning(f"latent_probe {note}")
-            return MaterializeResult(metadata={"status": note})
-        y = np.searchsorted(present, labels)
-        result = probe.run_probe(features, y, class_names, seed=settings.seed)
-        for note in result.notes:
-            context.log.warning(note)
-        images = {
-            "confusion_matrix": probe.confusion_matrix_png(result),
-            "pca": probe.pca_scatter_png(features["sample"], y, class_names),
-            "feature_density": probe.feature_density_png(features["sample"], y, class_names, n_features=4),
+        for name, values in features.items():
+            sets.setdefault(name, []).append(values)
+        y.extend([labels.index[key]] * len(pick))
+    if not y:
+        raise MissingArtifact("No latents to probe: materialize vae_latents first.")
+    arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
+    present = sorted(set(y))
+    names = [labels.text[k] for k in keys if labels.index[k] in present]
+    buffer = io.BytesIO()
+    np.savez(buffer, labels=np.array(y), class_names=np.array(names, dtype=str), **{f"features:{k}": v for k, v in arrays.items()})
+    path = probe_dir(settings.output_path) / "features.npz"
+    space = SpaceNeeds("probe_features", settings.output_path)
+    space.writing(1, buffer.getbuffer().nbytes)
+    with space.guard():
+        atomic_write_bytes(path, buffer.getvalue())
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(path)),
+            "samples": len(y),
+            "classes": len(present),
+            "feature_sets": MetadataValue.json({k: list(v.shape) for k, v in arrays.items()}),
         }
-        accuracy = probe.accuracy_table_markdown(result)
-        detailed = probe.full_table_rows(result)
-        space = SpaceNeeds("latent_probe", settings.output_path)
-        space.writing(1, sum(map(len, images.values())) + len(accuracy))
-        with space.guard(), atomic_dir(probe_dir(settings.output_path) / "report") as tmp:
-            for name, png in images.items():
-                (tmp / f"{name}.png").write_bytes(png)
-            (tmp / "accuracy.md").write_text(accuracy, encoding="utf-8")
-            (tmp / "results.json").write_text(
-                json.dumps({"table": detailed, "chance": result.chance, "notes": result.notes}, indent=2, default=float),
-                encoding="utf-8",
-            )
-            (tmp / "report.html").write_text(
-                html_report(
-                    "Latent probe",
-                    [("Accuracy", html_table(detailed, list(detailed[0]))), ("Notes", "<br>".join(result.notes) or "-")],
-                    images,
-                ),
-                encoding="utf-8",
-            )
-        best = result.best
-        return MaterializeResult(
-            metadata={
-                "report": MetadataValue.path(str(probe_dir(settings.output_path) / "report" / "report.html")),
-                "accuracy": MetadataValue.md(accuracy),
-                "details": MetadataValue.md(markdown_table(detailed)),
-                "best_model": f"{best['model']} on {best['features']}",
-                "best_accuracy": float(best["accuracy"]),
-                "chance_accuracy": float(result.chance["accuracy"]),
-                "uniform_accuracy": float(result.chance["uniform"]),
-                "confusion_matrix": MetadataValue.md(markdown_image(images["confusion_matrix"], "confusion matrix")),
-                "pca": MetadataValue.md(markdown_image(images["pca"], "PCA of the latents")),
-                "feature_density": MetadataValue.md(markdown_image(images["feature_density"], "feature densities")),
-            }
-        )
+    )
 
-    return probe_features, latent_probe
+@asset(
+    name="latent_probe",
+    group_name=GROUP,
+    deps=[probe_features],
+    kinds={"sklearn"},
+    description=(
+        "Logistic regression, k-NN (k=25), SVC, histogram gradient boosting and random forest "
+        "trained on the probe features with a stratified held-out split: an accuracy table in "
+        "the shape of seed 001's Table 1 (plus precision/recall/F1 and a chance row), the best "
+        "model's confusion matrix, a PCA scatter and per-feature densities."
+    ),
+)
+def latent_probe(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    from imagenet_int8_assets.core import probe
+    from imagenet_int8_assets.core.report_figures import html_report, html_table
+
+    with np.load(probe_dir(settings.output_path) / "features.npz", allow_pickle=False) as data:
+        labels = data["labels"]
+        class_names = [str(n) for n in data["class_names"]]
+        features = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("features:")}
+    # labels are dataset indices (e.g. ImageNet's); the probe wants 0..k-1 with names in order
+    present, counts = np.unique(labels, return_counts=True)
+    present = present.tolist()
+    if len(present) < 2 or counts.min() < MIN_PER_CLASS:
+        note = (
+            f"skipped: the probe needs at least {MIN_PER_CLASS} latents in each of at least 2 classes "
+            f"for a stratified held-out split; found {len(present)} class(es), the smallest with {counts.min()}"
+        )
+        context.log.warning(f"latent_probe {note}")
+        return MaterializeResult(metadata={"status": note})
+    y = np.searchsorted(present, labels)
+    result = probe.run_probe(features, y, class_names, seed=settings.seed)
+    for note in result.notes:
+        context.log.warning(note)
+    images = {
+        "confusion_matrix": probe.confusion_matrix_png(result),
+        "pca": probe.pca_scatter_png(features["sample"], y, class_names),
+        "feature_density": probe.feature_density_png(features["sample"], y, class_names, n_features=4),
+    }
+    accuracy = probe.accuracy_table_markdown(result)
+    detailed = probe.full_table_rows(result)
+    space = SpaceNeeds("latent_probe", settings.output_path)
+    space.writing(1, sum(map(len, images.values())) + len(accuracy))
+    with space.guard(), atomic_dir(probe_dir(settings.output_path) / "report") as tmp:
+        for name, png in images.items():
+            (tmp / f"{name}.png").write_bytes(png)
+        (tmp / "accuracy.md").write_text(accuracy, encoding="utf-8")
+        (tmp / "results.json").write_text(
+            json.dumps({"table": detailed, "chance": result.chance, "notes": result.notes}, indent=2, default=float),
+            encoding="utf-8",
+        )
+        (tmp / "report.html").write_text(
+            html_report(
+                "Latent probe",
+                [("Accuracy", html_table(detailed, list(detailed[0]))), ("Notes", "<br>".join(result.notes) or "-")],
+                images,
+            ),
+            encoding="utf-8",
+        )
+    best = result.best
+    return MaterializeResult(
+        metadata={
+            "report": MetadataValue.path(str(probe_dir(settings.output_path) / "report" / "report.html")),
+            "accuracy": MetadataValue.md(accuracy),
+            "details": MetadataValue.md(markdown_table(detailed)),
+            "best_model": f"{best['model']} on {best['features']}",
+            "best_accuracy": float(best["accuracy"]),
+            "chance_accuracy": float(result.chance["accuracy"]),
+            "uniform_accuracy": float(result.chance["uniform"]),
+            "confusion_matrix": MetadataValue.md(markdown_image(images["confusion_matrix"], "confusion matrix")),
+            "pca": MetadataValue.md(markdown_image(images["pca"], "PCA of the latents")),
+            "feature_density": MetadataValue.md(markdown_image(images["feature_density"], "feature densities")),
+        }
+    )
+

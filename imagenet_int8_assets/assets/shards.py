@@ -2,30 +2,40 @@
 
 import json
 
-
 from dagster import (
     AssetCheckExecutionContext,
-    AssetCheckResult,
     AssetExecutionContext,
     BackfillPolicy,
     Failure,
     MaterializeResult,
     MetadataValue,
-    PartitionsDefinition,
     asset,
     asset_check,
 )
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.manifest import ok_rows, raw_manifest, read_manifest, require_usable_images
+from imagenet_int8_assets.assets.latents import vae_latents
+from imagenet_int8_assets.assets.manifest import (
+    dataset_classes,
+    ok_rows,
+    raw_manifest,
+    read_manifest,
+    recorded_labels,
+    require_classes_in_source,
+    require_usable_images,
+)
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
+from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.dataset_check import DatasetDamaged, check_dataset
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
-from imagenet_int8_assets.core.sources import class_labels
 from imagenet_int8_assets.core.storage import mds_root, read_latents, remove_leftovers
-from imagenet_int8_assets.resources import ImagenetInt8Settings
+from imagenet_int8_assets.partitions import class_partitions
+from imagenet_int8_assets.resources import (
+    DEFAULT_MAX_PARTITIONS_PER_RUN,
+    ImagenetInt8Settings,
+)
 
 # `core.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
 # (about 10 s). Only the two steps that write or open shards import it, inside their bodies, so
@@ -53,192 +63,194 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     ]
 
 
-def build_shards_assets(partitions_def: PartitionsDefinition, backfill_policy: BackfillPolicy):
-    @asset(
-        name="mds_shards",
-        group_name=GROUP,
-        partitions_def=partitions_def,
-        backfill_policy=backfill_policy,
-        deps=["vae_latents", raw_manifest],
-        kinds={"mosaicml"},
-        description=(
-            "One class as MosaicML MDS shards in the published Imagenet.int8 schema "
-            "(vae_output: custom 'uint8' encoding, 4096 bytes = 4x32x32 C-order; label; "
-            "label_as_text), quantized round-to-nearest over +-range, written as a new immutable "
-            "version in mds/classes/<class>/<version>/. The published dataset does not change "
-            "until mds_dataset publishes it."
-        ),
-    )
-    def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        from imagenet_int8_assets.core import mds
+@asset(
+    name="mds_shards",
+    group_name=GROUP,
+    partitions_def=class_partitions,
+    backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
+    deps=[vae_latents, raw_manifest],
+    kinds={"mosaicml"},
+    description=(
+        "One class as MosaicML MDS shards in the published Imagenet.int8 schema "
+        "(vae_output: custom 'uint8' encoding, 4096 bytes = 4x32x32 C-order; label; "
+        "label_as_text), quantized round-to-nearest over +-range, written as a new immutable "
+        "version in mds/classes/<class>/<version>/. The published dataset does not change "
+        "until mds_dataset publishes it."
+    ),
+)
+def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    from imagenet_int8_assets.core import mds
 
-        labels = class_labels(partitions_def.get_partition_keys(), settings.source_path())
-        root = mds_root(settings.output_path)
-        manifest = read_manifest(settings)
-        space = SpaceNeeds("mds_shards", settings.output_path, sum(len(ok_rows(manifest, k)) for k in context.partition_keys))
-        for key in context.partition_keys:
-            ids, arrays, meta = read_latents(settings.output_path, key)
-            latent = arrays["latent"]
-            bad = non_finite_count(*arrays.values())
-            if bad:
-                raise Failure(
-                    f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
-                    "(the latents_are_finite check explains which) before writing shards."
-                )
-            value_range = settings.range_for(meta["vae"]["quant_range"])
-            flips = arrays.get("latent_flip")
-            space.writing(len(ids), latent.size * (1 if flips is None else 2), key)
-            with space.guard():
-                folder = mds.write_class_shards(
-                    root,
-                    key,
-                    quantize(latent, value_range),
-                    labels.index[key],
-                    labels.text[key],
-                    {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
-                    value_range=value_range,
-                    flips_u8=quantize(flips, value_range) if flips is not None else None,
-                )
-            mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
-            index = mds_index.read_index(folder)
-            count = mds_index.index_sample_count(index)
-            context.add_asset_metadata(
-                {
-                    "path": MetadataValue.path(str(folder)),
-                    "version": folder.name,
-                    "samples": count,
-                    "shards": len(index["shards"]),
-                    "label": labels.index[key],
-                    "label_as_text": labels.text[key],
-                    "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
-                },
-                partition_key=key,
-            )
-            context.log.info(f"{key}: {count} samples in {len(index['shards'])} shard(s)")
-        return MaterializeResult()
-
-    @asset_check(
-        asset=mds_shards,
-        partitions_def=partitions_def,
-        blocking=True,
-        additional_deps=[raw_manifest],
-        description="Blocks the merged dataset when a class's MDS sample count differs from the manifest's 'ok' count.",
-    )
-    def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings) -> AssetCheckResult:
-        rows = count_rows(settings, context.partition_keys)
-        failing = [r["partition"] for r in rows if r["manifest_ok"] != r["mds_samples"]]
-        return AssetCheckResult(
-            passed=not failing,
-            description=(
-                "every class has exactly its manifest's good images"
-                if not failing
-                else f"counts differ for {', '.join(failing)}: files changed or failed to crop since "
-                "the manifest was built; re-materialize raw_manifest, then these partitions"
-            ),
-            metadata={"partitions": MetadataValue.md(markdown_table(rows)), "failing": ", ".join(failing)},
-        )
-
-    @asset(
-        name="mds_dataset",
-        group_name=GROUP,
-        deps=[mds_shards, "quantization_stats"],
-        kinds={"mosaicml"},
-        description=(
-            "The published dataset: checks that every class's current version was built with the "
-            "same settings and holds its manifest's good images, then atomically replaces "
-            "mds/index.json (every class's shards in class order, so StreamingDataset and the "
-            "published readers read mds/ as one dataset) and removes versions no index refers to."
-        ),
-    )
-    def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-        from imagenet_int8_assets.core import mds
-
-        keys = partitions_def.get_partition_keys()
-        root = mds_root(settings.output_path)
-        require_usable_images(read_manifest(settings))
-        infos, missing = {}, []
-        for key in keys:
-            try:
-                infos[key] = mds_index.read_class_build_info(root, key)
-            except FileNotFoundError:
-                missing.append(key)
-        if missing:
+    settings.require_recorded_settings_or_fail()
+    require_classes_in_source(settings, context.partition_keys)
+    labels = recorded_labels(settings, context.partition_keys)
+    root = mds_root(settings.output_path)
+    manifest = read_manifest(settings)
+    space = SpaceNeeds("mds_shards", settings.output_path, sum(len(ok_rows(manifest, k)) for k in context.partition_keys))
+    for key in context.partition_keys:
+        ids, arrays, meta = read_latents(settings.output_path, key)
+        latent = arrays["latent"]
+        bad = non_finite_count(*arrays.values())
+        if bad:
             raise Failure(
-                f"mds_shards is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}. "
-                "Materialize those partitions (or run `imagenet-int8 build`)."
+                f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
+                "(the latents_are_finite check explains which) before writing shards."
             )
-        conflicts = mds_index.inconsistent_classes(infos)
-        if conflicts:
-            raise Failure(
-                "Classes were built with different settings and cannot form one dataset:\n- "
-                + "\n- ".join(conflicts)
-                + "\nRe-materialize the minority classes with the current settings."
-            )
-        mismatched = [r for r in count_rows(settings, keys) if r["manifest_ok"] != r["mds_samples"]]
-        if mismatched:
-            raise Failure(
-                "MDS sample counts differ from the manifest for: "
-                + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
-                + ". Re-materialize raw_manifest and then those partitions."
-            )
-        broken = []
-        for key in keys:  # every shard of the new version: present, its size, its hash
-            try:
-                check_dataset(mds_index.current_version_dir(root, key), "hash")
-            except DatasetDamaged as exc:
-                broken.append(f"class {key}: {exc}")
-        if broken:
-            raise Failure(
-                "Not publishing: shard files of the new version are missing or damaged:\n- "
-                + "\n- ".join(broken[:20])
-                + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
-            )
-        index, summary = mds_index.merged_index(root, keys)
-        first = next(iter(infos.values()))
-        space = SpaceNeeds("mds_dataset", settings.output_path)
-        space.writing(1, 2 * len(json.dumps(index)))
+        value_range = settings.range_for(meta["vae"]["quant_range"])
+        flips = arrays.get("latent_flip")
+        space.writing(len(ids), latent.size * (1 if flips is None else 2), key)
         with space.guard():
-            published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
-        check = mds.verify_readable(root)
-        if check["samples"] != summary["samples"]:
-            raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
-        removed = remove_leftovers(root) + mds_index.collect_garbage(root)
-        strays = mds_index.stray_entries(root, keys)
-        fallback = bool(first.get("vae", {}).get("fallback_reason"))
-        metadata = {
-            "path": MetadataValue.path(str(root)),
-            "samples": summary["samples"],
-            "shards": summary["shards"],
-            "classes": len(keys),
-            "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
-            "vae": first["vae"]["requested"],
-            "vae_revision": first["vae"].get("revision") or "",
-            "vae_weights_sha256": first["vae"].get("weights_sha256") or "",
-            "vae_fallback": fallback,
-            "latent_value": first["latent_value"],
-            "quant_range": first["quant_range"],
-            "dequantize": first["dequantize"],
-            "latent_shape": str(tuple(first["latent_shape"])),
-            "schema": MetadataValue.json(first["schema"]),
-            "precision": first["precision"],
-            "crop_recipe": first["crops"]["recipe"],
-            "per_class": MetadataValue.md(
-                markdown_table([{"class": k, "samples": v} for k, v in summary["per_class"].items()])
-            ),
-            "read_it": MetadataValue.md(READER_SNIPPET.format(root=root)),
-            "stray_entries": ", ".join(strays),
-            "published": "new version" if published else "unchanged (same content as the published index)",
-            "versions": MetadataValue.md(
-                markdown_table([{"class": k, "version": v} for k, v in summary["versions"].items()])
-            ),
-            "removed_versions_and_leftovers": len(removed),
-        }
-        if fallback:
-            metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."
-            context.log.warning(metadata["WARNING"])
-        if strays:
-            context.log.warning(f"Entries in {root} not in the dataset (left alone): {', '.join(strays)}")
-        context.log.info(f"Dataset at {root}: {summary['samples']} samples, {summary['shards']} shards")
-        return MaterializeResult(metadata=metadata)
+            folder = mds.write_class_shards(
+                root,
+                key,
+                quantize(latent, value_range),
+                labels.index[key],
+                labels.text[key],
+                {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
+                value_range=value_range,
+                flips_u8=quantize(flips, value_range) if flips is not None else None,
+            )
+        mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
+        index = mds_index.read_index(folder)
+        count = mds_index.index_sample_count(index)
+        context.add_asset_metadata(
+            {
+                "path": MetadataValue.path(str(folder)),
+                "version": folder.name,
+                "samples": count,
+                "shards": len(index["shards"]),
+                "label": labels.index[key],
+                "label_as_text": labels.text[key],
+                "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
+            },
+            partition_key=key,
+        )
+        context.log.info(f"{key}: {count} samples in {len(index['shards'])} shard(s)")
+    return MaterializeResult()
 
-    return mds_shards, mds_count_matches_manifest, mds_dataset
+@asset_check(
+    asset=mds_shards,
+    partitions_def=class_partitions,
+    blocking=True,
+    additional_deps=[raw_manifest],
+    description="Blocks the merged dataset when a class's MDS sample count differs from the manifest's 'ok' count.",
+)
+def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: ImagenetInt8Settings):
+    results = {}
+    for row in count_rows(settings, context.partition_keys):
+        ok = row["manifest_ok"] == row["mds_samples"]
+        description = (
+            "the class has exactly its manifest's good images"
+            if ok
+            else f"{row['mds_samples']} samples written, {row['manifest_ok']} good images in the manifest: files "
+            "changed or failed to crop since the manifest was built; re-materialize raw_manifest, then this partition"
+        )
+        results[row["partition"]] = (ok, description, {"manifest_ok": row["manifest_ok"], "mds_samples": row["mds_samples"]})
+    yield from per_partition_results(context, results)
+
+
+@asset(
+    name="mds_dataset",
+    group_name=GROUP,
+    deps=[mds_shards, "quantization_stats"],
+    kinds={"mosaicml"},
+    description=(
+        "The published dataset: checks that every class's current version was built with the "
+        "same settings and holds its manifest's good images, then atomically replaces "
+        "mds/index.json (every class's shards in class order, so StreamingDataset and the "
+        "published readers read mds/ as one dataset) and removes versions no index refers to."
+    ),
+)
+def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
+    from imagenet_int8_assets.core import mds
+
+    settings.require_recorded_settings_or_fail()
+    classes = dataset_classes(context.instance, settings)
+    keys = classes.in_dataset
+    root = mds_root(settings.output_path)
+    require_usable_images(read_manifest(settings))
+    infos, missing = {}, []
+    for key in keys:
+        try:
+            infos[key] = mds_index.read_class_build_info(root, key)
+        except FileNotFoundError:
+            missing.append(key)
+    if missing:
+        raise Failure(
+            f"mds_shards is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}. "
+            "Materialize those partitions (or run `imagenet-int8 build`)."
+        )
+    conflicts = mds_index.inconsistent_classes(infos)
+    if conflicts:
+        raise Failure(
+            "Classes were built with different settings and cannot form one dataset:\n- "
+            + "\n- ".join(conflicts)
+            + "\nRe-materialize the minority classes with the current settings."
+        )
+    mismatched = [r for r in count_rows(settings, classes.present) if r["manifest_ok"] != r["mds_samples"]]
+    if mismatched:
+        raise Failure(
+            "MDS sample counts differ from the manifest for: "
+            + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
+            + ". Re-materialize raw_manifest and then those partitions."
+        )
+    broken = []
+    for key in keys:  # every shard of the new version: present, its size, its hash
+        try:
+            check_dataset(mds_index.current_version_dir(root, key), "hash")
+        except DatasetDamaged as exc:
+            broken.append(f"class {key}: {exc}")
+    if broken:
+        raise Failure(
+            "Not publishing: shard files of the new version are missing or damaged:\n- "
+            + "\n- ".join(broken[:20])
+            + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
+        )
+    index, summary = mds_index.merged_index(root, keys)
+    first = next(iter(infos.values()))
+    space = SpaceNeeds("mds_dataset", settings.output_path)
+    space.writing(1, 2 * len(json.dumps(index)))
+    with space.guard():
+        published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
+    check = mds.verify_readable(root)
+    if check["samples"] != summary["samples"]:
+        raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
+    removed = remove_leftovers(root) + mds_index.collect_garbage(root)
+    strays = mds_index.stray_entries(root, keys)
+    fallback = bool(first.get("vae", {}).get("fallback_reason"))
+    metadata = {
+        "path": MetadataValue.path(str(root)),
+        "samples": summary["samples"],
+        "shards": summary["shards"],
+        "classes": len(keys),
+        "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
+        "vae": first["vae"]["requested"],
+        "vae_revision": first["vae"].get("revision") or "",
+        "vae_weights_sha256": first["vae"].get("weights_sha256") or "",
+        "vae_fallback": fallback,
+        "latent_value": first["latent_value"],
+        "quant_range": first["quant_range"],
+        "dequantize": first["dequantize"],
+        "latent_shape": str(tuple(first["latent_shape"])),
+        "schema": MetadataValue.json(first["schema"]),
+        "precision": first["precision"],
+        "crop_recipe": first["crops"]["recipe"],
+        "per_class": MetadataValue.md(
+            markdown_table([{"class": k, "samples": v} for k, v in summary["per_class"].items()])
+        ),
+        "read_it": MetadataValue.md(READER_SNIPPET.format(root=root)),
+        "stray_entries": ", ".join(strays),
+        "published": "new version" if published else "unchanged (same content as the published index)",
+        "versions": MetadataValue.md(
+            markdown_table([{"class": k, "version": v} for k, v in summary["versions"].items()])
+        ),
+        "removed_versions_and_leftovers": len(removed),
+    }
+    if fallback:
+        metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."
+        context.log.warning(metadata["WARNING"])
+    if strays:
+        context.log.warning(f"Entries in {root} not in the dataset (left alone): {', '.join(strays)}")
+    context.log.info(f"Dataset at {root}: {summary['samples']} samples, {summary['shards']} shards")
+    return MaterializeResult(metadata=metadata)
+
