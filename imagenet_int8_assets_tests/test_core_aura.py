@@ -11,20 +11,17 @@ import torch
 from safetensors.torch import save_file
 
 from imagenet_int8_assets.core.storage import file_sha256
-from imagenet_int8_assets.core.aura import (
+from imagenet_int8_assets.core.aura_latents import equivariance_error, hflip_latent, vflip_latent
+from imagenet_int8_assets.core.aura_model import (
     AURA_CONFIG,
     AURA_NUM_PARAMS,
     AURA_NUM_TENSORS,
     AttnBlock,
     AuraConfig,
     AuraEquiVAE,
-    AuraWeightsError,
     build_random_aura,
-    equivariance_error,
-    hflip_latent,
-    load_aura_state_dict,
-    vflip_latent,
 )
+from imagenet_int8_assets.core.aura_weights import AuraWeightsError, load_aura_state_dict
 
 TINY = AuraConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, head_dim=16, norm_groups=8)
 

@@ -156,7 +156,8 @@ def test_aura_preset_loads_the_published_file_name_from_the_offline_cache(tmp_pa
     """A full-size bf16 safetensors file under the published `.pt` name, through load_vae's real path."""
     from safetensors.torch import save_file
 
-    from imagenet_int8_assets.core.aura import AURA_NUM_TENSORS, AURA_WEIGHTS_FILE, AuraEquiVAE
+    from imagenet_int8_assets.core.aura_model import AURA_NUM_TENSORS, AuraEquiVAE
+    from imagenet_int8_assets.core.aura_weights import AURA_WEIGHTS_FILE
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in AuraEquiVAE().state_dict().items()}

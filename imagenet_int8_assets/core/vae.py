@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagenet_int8_assets.core.aura_latents import AURA_CLAMP
+from imagenet_int8_assets.core.quantize import DEFAULT_RANGE
 from imagenet_int8_assets.core.storage import file_sha256
 
 SDXL_CONFIG: dict[str, Any] = {
@@ -50,7 +52,7 @@ WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 RANDOM_WEIGHTS_SEED = 0
 # The published +-12 for SDXL is 1.5633 units of *scaled* latent (12 * 0.13025). Presets without
 # a better-known range get the same number of scaled units: range = 1.5633 / scaling_factor.
-SDXL_RANGE_IN_SCALED_UNITS = 12 * 0.13025
+SDXL_RANGE_IN_SCALED_UNITS = DEFAULT_RANGE * SDXL_CONFIG["scaling_factor"]
 
 
 def default_range(scaling_factor: float) -> float:
@@ -73,7 +75,7 @@ class VaePreset:
     has_posterior: bool = True
     scaling_factor: float | None = 0.13025
     shift_factor: float | None = None
-    quant_range: float = 12.0
+    quant_range: float = DEFAULT_RANGE
     notes: str = ""
 
     @property
@@ -97,7 +99,7 @@ class VaePreset:
 
 
 def _aura_config(tiny: bool):
-    from imagenet_int8_assets.core.aura import AURA_CONFIG, AuraConfig
+    from imagenet_int8_assets.core.aura_model import AURA_CONFIG, AuraConfig
 
     if not tiny:
         return AURA_CONFIG
@@ -107,7 +109,7 @@ def _aura_config(tiny: bool):
 def _presets() -> dict[str, VaePreset]:
     sd1 = default_range(0.18215)
     flux = default_range(0.3611)
-    aura = {"family": "aura", "latent_channels": 16, "has_posterior": False, "scaling_factor": None, "quant_range": 8.0}
+    aura = {"family": "aura", "latent_channels": 16, "has_posterior": False, "scaling_factor": None, "quant_range": AURA_CLAMP}
     sd1_config = {**SDXL_CONFIG, "scaling_factor": 0.18215, "sample_size": 512, "force_upcast": False}
     presets = (
         VaePreset("stabilityai/sdxl-vae", "SDXL VAE, the published Imagenet.int8 encoder", hub_id="stabilityai/sdxl-vae",
@@ -122,7 +124,7 @@ def _presets() -> dict[str, VaePreset]:
         VaePreset("flux1-vae", "FLUX.1 16-channel VAE (from black-forest-labs/FLUX.1-schnell, Apache-2.0)",
                   hub_id="black-forest-labs/FLUX.1-schnell", subfolder="vae", config=FLUX_CONFIG, latent_channels=16,
                   scaling_factor=0.3611, shift_factor=0.1159, quant_range=flux),
-        VaePreset("fal/AuraEquiVAE", "AuraEquiVAE: 16 channels, latents equivariant under flips, clamped to +-8",
+        VaePreset("fal/AuraEquiVAE", f"AuraEquiVAE: 16 channels, latents equivariant under flips, clamped to +-{AURA_CLAMP:g}",
                   hub_id="fal/AuraEquiVAE", weights_file="vae_epoch_3_step_49501_bf16.pt", config="aura", **aura),
         VaePreset("tiny-random", "f8 4-channel AutoencoderKL, tiny widths (tests, smoke runs)",
                   config={**SDXL_CONFIG, **TINY}, random=True),
@@ -164,7 +166,7 @@ class VaeInfo:
     has_posterior: bool = True
     scaling_factor: float | None = None
     shift_factor: float | None = None
-    quant_range: float = 12.0
+    quant_range: float = DEFAULT_RANGE
     fallback_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -260,7 +262,7 @@ def build_random_vae(config: Any, seed: int = RANDOM_WEIGHTS_SEED):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if config in ("aura", "aura-tiny"):
-            from imagenet_int8_assets.core.aura import AuraEquiVAE
+            from imagenet_int8_assets.core.aura_model import AuraEquiVAE
 
             model = AuraEquiVAE(_aura_config(tiny=config == "aura-tiny"))
         else:
@@ -377,7 +379,8 @@ def _load_autoencoder_kl(spec: str, preset: VaePreset | None):
 
 def _load_aura(spec: str, preset: VaePreset | None, path: Path | None = None):
     """AuraEquiVAE from the Hub (the published file) or a local file/folder holding it."""
-    from imagenet_int8_assets.core.aura import AURA_WEIGHTS_FILE, AuraEquiVAE, AuraWeightsError, load_aura_state_dict
+    from imagenet_int8_assets.core.aura_model import AuraEquiVAE
+    from imagenet_int8_assets.core.aura_weights import AURA_WEIGHTS_FILE, AuraWeightsError, load_aura_state_dict
 
     if path is None:
         assert preset is not None and preset.hub_id and preset.weights_file
@@ -399,7 +402,7 @@ def _load_aura(spec: str, preset: VaePreset | None, path: Path | None = None):
 
 
 def _is_aura_path(path: Path) -> bool:
-    from imagenet_int8_assets.core.aura import AURA_WEIGHTS_FILE
+    from imagenet_int8_assets.core.aura_weights import AURA_WEIGHTS_FILE
 
     return (path.is_file() and path.suffix in (".pt", ".safetensors")) or (path / AURA_WEIGHTS_FILE).is_file()
 
@@ -522,7 +525,7 @@ def _describe(model, preset: VaePreset | None, info: VaeInfo) -> None:
         info.family, info.has_posterior = "aura", False
         info.latent_channels, info.downsample = model.latent_channels, model.downsample
         info.scaling_factor = info.shift_factor = None
-        info.quant_range = preset.quant_range if preset is not None else 8.0
+        info.quant_range = preset.quant_range if preset is not None else AURA_CLAMP
         return
     cfg = model.config
     info.family, info.has_posterior = "autoencoder-kl", True
@@ -533,6 +536,6 @@ def _describe(model, preset: VaePreset | None, info: VaeInfo) -> None:
     if preset is not None:
         info.quant_range = preset.quant_range
     elif info.latent_channels == 4 and info.scaling_factor == SDXL_CONFIG["scaling_factor"]:
-        info.quant_range = 12.0  # SDXL-family weights: the published range
+        info.quant_range = DEFAULT_RANGE  # SDXL-family weights: the published range
     elif info.scaling_factor:
         info.quant_range = default_range(float(info.scaling_factor))
