@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from imagenet_int8_assets.core.tables import markdown_table  # noqa: F401 (the assets' table helper)
 
 GROUP = "imagenet_int8"
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-style markdown table of ``rows`` (dicts), in ``columns`` order."""
-    if not rows:
-        return "_(no rows)_"
-    columns = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def progress_logger(
