@@ -26,8 +26,7 @@ from imagenet_int8_assets.assets.manifest import (
 )
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.dataset_check import DatasetDamaged, check_dataset
+from imagenet_int8_assets.core import mds_index, publish_checks
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
 from imagenet_int8_assets.core.storage import mds_root, read_latents, remove_leftovers
@@ -52,15 +51,9 @@ The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(loca
 def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
     manifest = read_manifest(settings)
-    root = mds_root(settings.output_path)
-    return [
-        {
-            "partition": key,
-            "manifest_ok": len(ok_rows(manifest, key)),
-            "mds_samples": mds_index.index_sample_count(mds_index.read_class_index(root, key)),
-        }
-        for key in keys
-    ]
+    return publish_checks.count_rows(
+        mds_root(settings.output_path), {key: len(ok_rows(manifest, key)) for key in keys}, keys
+    )
 
 
 @asset(
@@ -168,44 +161,25 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
     classes = dataset_classes(context.instance, settings)
     keys = classes.in_dataset
     root = mds_root(settings.output_path)
-    require_usable_images(read_manifest(settings))
-    infos, missing = {}, []
-    for key in keys:
-        try:
-            infos[key] = mds_index.read_class_build_info(root, key)
-        except FileNotFoundError:
-            missing.append(key)
-    if missing:
-        raise Failure(
-            f"mds_shards is not materialized for {len(missing)} class(es): {', '.join(missing[:20])}. "
-            "Materialize those partitions (or run `imagenet-int8 build`)."
+    manifest = read_manifest(settings)
+    require_usable_images(manifest)
+    if classes.vanished:
+        context.log.warning(
+            f"{len(classes.vanished)} class(es) vanished from the source: {', '.join(classes.vanished[:20])}. "
+            "They are kept from the last build; to drop a class delete its partition. Their sample counts are not "
+            "compared with the manifest (it has no rows for them)."
         )
-    conflicts = mds_index.inconsistent_classes(infos)
-    if conflicts:
-        raise Failure(
-            "Classes were built with different settings and cannot form one dataset:\n- "
-            + "\n- ".join(conflicts)
-            + "\nRe-materialize the minority classes with the current settings."
+    if classes.foreign:
+        context.log.warning(
+            f"{len(classes.foreign)} registered class(es) are neither in this source nor built here (another "
+            f"output sharing DAGSTER_HOME?), left out: {', '.join(classes.foreign[:20])}"
         )
-    mismatched = [r for r in count_rows(settings, classes.present) if r["manifest_ok"] != r["mds_samples"]]
-    if mismatched:
-        raise Failure(
-            "MDS sample counts differ from the manifest for: "
-            + ", ".join(f"{r['partition']} ({r['mds_samples']} written, {r['manifest_ok']} ok)" for r in mismatched)
-            + ". Re-materialize raw_manifest and then those partitions."
+    try:
+        infos = publish_checks.check_publishable(
+            root, keys, {key: len(ok_rows(manifest, key)) for key in classes.present}
         )
-    broken = []
-    for key in keys:  # every shard of the new version: present, its size, its hash
-        try:
-            check_dataset(mds_index.current_version_dir(root, key), "hash")
-        except DatasetDamaged as exc:
-            broken.append(f"class {key}: {exc}")
-    if broken:
-        raise Failure(
-            "Not publishing: shard files of the new version are missing or damaged:\n- "
-            + "\n- ".join(broken[:20])
-            + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
-        )
+    except publish_checks.NotPublishable as exc:
+        raise Failure(str(exc)) from exc
     index, summary = mds_index.merged_index(root, keys)
     first = next(iter(infos.values()))
     space = SpaceNeeds("mds_dataset", settings.output_path)
@@ -245,6 +219,9 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             markdown_table([{"class": k, "version": v} for k, v in summary["versions"].items()])
         ),
         "removed_versions_and_leftovers": len(removed),
+        "vanished_classes": ", ".join(classes.vanished),
+        "vanished_count": len(classes.vanished),
+        "foreign_classes": ", ".join(classes.foreign),
     }
     if fallback:
         metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."
