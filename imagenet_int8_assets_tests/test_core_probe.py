@@ -10,22 +10,24 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from imagenet_int8_assets.core.probe import (
-    CHANCE_ROW,
     DEFAULT_MODELS,
     LOGISTIC,
     MEAN_STD,
-    RANDOM_ROW,
     SAMPLE,
-    accuracy_table_markdown,
     build_feature_sets,
+    pool_features,
+    run_probe,
+    stratified_subsample,
+)
+from imagenet_int8_assets.core.probe_report import (
+    CHANCE_ROW,
+    RANDOM_ROW,
+    accuracy_table_markdown,
     confusion_matrix_png,
     feature_density_png,
     full_table_markdown,
     full_table_rows,
     pca_scatter_png,
-    pool_features,
-    run_probe,
-    stratified_subsample,
 )
 
 CLASSES = 5

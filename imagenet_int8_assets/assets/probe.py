@@ -1,8 +1,5 @@
 """The latent probe (seed 001's study as assets): how well classes can be told apart from latents."""
 
-import io
-import json
-
 import numpy as np
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
@@ -15,18 +12,22 @@ from imagenet_int8_assets.assets.manifest import (
 )
 from imagenet_int8_assets.assets.metadata import markdown_table
 from imagenet_int8_assets.core.plotting import markdown_image
+from imagenet_int8_assets.core.probe import (
+    FEATURES_FILE,
+    build_feature_sets,
+    load_features,
+    save_features,
+    too_few_to_probe,
+)
 from imagenet_int8_assets.core.reconstruct import choose_samples
 from imagenet_int8_assets.core.storage import (
     MissingArtifact,
-    atomic_dir,
-    atomic_write_bytes,
     probe_dir,
     read_latents,
 )
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 GROUP = "latent_probe"
-MIN_PER_CLASS = 4  # so that a 25% stratified test split leaves every class in both parts
 
 
 @asset(
@@ -42,8 +43,6 @@ MIN_PER_CLASS = 4  # so that a 25% stratified test split leaves every class in b
     ),
 )
 def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core.probe import build_feature_sets
-
     require_usable_images(read_manifest(settings))
     settings.require_recorded_settings_or_fail()
     all_keys = dataset_classes(context.instance, settings).in_dataset
@@ -74,13 +73,11 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
     arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
     present = sorted(set(y))
     names = [labels.text[k] for k in keys if labels.index[k] in present]
-    buffer = io.BytesIO()
-    np.savez(buffer, labels=np.array(y), class_names=np.array(names, dtype=str), **{f"features:{k}": v for k, v in arrays.items()})
-    path = probe_dir(settings.output_path) / "features.npz"
+    path = probe_dir(settings.output_path) / FEATURES_FILE
     space = SpaceNeeds("probe_features", settings.output_path)
-    space.writing(1, buffer.getbuffer().nbytes)
+    space.writing(1, len(y) * 8 + sum(v.nbytes for v in arrays.values()))
     with space.guard():
-        atomic_write_bytes(path, buffer.getvalue())
+        save_features(path, y, names, arrays)
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(path)),
@@ -103,52 +100,25 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
     ),
 )
 def latent_probe(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core import probe
-    from imagenet_int8_assets.core.report_figures import html_report, html_table
+    from imagenet_int8_assets.core.probe import run_probe
+    from imagenet_int8_assets.core.probe_report import build_probe_report
 
-    with np.load(probe_dir(settings.output_path) / "features.npz", allow_pickle=False) as data:
-        labels = data["labels"]
-        class_names = [str(n) for n in data["class_names"]]
-        features = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("features:")}
-    # labels are dataset indices (e.g. ImageNet's); the probe wants 0..k-1 with names in order
-    present, counts = np.unique(labels, return_counts=True)
-    present = present.tolist()
-    if len(present) < 2 or counts.min() < MIN_PER_CLASS:
-        note = (
-            f"skipped: the probe needs at least {MIN_PER_CLASS} latents in each of at least 2 classes "
-            f"for a stratified held-out split; found {len(present)} class(es), the smallest with {counts.min()}"
-        )
+    labels, class_names, features = load_features(probe_dir(settings.output_path) / FEATURES_FILE)
+    note = too_few_to_probe(labels)
+    if note is not None:
         context.log.warning(f"latent_probe {note}")
         return MaterializeResult(metadata={"status": note})
-    y = np.searchsorted(present, labels)
-    result = probe.run_probe(features, y, class_names, seed=settings.seed)
+    # labels are dataset indices (e.g. ImageNet's); the probe wants 0..k-1 with names in order
+    y = np.searchsorted(np.unique(labels), labels)
+    result = run_probe(features, y, class_names, seed=settings.seed)
     for note in result.notes:
         context.log.warning(note)
-    images = {
-        "confusion_matrix": probe.confusion_matrix_png(result),
-        "pca": probe.pca_scatter_png(features["sample"], y, class_names),
-        "feature_density": probe.feature_density_png(features["sample"], y, class_names, n_features=4),
-    }
-    accuracy = probe.accuracy_table_markdown(result)
-    detailed = probe.full_table_rows(result)
+    report = build_probe_report(result, features["sample"], y, class_names)
+    images, accuracy, detailed = report.images, report.accuracy, report.detailed
     space = SpaceNeeds("latent_probe", settings.output_path)
-    space.writing(1, sum(map(len, images.values())) + len(accuracy))
-    with space.guard(), atomic_dir(probe_dir(settings.output_path) / "report") as tmp:
-        for name, png in images.items():
-            (tmp / f"{name}.png").write_bytes(png)
-        (tmp / "accuracy.md").write_text(accuracy, encoding="utf-8")
-        (tmp / "results.json").write_text(
-            json.dumps({"table": detailed, "chance": result.chance, "notes": result.notes}, indent=2, default=float),
-            encoding="utf-8",
-        )
-        (tmp / "report.html").write_text(
-            html_report(
-                "Latent probe",
-                [("Accuracy", html_table(detailed, list(detailed[0]))), ("Notes", "<br>".join(result.notes) or "-")],
-                images,
-            ),
-            encoding="utf-8",
-        )
+    space.writing(1, report.size())
+    with space.guard():
+        report.write(probe_dir(settings.output_path) / "report")
     best = result.best
     return MaterializeResult(
         metadata={

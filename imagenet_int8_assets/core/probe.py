@@ -13,12 +13,17 @@ with one tree per class and iteration) would not train on a CPU in minutes. Pool
 256 features per latent (512 for mean+std), which is what the probe is about: whether the coarse
 latent statistics carry the class, not how far a large model can push it.
 
+This module holds the features (pooling, feature sets, the ``features.npz`` file) and the
+training (``run_probe``); the tables, figures and report folder are in :mod:`.probe_report`.
+
 Everything is seeded (split, subsample, every model), so the same inputs give the same table.
-Pure core: no Dagster import; figures are PNG bytes made with :mod:`.plotting`.
+Pure core: no Dagster import.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from imagenet_int8_assets.core.plotting import figure_png, pyplot
+from imagenet_int8_assets.core.storage import atomic_write_bytes
 
 SAMPLE = "sample"
 MEAN_STD = "mean+std"
@@ -45,13 +50,10 @@ LOGISTIC_MAX_ITER = 2000
 HGB_MAX_ITER = 50
 FOREST_TREES = 100
 
-CHANCE_ROW = "Chance (most frequent)"
-RANDOM_ROW = "Random (1/k)"
-
-#: Class names are written on the confusion-matrix axes up to this many classes.
-MAX_TICK_CLASSES = 30
-#: Legends (PCA scatter, densities) are drawn up to this many classes.
-MAX_LEGEND_CLASSES = 20
+#: The probe needs this many latents in each class, so that a 25% stratified test split leaves
+#: every class in both parts.
+MIN_PER_CLASS = 4
+FEATURES_FILE = "features.npz"
 
 
 # --------------------------------------------------------------------------- features
@@ -384,226 +386,43 @@ def run_probe(
     )
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- the features file
 
 
-def _fmt(value: float, digits: int) -> str:
-    return f"{value:.{digits}f}"
+def save_features(
+    path: str | os.PathLike, labels: Sequence[int], class_names: Sequence[str], feature_sets: Mapping[str, np.ndarray]
+) -> int:
+    """Write ``features.npz`` atomically: ``labels`` (dataset label index per row), the names of
+    the classes present in label order, and one ``features:<set>`` array per feature set.
+    Returns the bytes written."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        labels=np.asarray(labels),
+        class_names=np.array(list(class_names), dtype=str),
+        **{f"features:{k}": v for k, v in feature_sets.items()},
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getbuffer().nbytes
 
 
-def accuracy_table_markdown(result: ProbeResult, digits: int = 3) -> str:
-    """The seed's Table 1: a row per model plus the chance rows; accuracy, then macro F1, per feature set.
-
-    Columns: ``Model | Accuracy sample | Accuracy mean+std | Macro F1 sample | Macro F1 mean+std``
-    (the mean+std columns only when that feature set was probed). "Chance (most frequent)" predicts
-    the most frequent training class; "Random (1/k)" is the uniform guess's expected accuracy.
-    """
-    sets = result.feature_sets
-    header = ["Model"] + [f"Accuracy {fs}" for fs in sets] + [f"Macro F1 {fs}" for fs in sets]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (2 * len(sets))) + "|"]
-    for model in result.models:
-        cells = [model]
-        cells += [_fmt(result.accuracy(model, fs), digits) for fs in sets]
-        cells += [_fmt(result.row(model, fs)["f1"], digits) for fs in sets]
-        lines.append("| " + " | ".join(cells) + " |")
-    chance = result.chance
-    lines.append("| " + " | ".join([CHANCE_ROW] + [_fmt(chance["accuracy"], digits)] * len(sets)
-                                   + [_fmt(chance["f1"], digits)] * len(sets)) + " |")
-    lines.append("| " + " | ".join([RANDOM_ROW] + [_fmt(chance["uniform"], digits)] * len(sets)
-                                   + ["–"] * len(sets)) + " |")
-    return "\n".join(lines)
+def load_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """``save_features``' file back: (labels, class names, {feature set: array})."""
+    with np.load(path, allow_pickle=False) as data:
+        labels = data["labels"]
+        class_names = [str(n) for n in data["class_names"]]
+        features = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("features:")}
+    return labels, class_names, features
 
 
-def full_table_rows(result: ProbeResult, digits: int = 4) -> list[dict[str, Any]]:
-    """Detailed rows (model, features, accuracy, precision, recall, f1, seconds), then the chance row.
-
-    The chance row (model "Chance (most frequent)", features "any") scores the most-frequent-class
-    predictor on the same test split; its seconds are 0.
-    """
-    rows = []
-    for r in result.table:
-        rows.append({
-            "model": r["model"],
-            "features": r["features"],
-            **{k: round(float(r[k]), digits) for k in ("accuracy", "precision", "recall", "f1")},
-            "seconds": round(float(r["seconds"]), 3),
-        })
-    rows.append({
-        "model": CHANCE_ROW,
-        "features": "any",
-        **{k: round(float(result.chance[k]), digits) for k in ("accuracy", "precision", "recall", "f1")},
-        "seconds": 0.0,
-    })
-    return rows
-
-
-def full_table_markdown(result: ProbeResult, digits: int = 3) -> str:
-    """:func:`full_table_rows` as a markdown table."""
-    rows = full_table_rows(result, digits=digits)
-    keys = ["model", "features", "accuracy", "precision", "recall", "f1", "seconds"]
-    lines = ["| " + " | ".join(keys) + " |", "|---|---|" + "---:|" * (len(keys) - 2)]
-    for r in rows:
-        lines.append("| " + " | ".join(
-            str(r[k]) if isinstance(r[k], str) else (f"{r[k]:.{digits}f}" if k != "seconds" else f"{r[k]:.2f}")
-            for k in keys) + " |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _class_colors(k: int) -> np.ndarray:
-    plt = pyplot()
-    if k <= 10:
-        return np.asarray(plt.get_cmap("tab10").colors)[:k]
-    if k <= 20:
-        return np.asarray(plt.get_cmap("tab20").colors)[:k]
-    return plt.get_cmap("turbo")(np.linspace(0.0, 1.0, k))
-
-
-def _as_matrix(features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features)
-    if x.ndim == 1:
-        return x.reshape(-1, 1)
-    return x.reshape(len(x), -1) if x.ndim > 2 else x
-
-
-def confusion_matrix_png(result: ProbeResult, dpi: int = 100) -> bytes:
-    """The best model's confusion matrix, normalized by row (true class), with a colorbar.
-
-    Class names label the axes up to 30 classes; cell values are written up to 12.
-    """
-    plt = pyplot()
-    cm = np.asarray(result.best["confusion_matrix"], dtype=np.float64)
-    names = result.best["class_names"]
-    totals = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
-    k = len(names)
-    side = float(np.clip(2.5 + 0.35 * k, 4.5, 14.0))
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if k <= MAX_TICK_CLASSES:
-        ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8 if k > 12 else 9)
-        ax.set_yticks(range(k), names, fontsize=8 if k > 12 else 9)
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if k <= 12:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"{result.best['model']} on {result.best['features']} "
-                 f"(accuracy {result.best['accuracy']:.2f}, {k} classes)")
-    return figure_png(fig, dpi=dpi)
-
-
-def pca_scatter_png(
-    features: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    seed: int = 0,
-    max_points: int = 5000,
-    dpi: int = 100,
-) -> bytes:
-    """2-D PCA of ``features`` (N, D), one colour per class; a legend up to 20 classes.
-
-    At most ``max_points`` points are drawn (seeded subsample) so large probes stay readable.
-    """
-    from sklearn.decomposition import PCA
-
-    plt = pyplot()
-    x = _as_matrix(features).astype(np.float64)
-    labels = np.asarray(labels)
-    if len(x) != len(labels):
-        raise ValueError(f"{len(x)} feature rows for {len(labels)} labels")
-    if len(x) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
-        x, labels = x[keep], labels[keep]
-    n_comp = min(2, x.shape[1], len(x))
-    pca = PCA(n_components=n_comp, random_state=seed)
-    xy = pca.fit_transform(x)
-    if n_comp < 2:
-        xy = np.column_stack([xy, np.zeros(len(xy))])
-    ratio = list(pca.explained_variance_ratio_) + [0.0] * (2 - n_comp)
-    present = np.unique(labels)
-    colors = _class_colors(len(present))
-    fig, ax = plt.subplots(figsize=(7.5, 6))
-    size = 12 if len(x) <= 2000 else 5
-    for color, cls in zip(colors, present):
-        sel = labels == cls
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, alpha=0.7, linewidths=0,
-                   label=str(class_names[int(cls)]))
-    if len(present) <= MAX_LEGEND_CLASSES:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=1.5, frameon=False)
-    ax.set_xlabel(f"PC 1 ({ratio[0]:.1%} of variance)")
-    ax.set_ylabel(f"PC 2 ({ratio[1]:.1%} of variance)")
-    ax.set_title(f"PCA of the latent features ({len(x)} items, {len(present)} classes)")
-    return figure_png(fig, dpi=dpi)
-
-
-def _density(values: np.ndarray, grid: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a density curve: a Gaussian KDE where possible, else a normalized histogram."""
-    if len(values) >= 2 and np.ptp(values) > 0:
-        try:
-            from scipy.stats import gaussian_kde
-
-            return grid, gaussian_kde(values)(grid)
-        except (ImportError, np.linalg.LinAlgError, ValueError):
-            pass
-    hist, edges = np.histogram(values, bins=bins, density=True)
-    return 0.5 * (edges[:-1] + edges[1:]), hist
-
-
-def feature_density_png(
-    features: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    n_features: int = 4,
-    max_classes: int = 20,
-    feature_names: Sequence[str] | None = None,
-    dpi: int = 100,
-) -> bytes:
-    """Per-class density of each of the first ``n_features`` features, one subplot per feature.
-
-    A Gaussian KDE (scipy.stats.gaussian_kde) per class, or a histogram where scipy is missing or
-    a class has too few / constant values. Only the first ``max_classes`` classes (by label) are
-    drawn, with a legend up to 20, since a thousand overlapping curves say nothing.
-    """
-    plt = pyplot()
-    x = _as_matrix(features).astype(np.float64)
-    labels = np.asarray(labels)
-    if len(x) != len(labels):
-        raise ValueError(f"{len(x)} feature rows for {len(labels)} labels")
-    n = max(1, min(int(n_features), x.shape[1]))
-    present = np.unique(labels)
-    shown = present[:max_classes]
-    colors = _class_colors(len(shown))
-    cols = min(n, 2) if n <= 4 else min(n, 4)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
-    for f in range(n):
-        ax = axes[f // cols][f % cols]
-        column = x[:, f]
-        lo, hi = np.percentile(column, [0.5, 99.5]) if len(column) else (0.0, 1.0)
-        pad = 0.1 * (hi - lo) if hi > lo else 1.0
-        grid = np.linspace(lo - pad, hi + pad, 256)
-        bins = np.linspace(lo - pad, hi + pad, 31)
-        for color, cls in zip(colors, shown):
-            gx, gy = _density(column[labels == cls], grid, bins)
-            ax.plot(gx, gy, color=color, lw=1.3, label=str(class_names[int(cls)]))
-        title = feature_names[f] if feature_names is not None else f"feature {f}"
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("density")
-    for f in range(n, rows * cols):
-        axes[f // cols][f % cols].axis("off")
-    if len(shown) <= MAX_LEGEND_CLASSES:
-        handles, names = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    suffix = f" (first {len(shown)} of {len(present)} classes)" if len(shown) < len(present) else ""
-    fig.suptitle(f"Per-class density of the first {n} features{suffix}")
-    fig.tight_layout()
-    return figure_png(fig, dpi=dpi)
+def too_few_to_probe(labels: np.ndarray) -> str | None:
+    """Why the probe cannot run on these labels (None: it can): it needs at least
+    ``MIN_PER_CLASS`` latents in each of at least 2 classes for a stratified held-out split."""
+    present, counts = np.unique(np.asarray(labels), return_counts=True)
+    smallest = int(counts.min()) if len(counts) else 0
+    if len(present) >= 2 and smallest >= MIN_PER_CLASS:
+        return None
+    return (
+        f"skipped: the probe needs at least {MIN_PER_CLASS} latents in each of at least 2 classes "
+        f"for a stratified held-out split; found {len(present)} class(es), the smallest with {smallest}"
+    )
