@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -314,3 +315,142 @@ def wait_for_backfill(dev: DagsterDev, backfill_id: str, started: float, deadlin
                 f"{run_failures(dev, run_ids)}\n--- dagster dev log ---\n{dev.log_tail()}"
             )
         time.sleep(2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# single runs (test_retries): launch one as the UI's "Materialize" button does, find its worker
+
+
+ASSET_JOBS_QUERY = """
+query AssetJobs {
+  assetNodes {
+    assetKey { path }
+    jobNames
+    repository { name location { name } }
+  }
+}
+"""
+
+LAUNCH_RUN_MUTATION = """
+mutation LaunchPipelineExecution($executionParams: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on Error { message }
+    ... on PythonError { stack }
+  }
+}
+"""
+
+RUN_EVENTS_QUERY = """
+query RunEvents($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on MessageEvent { message }
+        ... on ExecutionStepStartEvent { stepKey }
+      }
+    }
+    ... on PythonError { message stack }
+  }
+}
+"""
+
+WORKER_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
+
+
+def launch_asset_run(dev: DagsterDev, assets: list[str]) -> str:
+    """Launch one run materializing the unpartitioned ``assets`` as the UI's Materialize button
+    does (``launchPipelineExecution`` on the asset job); returns its run id."""
+    nodes = dev.graphql(ASSET_JOBS_QUERY)["assetNodes"]
+    node = next(n for n in nodes if n["assetKey"]["path"] == [assets[0]])
+    job = next(name for name in node["jobNames"] if name.startswith("__ASSET_JOB"))
+    params = {
+        "selector": {
+            "repositoryLocationName": node["repository"]["location"]["name"],
+            "repositoryName": node["repository"]["name"],
+            "pipelineName": job,
+            "assetSelection": [{"path": [name]} for name in assets],
+            "assetCheckSelection": [],
+        },
+        "mode": "default",
+        "runConfigData": {},
+        "executionMetadata": {"tags": []},
+    }
+    launched = dev.graphql(LAUNCH_RUN_MUTATION, {"executionParams": params})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", f"launch failed: {json.dumps(launched, indent=2)}"
+    return launched["run"]["runId"]
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past the command name
+
+
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (Linux /proc)."""
+    seen = set()
+    while pid and pid not in seen:
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = parent_pid(pid)
+    return False
+
+
+def wait_for_step_worker(dev: DagsterDev, run_id: str, step_key: str, deadline: float) -> int:
+    """The pid of the process running ``run_id`` once it has started ``step_key`` (it reports
+    "Started process for run (pid: N)"); checked to belong to this `dagster dev`."""
+    pid, started = None, False
+    while time.monotonic() < deadline:
+        logs = dev.graphql(RUN_EVENTS_QUERY, {"runId": run_id})["logsForRun"]
+        assert logs["__typename"] == "EventConnection", logs
+        for event in logs["events"]:
+            found = WORKER_PID.search(event.get("message") or "")
+            if found:
+                pid = int(found.group(1))
+            if event["__typename"] == "ExecutionStepStartEvent" and event["stepKey"] == step_key:
+                started = True
+            if event["__typename"] in ("RunSuccessEvent", "RunFailureEvent"):
+                pytest.fail(f"run {run_id} ended ({event['__typename']}) before it could be killed:\n{dev.log_tail()}")
+        if pid is not None and started:
+            assert is_descendant(pid, dev.proc.pid), f"pid {pid} is not a process of this dagster dev"
+            return pid
+        time.sleep(0.2)
+    pytest.fail(f"run {run_id} did not start step {step_key} in time (worker pid {pid}):\n{dev.log_tail()}")
+
+
+def runs_matching(dev: DagsterDev, run_filter: dict) -> list[dict]:
+    runs = dev.graphql(RUNS_QUERY, {"filter": run_filter})["runsOrError"]
+    assert runs["__typename"] == "Runs", runs
+    return runs["results"]
+
+
+def wait_for_run(dev: DagsterDev, run_filter: dict, statuses: set[str], deadline: float, what: str) -> dict:
+    """Poll until a run matching ``run_filter`` has one of ``statuses`` (returns it); a run that
+    finishes otherwise, or none in time, fails with the runs' logs and the dagster dev log."""
+    runs: list[dict] = []
+    while time.monotonic() < deadline:
+        if dev.proc.poll() is not None:
+            pytest.fail(f"dagster dev exited with code {dev.proc.returncode}:\n{dev.log_tail()}")
+        runs = runs_matching(dev, run_filter)
+        done = [r for r in runs if r["status"] in statuses]
+        if done:
+            return done[0]
+        finished = [r for r in runs if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+        if finished:
+            pytest.fail(
+                f"{what}: run ended {finished[0]['status']}, expected {sorted(statuses)}\n"
+                f"{run_failures(dev, [r['runId'] for r in finished])}\n--- dagster dev log ---\n{dev.log_tail()}"
+            )
+        time.sleep(1.0)
+    pytest.fail(
+        f"{what}: no run {json.dumps(run_filter)} reached {sorted(statuses)} in time; runs {runs}\n"
+        f"{run_failures(dev, [r['runId'] for r in runs])}\n--- dagster dev log ---\n{dev.log_tail()}"
+    )
