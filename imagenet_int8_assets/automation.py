@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 
 from dagster import (
+    AssetKey,
     AssetSelection,
     AutomationCondition,
     AutomationConditionSensorDefinition,
@@ -37,7 +38,8 @@ from dagster import (
 from imagenet_int8_assets.partitions import class_partitions, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-MANIFEST = AssetSelection.assets("raw_manifest")
+MANIFEST_KEY = AssetKey("raw_manifest")
+MANIFEST = AssetSelection.assets(MANIFEST_KEY)
 SOURCE_FILES = AssetSelection.assets("source_class_files")
 
 
@@ -123,7 +125,7 @@ def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8
     source = settings.source_path()
     if not source.is_dir():
         if settings.source_is_generated:  # the bundled sample or a CIFAR-10 export: raw_manifest prepares it
-            return RunRequest(run_key=f"prepare:{source}")
+            return RunRequest(run_key=f"prepare:{source}", asset_selection=[MANIFEST_KEY])
         return SkipReason(f"The source {source} does not exist (IMAGENET_INT8_SOURCE).")
     try:
         folders = find_class_folders(source).names
@@ -143,6 +145,6 @@ def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8
     context.log.info(f"New class folder(s): {', '.join(new[:20])}{' ...' if len(new) > 20 else ''}")
     digest = hashlib.sha256("\0".join(new).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"classes:{digest}")],
+        run_requests=[RunRequest(run_key=f"classes:{digest}", asset_selection=[MANIFEST_KEY])],
         dynamic_partitions_requests=[class_partitions.build_add_request(new)],
     )
