@@ -9,10 +9,12 @@ import pandas as pd
 from dagster import (
     AssetExecutionContext,
     AssetObservation,
-    AssetSpec,
+    DataVersion,
+    DataVersionsByPartition,
     MaterializeResult,
     MetadataValue,
     asset,
+    observable_source_asset,
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
@@ -173,18 +175,22 @@ def require_usable_images(manifest: pd.DataFrame) -> None:
     )
 
 
-source_class_files = AssetSpec(
-    "source_class_files",
+@observable_source_asset(
+    name="source_class_files",
     group_name=GROUP,
     partitions_def=class_partitions,
-    kinds={"folder"},
+    required_resource_keys={"settings"},
     description=(
         "The image files of one class folder in the source (not written by this graph). Each scan "
         "(raw_manifest) records an observation for every class whose files changed, with a data "
         "version from the manifest: each file's name, size, modification time and status, and the "
-        "class's label. A new data version marks that class's preprocessed_crops stale, and only it."
+        "class's label. A new data version marks that class's preprocessed_crops stale, and only it. "
+        "Observing it re-records the versions of the last scan."
     ),
 )
+def source_class_files(context) -> DataVersionsByPartition:
+    versions = read_source_classes(context.resources.settings)["versions"]
+    return DataVersionsByPartition({key: DataVersion(v) for key, v in versions.items()})
 
 
 def _observed_versions(instance) -> dict[str, str]:
