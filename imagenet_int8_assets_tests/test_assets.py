@@ -34,21 +34,28 @@ def _failed_steps(result) -> dict[str, str]:
 
 
 def _check_results(result) -> dict[str, bool]:
-    return {
-        e.event_specific_data.check_name: e.event_specific_data.passed
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
+    """Per check: whether it passed for every class (a batched run records one result per class)."""
+    passed: dict[str, bool] = {}
+    for e in result.all_events:
+        if e.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = e.event_specific_data
+            passed[data.check_name] = passed.get(data.check_name, True) and data.passed
+    return passed
 
 
 def test_partitions_are_the_class_folders_and_the_graph_is_linked(tmp_path):
-    _, defs, _ = _setup(tmp_path, {"n01440764": 1, "zebra": 1, "apple": 1})
-    assert defs.resolve_assets_def("vae_latents").partitions_def.get_partition_keys() == ["apple", "n01440764", "zebra"]
+    _, defs, instance = _setup(tmp_path, {"n01440764": 1, "zebra": 1, "apple": 1})
+    partitions = defs.resolve_assets_def("vae_latents").partitions_def
+    assert partitions.get_partition_keys(dynamic_partitions_store=instance) == []  # nothing scanned at load
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    assert sorted(partitions.get_partition_keys(dynamic_partitions_store=instance)) == ["apple", "n01440764", "zebra"]
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
     assert parents == {
         "raw_manifest": set(),
-        "preprocessed_crops": {"raw_manifest"},
+        "source_class_files": set(),
+        "preprocessed_crops": {"raw_manifest", "source_class_files"},
         "vae_latents": {"preprocessed_crops"},
         "quantization_stats": {"vae_latents"},
         "mds_shards": {"vae_latents", "raw_manifest"},
@@ -126,6 +133,12 @@ def test_dataset_refuses_classes_built_with_different_settings(tmp_path):
     )
     adm = build_definitions(adm_settings, partitions_per_run=10)
     job = adm.resolve_implicit_global_asset_job_def()
+    refused = job.execute_in_process(
+        instance=instance, partition_key="b", asset_selection=[dg.AssetKey(k) for k in PARTITIONED], raise_on_error=False
+    )
+    assert "IMAGENET_INT8_CROP_RECIPE: the output holds 'imagenet.int8', this launch has 'adm'" in _failed_steps(refused)["preprocessed_crops"]
+    # An output whose settings record is gone (or predates it): the dataset itself still refuses a mix
+    (settings.output_path / "settings.json").unlink()
     assert job.execute_in_process(
         instance=instance, partition_key="b", asset_selection=[dg.AssetKey(k) for k in PARTITIONED]
     ).success
@@ -137,6 +150,7 @@ def test_dataset_refuses_classes_built_with_different_settings(tmp_path):
 def test_missing_upstream_says_what_to_materialize(tmp_path):
     _, defs, instance = _setup(tmp_path, {"a": 1})
     job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
     result = job.execute_in_process(
         instance=instance, partition_key="a", asset_selection=[dg.AssetKey("vae_latents")], raise_on_error=False
     )
@@ -144,8 +158,10 @@ def test_missing_upstream_says_what_to_materialize(tmp_path):
 
 
 def test_settings_errors_name_the_variable(tmp_path):
+    missing = ImagenetInt8Settings(source=str(tmp_path / "missing"), output=str(tmp_path / "out"))
+    build_definitions(missing)  # loading never scans the source, so it loads
     with pytest.raises(SourceError, match="IMAGENET_INT8_SOURCE"):
-        build_definitions(ImagenetInt8Settings(source=str(tmp_path / "missing"), output=str(tmp_path)))
+        missing.preflight()  # the manifest's (and the CLI's) first check
     with pytest.raises(SettingsError, match="IMAGENET_INT8_CROP_RECIPE"):
         ImagenetInt8Settings.from_env({"IMAGENET_INT8_CROP_RECIPE": "squash"})
     with pytest.raises(SettingsError, match="IMAGENET_INT8_BATCH_SIZE"):

@@ -119,7 +119,7 @@ def test_metadata_tells_the_story(built_sample):
     dataset = latest("mds_dataset")
     assert dataset["samples"] == 21 and dataset["classes"] == 4 and "open_dataset" in dataset["read_it"]
     materialized = instance.get_materialized_partitions(dg.AssetKey("mds_shards"))
-    assert materialized == set(defs.resolve_assets_def("mds_shards").partitions_def.get_partition_keys())
+    assert materialized == set(defs.resolve_assets_def("mds_shards").partitions_def.get_partition_keys(dynamic_partitions_store=instance))
 
 
 def test_rebuilding_a_partition_gives_the_same_bytes_and_no_leftovers(built_sample):

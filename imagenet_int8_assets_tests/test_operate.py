@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from imagenet_int8_assets.partitions import CLASS_PARTITIONS, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
