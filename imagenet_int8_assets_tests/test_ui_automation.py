@@ -1,0 +1,349 @@
+"""Automation and the demo's printed UI command, through a real `dagster dev` (webserver + daemon).
+
+1. With IMAGENET_INT8_AUTOMATION=true and nothing launched by hand, the ``class_folders`` sensor
+   registers the classes and requests the scan, and ``build_automation`` materializes the whole
+   graph; a class folder added later goes all the way into the published dataset with no reload.
+2. The ``dagster dev`` line that ``imagenet-int8 demo`` prints works verbatim in a bare, offline
+   shell, and a UI backfill of everything rebuilds the demo's dataset byte for byte with the
+   same (fallback) VAE.
+
+Tiny random VAE on CPU; no network, no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from imagenet_int8_assets.instance import prepare_dagster_home
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.dagster_dev import (
+    ASSET_NODES_QUERY,
+    ASSET_STATUS_QUERY,
+    DagsterDev,
+    dagster_dev_env,
+    free_port,
+    launch_backfill,
+    run_failures,
+    runs_matching,
+    start_dagster_dev,
+    wait_for_backfill,
+    wait_until_served,
+)
+
+ASSETS = [
+    "raw_manifest", "preprocessed_crops", "vae_latents", "quantization_stats", "mds_shards", "mds_dataset",
+    "reconstruction_report", "probe_features", "latent_probe",
+]
+LATENT_BYTES = 4 * 32 * 32
+UI_LINE_HEADER = "See the runs and assets in the UI:"
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def published_classes(out: Path) -> dict[str, int]:
+    """class -> samples of the published dataset (mds/build.json), {} while there is none."""
+    try:
+        return dict(json.loads((out / "mds" / "build.json").read_text())["per_class"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def materialized_runs(dev: DagsterDev, names: list[str]) -> dict[str, str | None]:
+    """name -> run id of the latest materialization of each unpartitioned asset (None: none)."""
+    nodes = {n["assetKey"]["path"][0]: n for n in dev.graphql(ASSET_STATUS_QUERY)["assetNodes"]}
+    return {
+        name: (nodes[name]["assetMaterializations"][0]["runId"] if nodes[name]["assetMaterializations"] else None)
+        for name in names
+    }
+
+
+def all_runs(dev: DagsterDev) -> list[dict]:
+    return runs_matching(dev, {})
+
+
+def fail_with_diagnostics(dev: DagsterDev, message: str) -> None:
+    runs = all_runs(dev)
+    failed = [r["runId"] for r in runs if r["status"] in ("FAILURE", "CANCELED")]
+    summary = [(r["runId"][:8], r["status"], sorted(p["path"][0] for p in r["assetSelection"] or [])) for r in runs]
+    pytest.fail(
+        f"{message}\nruns: {summary}\n{run_failures(dev, failed)}\n--- dagster dev log ---\n{dev.log_tail()}"
+    )
+
+
+def wait_for(dev: DagsterDev, what: str, ready, deadline: float, poll_s: float = 2.0):
+    """Poll ``ready()`` until it returns something truthy (returned); fail with diagnostics when
+    dagster dev dies, a run fails, or ``deadline`` (a time.monotonic() value) passes."""
+    last = None
+    while True:
+        if dev.proc.poll() is not None:
+            pytest.fail(f"dagster dev exited with code {dev.proc.returncode} waiting for {what}:\n{dev.log_tail()}")
+        last = ready()
+        if last:
+            return last
+        failed = [r for r in all_runs(dev) if r["status"] in ("FAILURE", "CANCELED")]
+        if failed:
+            fail_with_diagnostics(dev, f"a run failed while waiting for {what}")
+        if time.monotonic() > deadline:
+            fail_with_diagnostics(dev, f"timed out waiting for {what}; published classes {published_classes(dev.out)}")
+        time.sleep(poll_s)
+
+
+def run_summary(run: dict) -> str:
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    selection = sorted(p["path"][0] for p in run["assetSelection"] or [])
+    shown = {k: v for k, v in tags.items() if k.startswith("dagster/") and "json" not in k}
+    return f"{run['runId'][:8]} {run['status']} {selection} {shown}"
+
+
+def gpu_overlaps(runs: list[dict]) -> tuple[int, list]:
+    gpu_runs = sorted(
+        (r["startTime"], r["endTime"], r["runId"][:8])
+        for r in runs
+        if any(p["path"] == ["vae_latents"] for p in r["assetSelection"] or [])
+    )
+    overlaps = [
+        (a[2], b[2]) for a, b in zip(gpu_runs, gpu_runs[1:]) if a[1] is not None and b[0] is not None and b[0] < a[1]
+    ]
+    return len(gpu_runs), overlaps
+
+
+def read_dataset(mds: Path) -> tuple[int, list[str]]:
+    from streaming import StreamingDataset
+
+    import imagenet_int8_assets.reader  # noqa: F401  (registers the 'uint8' latent encoding)
+
+    dataset = StreamingDataset(local=str(mds), batch_size=1, shuffle=False)
+    try:
+        labels = []
+        for i in range(dataset.num_samples):
+            sample = dataset[i]
+            assert len(sample["vae_output"]) == LATENT_BYTES, f"sample {i}: {len(sample['vae_output'])} values"
+            labels.append(sample["label_as_text"])
+        return dataset.num_samples, labels
+    finally:
+        del dataset
+
+
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, tmp: Path) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+
+
+# ------------------------------------------------------------------------------------------
+# 1. automation alone builds everything, and a new class folder without a reload
+
+
+@pytest.mark.timeout(600)
+def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: Path, monkeypatch):
+    started = time.monotonic()
+    out, home, tmp = tmp_path / "out", tmp_path / "home", tmp_path / "tmp"
+    for folder in (out, tmp):
+        folder.mkdir()
+    source = make_image_folder(tmp_path / "source", {"a": 2, "b": 2})
+    env = dagster_dev_env(
+        out, home, tmp,
+        IMAGENET_INT8_SOURCE=str(source),
+        IMAGENET_INT8_AUTOMATION="true",
+        IMAGENET_INT8_SENSOR_INTERVAL="5",
+        IMAGENET_INT8_MAX_PARTITIONS_PER_RUN="2",
+    )
+    use_home(monkeypatch, home, tmp)
+    prepare_dagster_home(home)  # shipped dagster.yaml, gpu pool = 1
+
+    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
+    try:
+        wait_until_served(dev)
+        print(f"\n[auto] served after {time.monotonic() - started:.1f}s")
+
+        # ---- (a) the first two classes, built by the sensors alone --------------------------
+        def first_build():
+            done = materialized_runs(dev, ["reconstruction_report", "latent_probe"])
+            return done if set(published_classes(out)) >= {"a", "b"} and all(done.values()) else None
+
+        first = wait_for(dev, "automation to build classes a and b", first_build, started + 330)
+        assert published_classes(out) == {"a": 2, "b": 2}, published_classes(out)
+        print(f"[auto] a, b published after {time.monotonic() - started:.1f}s")
+
+        # ---- (b) a new class folder: no reload, no click ----------------------------------
+        added = time.monotonic()
+        make_image_folder(source, {"c": 2}, size=(260, 280))
+
+        def second_build():
+            if published_classes(out).get("c") != 2:
+                return None
+            done = materialized_runs(dev, ["reconstruction_report", "latent_probe"])
+            return done if all(done[k] != first[k] for k in done) else None
+
+        wait_for(dev, "automation to publish class c", second_build, started + 530)
+        print(f"[auto] c published {time.monotonic() - added:.1f}s after its folder appeared")
+        assert published_classes(out) == {"a": 2, "b": 2, "c": 2}, published_classes(out)
+
+        # ---- who launched the runs ----------------------------------------------------------
+        runs = all_runs(dev)
+        for run in runs:
+            print(f"[auto] run {run_summary(run)}")
+        assert all(r["status"] == "SUCCESS" for r in runs), [run_summary(r) for r in runs]
+        tags = [{t["key"]: t["value"] for t in r["tags"]} for r in runs]
+        manual = [run_summary(r) for r, t in zip(runs, tags) if "dagster/sensor_name" not in t and "dagster/backfill" not in t]
+        assert not manual, f"runs launched by neither a sensor nor an automation backfill: {manual}"
+        manifest_runs = [t for r, t in zip(runs, tags) if [p["path"] for p in r["assetSelection"] or []] == [["raw_manifest"]]]
+        assert len(manifest_runs) >= 2, f"expected a raw_manifest scan per new class folder batch: {tags}"
+        assert all(t.get("dagster/sensor_name") == "class_folders" for t in manifest_runs), manifest_runs
+        encode = [(r, t) for r, t in zip(runs, tags) if any(p["path"] == ["vae_latents"] for p in r["assetSelection"] or [])]
+        assert encode, "no run encoded latents"
+        # Every encoding run was requested by build_automation. Requests of several classes become
+        # backfills (emit_backfills) batched by the multi_run policy: a and b share one run with a
+        # backfill id and a partition range. (A lone new class, c, is launched by Dagster as a plain
+        # single-partition run of the sensor, with no backfill id.)
+        assert all(
+            t.get("dagster/sensor_name") == "build_automation" and t.get("dagster/from_automation_condition") == "true"
+            for _, t in encode
+        ), [run_summary(r) for r, _ in encode]
+        batched = [
+            t for _, t in encode
+            if t.get("dagster/backfill")
+            and (t.get("dagster/asset_partition_range_start"), t.get("dagster/asset_partition_range_end")) == ("a", "b")
+        ]
+        assert batched, f"a and b were not encoded in one batched backfill run: {[run_summary(r) for r, _ in encode]}"
+        assert any(t.get("dagster/partition") == "c" or "c" in (
+            t.get("dagster/asset_partition_range_start"), t.get("dagster/asset_partition_range_end")) for _, t in encode
+        ), f"no encoding run for class c: {[run_summary(r) for r, _ in encode]}"
+        # The gpu pool (limit 1) is honoured: runs that encode never overlap.
+        count, overlaps = gpu_overlaps(runs)
+        print(f"[auto] encoding runs: {count}, overlapping: {overlaps or 'none'}")
+        assert not overlaps, f"encoding runs overlapped despite the gpu pool: {overlaps}"
+    finally:
+        dev.stop()
+
+    # ---- the published dataset ----------------------------------------------------------------
+    samples, labels = read_dataset(out / "mds")
+    assert samples == 6, f"{samples} samples published, expected 6 (3 classes x 2)"
+    assert sorted(set(labels)) == ["a", "b", "c"], labels
+    assert sorted(labels) == ["a", "a", "b", "b", "c", "c"], labels
+    print(f"[auto] whole test {time.monotonic() - started:.1f}s")
+
+
+# ------------------------------------------------------------------------------------------
+# 2. the demo's printed `dagster dev` line, verbatim, offline; its backfill uses the same VAE
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def published_shards(mds: Path) -> dict[str, str]:
+    """Every file that mds/index.json publishes (its shards), by path, with its hash."""
+    index = json.loads((mds / "index.json").read_text())
+    files = {}
+    for shard in index["shards"]:
+        for part in ("raw_data", "zip_data"):
+            info = shard.get(part)
+            if info:
+                path = mds / info["basename"]
+                files[info["basename"]] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+@pytest.mark.timeout(600)
+def test_demo_printed_ui_command_works_verbatim_offline_and_its_backfill_uses_the_same_vae(tmp_path: Path, monkeypatch):
+    started = time.monotonic()
+    vae_id = "some-org/not-a-cached-vae"
+    env = cli_env(tmp_path, IMAGENET_INT8_VAE=vae_id, IMAGENET_INT8_DEMO_VAE_FALLBACK="tiny-random")
+    demo = run_cli([str(BIN / "imagenet-int8"), "demo"], env, timeout=300)
+    assert demo.returncode == 0, f"demo failed ({demo.returncode}):\n{demo.stdout[-5000:]}\n{demo.stderr[-10000:]}"
+    print(f"\n[demo] built in {time.monotonic() - started:.1f}s")
+    lines = demo.stdout.splitlines()
+    assert UI_LINE_HEADER in lines, f"no {UI_LINE_HEADER!r} in the demo's output:\n{demo.stdout}"
+    line = lines[lines.index(UI_LINE_HEADER) + 1].strip()
+    print(f"[demo] printed: {line}")
+    words = shlex.split(line)
+    assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    assert assignments.get("IMAGENET_INT8_VAE_FALLBACK") == "tiny-random", line
+    assert assignments.get("IMAGENET_INT8_VAE") == vae_id, line
+    assert "WARNING: real VAE weights were not available" in demo.stdout, demo.stdout
+    home = Path(assignments["DAGSTER_HOME"])
+    out = Path(assignments["IMAGENET_INT8_OUTPUT"])
+    mds = out / "mds"
+
+    index_before = (mds / "index.json").read_bytes()
+    shards_before = published_shards(mds)
+    assert shards_before, "the demo published no shards"
+
+    # A user's bare shell, offline. The line runs verbatim; the port comes from the environment
+    # (dagster dev passes no --port, so dagster-webserver reads DAGSTER_WEBSERVER_PORT) so that
+    # the test does not depend on port 3000 being free.
+    port = free_port()
+    tmp = tmp_path / "shell-tmp"
+    tmp.mkdir()
+    shell_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "TMPDIR": str(tmp),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": env["HF_HUB_CACHE"],
+        "DAGSTER_WEBSERVER_PORT": str(port),
+    }
+    log = tmp_path / "dagster_dev.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            ["bash", "-c", line], cwd=tmp_path, env=shell_env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    dev = DagsterDev(proc, port, log, out, home)
+    try:
+        wait_until_served(dev)
+        print(f"[demo] the printed line serves on port {port} after {time.monotonic() - started:.1f}s")
+        nodes = {n["assetKey"]["path"][0]: n for n in dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+        classes = nodes["vae_latents"]["partitionKeys"]
+        assert classes, "the demo registered no class partitions"
+
+        launched = time.monotonic()
+        backfill_id = launch_backfill(dev, classes, ASSETS)
+        backfill = wait_for_backfill(dev, backfill_id, started, 540)
+        print(f"[demo] backfill {backfill['status']} in {time.monotonic() - launched:.1f}s")
+        runs = runs_matching(dev, {"tags": [{"key": "dagster/backfill", "value": backfill_id}]})
+        assert runs and all(r["status"] == "SUCCESS" for r in runs), [run_summary(r) for r in runs]
+    finally:
+        dev.stop()
+
+    # ---- the same dataset, the same VAE ------------------------------------------------------
+    shards_after = published_shards(mds)
+    assert shards_after == shards_before, (
+        f"the UI backfill published different shards:\nbefore {shards_before}\nafter  {shards_after}"
+    )
+    index_after = (mds / "index.json").read_bytes()
+    assert index_after == index_before, "mds/index.json changed after the UI backfill"
+
+    use_home(monkeypatch, home, tmp)
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        assert Path(instance.root_directory).resolve() == home.resolve()
+        for key in classes:
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey("vae_latents"), asset_partitions=[key]), limit=1
+            ).records
+            assert records, f"vae_latents[{key}] has no materialization"
+            entry = records[0].event_log_entry
+            run = instance.get_run_by_id(entry.run_id)
+            assert run.tags.get("dagster/backfill") == backfill_id, (key, run.tags)
+            metadata = entry.asset_materialization.metadata
+            assert metadata["vae"].value == vae_id, (key, metadata["vae"])
+            assert metadata["vae_fallback"].value is True, (key, metadata["vae_fallback"])
+    print(f"[demo] whole test {time.monotonic() - started:.1f}s")
