@@ -128,7 +128,9 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force
         )
     if force:
         settings.record_settings(replace=True)  # --force rebuilds everything with these settings
-    own_tags = process_run_tags()  # lets the next build (or the UI's sensor) fail our runs if we die
+    # process tags let the next build (or the UI's sensor) fail our runs if we die; the daemon cannot
+    # re-execute runs executed in this process, so they say they are not retried
+    own_tags = {**process_run_tags(), "dagster/max_retries": "0"}
     per_run = partitions_per_run or max_partitions_per_run()
     defs = build_definitions(settings, per_run)
     job = defs.resolve_implicit_global_asset_job_def()

@@ -123,13 +123,19 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
                 context.log.info(f"{name}: {value}")
         t0 = time.monotonic()
         progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
-        post = encode_posterior(vae, images, device, settings.batch_size, settings.precision, progress=progress)
+        post = encode_posterior(
+            vae, images, device, settings.batch_size, settings.precision, progress=progress, log=context.log.warning
+        )
+        oom = post.oom_report()
         arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
         if post.std is not None:
             arrays["std"] = post.std
         redone = post.reencoded_fp32
         if settings.store_flip:
-            flipped = encode_posterior(vae, images, device, settings.batch_size, settings.precision, flip=True)
+            flipped = encode_posterior(
+                vae, images, device, settings.batch_size, settings.precision, flip=True, log=context.log.warning
+            )
+            oom = oom or flipped.oom_report()
             flip_ids = [f"{i}#hflip" for i in ids]
             arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
             redone += flipped.reencoded_fp32
@@ -156,6 +162,7 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             "encode_batch_size": provenance["encode"]["batch_size"],
             "encode": MetadataValue.json(provenance["encode"]),
             "reencoded_in_fp32": redone,
+            **({"out_of_memory_retries": MetadataValue.json(oom)} if oom else {}),
             "stored_flip": settings.store_flip,
             "seconds": round(seconds, 3),
             "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
