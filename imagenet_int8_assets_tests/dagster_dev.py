@@ -245,6 +245,7 @@ def dagster_dev_env(out: Path, home: Path, tmp: Path, **settings: str) -> dict:
         IMAGENET_INT8_VAE="tiny-random",
         IMAGENET_INT8_DEVICE="cpu",
         IMAGENET_INT8_WORKERS="1",
+        IMAGENET_INT8_SENSOR_INTERVAL="5",  # the class_folders sensor registers the classes quickly
         DAGSTER_HOME=str(home),
         TMPDIR=str(tmp),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -271,8 +272,27 @@ def start_dagster_dev(env: dict, log: Path, out: Path, home: Path) -> DagsterDev
     return DagsterDev(proc, port, log, out, home)
 
 
+def wait_for_classes(dev: DagsterDev, partitions: list[str], timeout_s: float = 240) -> None:
+    """Wait until the class partitions are registered (by the class_folders sensor's scan, or an
+    earlier build); a backfill can only target registered partitions."""
+    import dagster as dg
+
+    from imagenet_int8_assets.partitions import CLASS_PARTITIONS
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with dg.DagsterInstance.from_config(str(dev.home)) as instance:
+            known = set(instance.get_dynamic_partitions(CLASS_PARTITIONS))
+        if set(partitions) <= known:
+            return
+        if dev.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"classes {sorted(set(partitions) - known)} were not registered:\n{dev.log_tail()}")
+        time.sleep(2)
+
+
 def launch_backfill(dev: DagsterDev, partitions: list[str], assets: list[str]) -> str:
     """Launch a backfill of ``assets`` over ``partitions`` as the UI does; returns its id."""
+    wait_for_classes(dev, partitions)
     params = {
         "partitionNames": partitions,
         "assetSelection": [{"path": [name]} for name in assets],

@@ -61,6 +61,14 @@ def test_rematerializing_a_class_leaves_the_published_dataset_alone_until_it_is_
     held = open_dataset(root)  # a reader that opened the published version before anything changed
     assert held.num_samples == len(old) == 9
 
+    # Other settings are refused up front by the output's settings record ...
+    refused = build_definitions(_settings(tmp_path, seed=7), partitions_per_run=3).resolve_implicit_global_asset_job_def()
+    result = refused.execute_in_process(
+        instance=instance, partition_key="b", asset_selection=[dg.AssetKey("preprocessed_crops")], raise_on_error=False
+    )
+    assert not result.success and "IMAGENET_INT8_SEED: the output holds 0, this launch has 7" in " ".join(failures(result))
+    # ... and, for an output without the record (an older one), by the merge itself:
+    (settings.output_path / "settings.json").unlink()
     # another seed, then a 16-channel VAE, for one class: the published dataset does not move
     for other in (_settings(tmp_path, seed=7), _settings(tmp_path, vae="tiny-random-16")):
         _rematerialize_class(other, instance, "b")
@@ -112,6 +120,7 @@ def test_a_publication_killed_at_any_moment_leaves_one_whole_version(tmp_path):
     root = mds_root(settings.output_path)
     version_a = (root / "index.json").read_bytes()
     seed3 = _settings(tmp_path, seed=3)
+    seed3.record_settings(replace=True)  # what `imagenet-int8 build --force` does before rebuilding
     for key in ("a", "b"):
         _rematerialize_class(seed3, instance, key)
     assert _publish(seed3, instance).success

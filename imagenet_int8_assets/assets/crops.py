@@ -24,7 +24,10 @@ from imagenet_int8_assets.core.preprocess import crop_task
 from imagenet_int8_assets.core.sources import resolve_source_root
 from imagenet_int8_assets.core.storage import write_crops
 from imagenet_int8_assets.partitions import class_partitions
-from imagenet_int8_assets.resources import DEFAULT_MAX_PARTITIONS_PER_RUN, ImagenetInt8Settings
+from imagenet_int8_assets.resources import (
+    DEFAULT_MAX_PARTITIONS_PER_RUN,
+    ImagenetInt8Settings,
+)
 
 
 @asset(
