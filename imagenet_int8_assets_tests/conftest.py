@@ -74,6 +74,28 @@ def _streaming_segments() -> set[str]:
 STREAMING_SEGMENT = re.compile(r"\d{6}_")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def crops(n: int, seed: int = 0):
+    """``n`` distinct 256x256 RGB synthetic pictures as one uint8 array (N, 256, 256, 3)."""
+    import numpy as np
+
+    return np.stack(
+        [np.asarray(synthetic_picture(256, 256, (40 + 30 * i % 200, 90, 120), seed=seed + i).convert("RGB")) for i in range(n)]
+    )
+
+
 def make_image_folder(root: Path, classes: dict[str, int], size=(300, 240)) -> Path:
     """``classes`` maps class folder -> number of JPEGs; returns ``root``."""
     for c, (name, count) in enumerate(sorted(classes.items())):

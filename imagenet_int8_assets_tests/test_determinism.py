@@ -8,7 +8,6 @@ used to change about one code in 30,000); the quantizer must refuse NaN/Inf itse
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import dagster as dg
 import numpy as np
@@ -21,24 +20,12 @@ from imagenet_int8_assets.core.storage import latents_dir, mds_root, read_latent
 from imagenet_int8_assets.core.vae import load_vae
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets.sample import synthetic_picture
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def crops(n: int, seed: int = 0) -> np.ndarray:
-    return np.stack(
-        [np.asarray(synthetic_picture(256, 256, (40 + 30 * i % 200, 90, 120), seed=seed + i).convert("RGB")) for i in range(n)]
-    )
+from imagenet_int8_assets_tests.conftest import (
+    crops,
+    make_image_folder,
+    materialize_all,
+    torch_threads,
+)
 
 
 def test_quantize_refuses_nan_and_inf_saying_how_many():

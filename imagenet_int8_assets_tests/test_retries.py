@@ -16,7 +16,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -30,8 +29,7 @@ from imagenet_int8_assets.core.encode import (
 )
 from imagenet_int8_assets.core.vae import load_vae
 from imagenet_int8_assets.instance import SHIPPED_DAGSTER_YAML
-from imagenet_int8_assets.sample import synthetic_picture
-from imagenet_int8_assets_tests.conftest import make_image_folder
+from imagenet_int8_assets_tests.conftest import crops, make_image_folder, torch_threads
 from imagenet_int8_assets_tests.dagster_dev import (
     dagster_dev_env,
     launch_asset_run,
@@ -45,20 +43,6 @@ from imagenet_int8_assets_tests.dagster_dev import (
 # 1. out of memory in encoding
 
 
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def crops(n: int, seed: int = 0) -> np.ndarray:
-    return np.stack(
-        [np.asarray(synthetic_picture(256, 256, (40 + 30 * i % 200, 90, 120), seed=seed + i).convert("RGB")) for i in range(n)]
-    )
 
 
 class OutOfMemoryAbove:

@@ -21,7 +21,7 @@ import numpy as np
 
 from imagenet_int8_assets.core.plotting import figure_png, pyplot
 from imagenet_int8_assets.core.probe import ProbeResult
-from imagenet_int8_assets.core.storage import atomic_dir
+from imagenet_int8_assets.core.storage import write_folder
 
 CHANCE_ROW = "Chance (most frequent)"
 RANDOM_ROW = "Random (1/k)"
@@ -287,11 +287,8 @@ class ProbeReport:
         return sum(len(data) for data in self.files().values())
 
     def write(self, folder: str | os.PathLike) -> Path:
-        """Replace ``folder`` with the report as a whole (``storage.atomic_dir``)."""
-        with atomic_dir(folder) as tmp:
-            for name, data in self.files().items():
-                (tmp / name).write_bytes(data)
-        return Path(folder)
+        """Replace ``folder`` with the report as a whole (``storage.write_folder``)."""
+        return write_folder(folder, self.files())
 
 
 def build_probe_report(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from imagenet_int8_assets.core.metrics import summarize
-from imagenet_int8_assets.core.storage import atomic_dir
+from imagenet_int8_assets.core.storage import write_folder
 from imagenet_int8_assets.core.tables import markdown_table
 
 SUMMARY = "summary.json"
@@ -103,11 +103,8 @@ class ReconstructionReport:
         return sum(len(data) for data in self.files().values())
 
     def write(self, folder: str | os.PathLike) -> Path:
-        """Replace ``folder`` with the report as a whole (``storage.atomic_dir``)."""
-        with atomic_dir(folder) as tmp:
-            for name, data in self.files().items():
-                (tmp / name).write_bytes(data)
-        return Path(folder)
+        """Replace ``folder`` with the report as a whole (``storage.write_folder``)."""
+        return write_folder(folder, self.files())
 
 
 def assemble_report(

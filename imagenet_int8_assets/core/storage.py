@@ -163,6 +163,14 @@ def atomic_dir(final: str | os.PathLike, clean_leftovers: bool = True) -> Iterat
         move_into_place(tmp, final)
 
 
+def write_folder(final: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Replace ``final`` with a folder holding exactly ``files`` (name -> bytes), via ``atomic_dir``."""
+    with atomic_dir(final) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return Path(final)
+
+
 # --------------------------------------------------------------------------------------------
 # Paths
 
