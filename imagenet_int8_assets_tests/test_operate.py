@@ -301,8 +301,11 @@ def test_a_launch_with_other_settings_is_refused_with_the_differences(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with dg.DagsterInstance.from_config(str(tmp_path / "out" / "dagster_home")) as instance:
-        latest = instance.get_latest_materialization_event(dg.AssetKey("vae_latents"), "a")
-    assert latest.asset_materialization.metadata["vae"].value == "tiny-random"
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("vae_latents"), asset_partitions=["a"]), limit=1
+        ).records
+    assert records, "vae_latents[a] was not materialized"
+    assert records[0].asset_materialization.metadata["vae"].value == "tiny-random"
 
     other = dict(bare, IMAGENET_INT8_CROP_SIZE="128")
     proc = subprocess.run(

@@ -164,21 +164,24 @@ def test_a_build_killed_after_remaking_a_class_keeps_the_previous_dataset(tmp_pa
     pointer = mds_index.class_home(root, "c0") / mds_index.CURRENT
     before = pointer.read_bytes()
 
+    # another seed changes the bytes: the output's recorded settings need --force to be replaced
+    forced = [*args, "--force"]
     proc = subprocess.Popen(
-        args, env={**env, "IMAGENET_INT8_SEED": "5"}, cwd=tmp_path,
+        forced, env={**env, "IMAGENET_INT8_SEED": "5"}, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and pointer.read_bytes() == before and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, f"the forced build exited ({proc.returncode}) before re-making class c0"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert pointer.read_bytes() != before, "the build finished or stalled before re-making class c0"
+    assert pointer.read_bytes() != before, "the build stalled before re-making class c0"
     assert (root / "index.json").read_bytes() == published
     assert _samples(root) == old
     assert [(held[i]["latent"].tobytes(), held[i]["label"]) for i in range(held.num_samples)] == old
 
-    rerun = subprocess.run(args, env={**env, "IMAGENET_INT8_SEED": "5"}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(forced, env={**env, "IMAGENET_INT8_SEED": "5"}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     new = _samples(root)
     assert len(new) == len(old) == 12 and new != old

@@ -27,6 +27,7 @@ from imagenet_int8_assets_tests.dagster_dev import (
     launch_backfill,
     start_dagster_dev,
     wait_for_backfill,
+    wait_for_classes,
     wait_until_served,
 )
 
@@ -85,6 +86,7 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
     assert location["repositories"], "the location has no repository"
     print(f"\n[ui] location loaded after {time.monotonic() - started:.1f}s")
 
+    wait_for_classes(dev, CLASSES)  # the class_folders sensor registers them on its first tick
     nodes = {tuple(n["assetKey"]["path"]): n for n in dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
     assert {k[0] for k in nodes if len(k) == 1} >= set(ASSETS), f"asset nodes served: {sorted(nodes)}"
     for name in ASSETS:
