@@ -153,3 +153,31 @@ def built_sample(tmp_path_factory):
     instance = dg.DagsterInstance.ephemeral()
     results = materialize_all(defs, instance, partitions_per_run=3)
     return {"settings": settings, "defs": defs, "instance": instance, "results": results}
+
+
+# -- Fake Hugging Face Hub --------------------------------------------------------------------------
+# imagenet_int8_assets_tests/fake_hub.py: a local server speaking the Hub routes the real
+# huggingface_hub client uses (repos, preupload, LFS batch + PUT, commit, tree, paths-info, resolve,
+# validate-yaml). The fixture starts one per test, under tmp_path.
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A started ``FakeHub`` (its ``.endpoint``, ``.stats(repo_id)``, ``.files(repo_id)``...) whose
+    write token is in ``HF_TOKEN``; this process's huggingface_hub points at it for the test.
+
+    Set with monkeypatch (undone after the test): ``HF_ENDPOINT``, ``HF_TOKEN``,
+    ``HF_HUB_DISABLE_XET=1``, ``HF_HUB_DISABLE_TELEMETRY=1``, ``HF_HUB_OFFLINE=0``, ``HF_HOME`` and
+    ``HF_HUB_CACHE`` (under tmp_path/hf-home), for subprocesses (``os.environ`` or
+    ``fake_hub.env(hf_home)``). huggingface_hub reads them at import, so the in-process copies in
+    ``huggingface_hub.constants`` are patched too, and requests for https://huggingface.co (module
+    level functions, ``RepoCard.validate``) are routed to the fake. Passing
+    ``endpoint=fake_hub.endpoint`` explicitly still works and is the clearest.
+    """
+    import secrets
+
+    from imagenet_int8_assets_tests.fake_hub import FakeHub, use_fake_hub
+
+    token = "hf_fake" + secrets.token_hex(16)
+    with FakeHub(tmp_path / "fake-hub", token) as hub, use_fake_hub(hub, tmp_path / "hf-home", monkeypatch):
+        yield hub
