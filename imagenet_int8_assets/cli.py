@@ -3,7 +3,8 @@
 ``imagenet-int8 build`` materializes every asset for every partition with the same assets the UI
 runs, in batched runs (one for the manifest, one per ``max partitions per run`` classes, one for
 the statistics and the merged dataset), showing a progress bar. ``imagenet-int8 demo`` does the
-same on the bundled sample data and says where the result is and how to read it.
+same on the bundled sample data and says where the result is and how to read it. ``imagenet-int8
+publish`` builds what is missing, then runs ``hub_upload`` (the Hugging Face Hub repository).
 
 Runs are recorded in a persistent Dagster instance, DAGSTER_HOME (default
 ``<output>/dagster_home``), so ``dagster dev`` with the same DAGSTER_HOME shows them afterwards.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 PARTITIONED_STEPS = ("preprocessed_crops", "vae_latents", "mds_shards")
 FINAL_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
+PUBLISH_STEPS = ("hub_upload",)
 
 
 def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
@@ -88,7 +90,9 @@ def _failures(result) -> list[str]:
     return lines
 
 
-def build(settings, partitions_per_run: int | None, verbose: bool = False, force: bool = False) -> int:
+def build(
+    settings, partitions_per_run: int | None, verbose: bool = False, force: bool = False, publish: bool = False
+) -> int:
     """Materialize what is missing or stale under the output's build lock; returns an exit code.
 
     A second build (or demo) of an output that is being built is refused at once with exit code 2
@@ -99,13 +103,13 @@ def build(settings, partitions_per_run: int | None, verbose: bool = False, force
 
     try:
         with hold_build_lock(settings.output_path):
-            return _build_locked(settings, partitions_per_run, verbose, force)
+            return _build_locked(settings, partitions_per_run, verbose, force, publish)
     except (BuildLockBusy, BuildLockError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
 
 
-def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force: bool) -> int:
+def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force: bool, publish: bool) -> int:
     from dagster import AssetKey, DagsterInstance
     from dagster._core.utils import make_new_run_id
     from tqdm import tqdm
@@ -163,7 +167,7 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force
         if run(["raw_manifest"]) and _usable_images(settings, failures):
             plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
             batches = _chunks(plan.classes, per_run)
-            bar.total = 1 + len(PARTITIONED_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0)
+            bar.total = 1 + len(PARTITIONED_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
             bar.refresh()
             tqdm.write(plan.describe(per_run))
             for n, batch in enumerate(batches, 1):
@@ -178,6 +182,11 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force
             if not failures and plan.dataset:
                 bar.set_description("dataset")
                 run(FINAL_STEPS)
+            if publish and failures:
+                failures.append("hub_upload: not run, nothing was published (the build above did not finish)")
+            elif publish:
+                bar.set_description("publish")
+                run(PUBLISH_STEPS)
     if failures:
         print("\nThe build did not finish:\n" + "\n".join(failures), file=sys.stderr)
         print(
@@ -331,10 +340,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, help_text in (
         ("build", "materialize the whole graph for every class (settings from IMAGENET_INT8_* or flags)"),
         ("demo", "build the bundled sample dataset (falls back to random SDXL weights when offline)"),
+        ("publish", "build what is missing, then publish the dataset to a Hugging Face Hub repository (hub_upload)"),
     ):
         p = sub.add_parser(name, help=help_text)
-        if name == "build":
+        if name in ("build", "publish"):
             p.add_argument("--source", help="dataset root (IMAGENET_INT8_SOURCE)")
+        if name == "publish":
+            p.add_argument("--repo", help="Hub dataset repository owner/name (IMAGENET_INT8_HUB_REPO); token from HF_TOKEN")
+            p.add_argument("--revision", help="branch to publish to (IMAGENET_INT8_HUB_REVISION, default main)")
+            p.add_argument("--public", action="store_true", help="create the repository public (default private)")
+            p.add_argument("--message", help="commit message (IMAGENET_INT8_HUB_COMMIT_MESSAGE)")
+            p.add_argument("--license", help="license id in the card (IMAGENET_INT8_HUB_LICENSE)")
+            p.add_argument("--no-parquet", action="store_true", help="do not export parquet (IMAGENET_INT8_PARQUET_EXPORT=false)")
+            p.add_argument("--files-per-commit", type=int, help="most files per commit (IMAGENET_INT8_HUB_FILES_PER_COMMIT)")
+            p.add_argument(
+                "--allow-random-weights", action="store_true",
+                help="publish even though the VAE had random weights (IMAGENET_INT8_PUBLISH_RANDOM_WEIGHTS)",
+            )
         p.add_argument("--output", help="output root (IMAGENET_INT8_OUTPUT)")
         p.add_argument("--vae", help="VAE preset, Hub id or folder (IMAGENET_INT8_VAE)")
         p.add_argument("--device", help="auto, cpu or cuda (IMAGENET_INT8_DEVICE)")
@@ -373,6 +395,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "precision": args.precision,
         "workers": args.workers,
     }
+    if args.command == "publish":
+        overrides.update(
+            hub_repo=args.repo,
+            hub_revision=args.revision,
+            hub_private=False if args.public else None,
+            hub_commit_message=args.message,
+            hub_license=args.license,
+            parquet_export=False if args.no_parquet else None,
+            hub_files_per_commit=args.files_per_commit,
+            publish_random_weights=True if args.allow_random_weights else None,
+        )
     if args.command == "demo":
         fallback = os.environ.get("IMAGENET_INT8_DEMO_VAE_FALLBACK", "").strip() or "sdxl-random"
         if fallback not in RANDOM_PRESETS:
@@ -393,13 +426,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes."
             )
         max_partitions_per_run()
+        if args.command == "publish" and not settings.hub_repo:
+            raise SettingsError(
+                "imagenet-int8 publish needs a Hub dataset repository: --repo owner/name or IMAGENET_INT8_HUB_REPO "
+                "(and HF_TOKEN set to a token with write access)."
+            )
         settings.preflight(dagster_home_path(settings.output_path / "dagster_home"))
         if not args.force:
             settings.require_recorded_settings()
         # Flags become the environment: loading the definitions module (which builds its default
         # Definitions from IMAGENET_INT8_*) then sees this build's source and output, not others.
         os.environ.update(_settings_env(settings))
-        code = build(settings, args.max_partitions_per_run, args.verbose, args.force)
+        code = build(settings, args.max_partitions_per_run, args.verbose, args.force, args.command == "publish")
     except (SettingsError, SourceError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
@@ -411,7 +449,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if code == 0:
         print(_summary(settings))
+        if args.command == "publish":
+            print(_publish_summary())
     return code
+
+
+def _publish_summary() -> str:
+    """What the last hub_upload did, from its materialization's metadata."""
+    from dagster import AssetKey, DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(AssetKey("hub_upload"))
+    meta = event.asset_materialization.metadata
+    return f"Published: {meta['summary'].value}"
 
 
 if __name__ == "__main__":  # pragma: no cover

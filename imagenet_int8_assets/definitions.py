@@ -14,6 +14,7 @@ from imagenet_int8_assets.assets.crops import preprocessed_crops
 from imagenet_int8_assets.assets.latents import latents_are_finite, vae_latents
 from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
 from imagenet_int8_assets.assets.probe import latent_probe, probe_features
+from imagenet_int8_assets.assets.publish import hub_token_resource, hub_upload
 from imagenet_int8_assets.assets.quantization import quantization_stats
 from imagenet_int8_assets.assets.report import reconstruction_quality, reconstruction_report
 from imagenet_int8_assets.assets.shards import mds_count_matches_manifest, mds_dataset, mds_shards
@@ -56,11 +57,12 @@ def build_definitions(
         source_class_files,
         *(configured(a, settings, policy, partition_condition(cron)) for a in CLASS_ASSETS),
         *(configured(a, settings, None, dataset_condition(cron)) for a in DATASET_ASSETS),
+        hub_upload,  # never automated: publishing is a deliberate act (UI, `imagenet-int8 publish`)
     ]
     return Definitions(
         assets=assets,
         asset_checks=list(CHECKS),
-        resources={"settings": settings},
+        resources={"settings": settings, "hub_token": hub_token_resource()},
         schedules=[refresh_schedule(settings)],
         sensors=[
             class_folders_sensor(settings),

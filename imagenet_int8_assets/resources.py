@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,7 @@ MIN_CROP_SIZE, MAX_CROP_SIZE = 16, 1024
 # The seed is hashed with each image id (core.encode.image_seed) and also seeds numpy and
 # scikit-learn (report and probe samples, probe models), which take 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 # Every field's environment variable is IMAGENET_INT8_<FIELD NAME> (the table is derived from the
 # fields below, after the class); plus one that is not a resource field:
@@ -137,6 +139,14 @@ class ImagenetInt8Settings(ConfigurableResource):
     automation: bool = Field(default=False, description="Start the build_automation sensor (materializes new, changed and missing classes, on the GPU) when the code location loads; else turn it on in the UI.")
     sensor_interval: int = Field(default=30, description="Seconds between evaluations of the class_folders sensor and the build_automation sensor.")
     refresh_cron: str = Field(default=DEFAULT_REFRESH_CRON, description="Cron of the refresh_source schedule (rescan the source; stopped until turned on).")
+    hub_repo: str = Field(default="", description="Hub dataset repository (owner/name) that hub_upload publishes to; empty = hub_upload does nothing and says how to enable it.")
+    hub_private: bool = Field(default=True, description="Create the Hub repository as private (an existing repository keeps its visibility).")
+    hub_revision: str = Field(default="main", description="Hub branch to publish to (created from main when missing).")
+    hub_commit_message: str = Field(default="", description="Commit message of hub_upload's commits (empty = one naming the samples, classes and VAE).")
+    hub_license: str = Field(default="", description="License id in the dataset card (empty = 'other', pointing at ImageNet's terms of access).")
+    hub_files_per_commit: int = Field(default=100, description="Most files in one Hub commit (the Hub recommends a few hundred at most).")
+    parquet_export: bool = Field(default=True, description="hub_upload also exports the samples as parquet (data/*.parquet) so that `datasets` and the Hub viewer read them.")
+    publish_random_weights: bool = Field(default=False, description="Let hub_upload publish a dataset encoded with random VAE weights (refused otherwise).")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ImagenetInt8Settings:
@@ -246,7 +256,11 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("cifar_split", self.cifar_split, "use train, test or all")
         if self.precision not in PRECISIONS:
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
-        for name in ("sensor_interval", "batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
+        if self.hub_repo and not HUB_REPO_ID.fullmatch(self.hub_repo):
+            raise _bad("hub_repo", self.hub_repo, "use a Hub repository id owner/name (letters, digits, '-', '_', '.')")
+        if not self.hub_revision.strip():
+            raise _bad("hub_revision", self.hub_revision, "empty; use a branch name such as main")
+        for name in ("hub_files_per_commit", "sensor_interval", "batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
             if getattr(self, name) <= 0:
                 raise _bad(name, getattr(self, name), "must be a positive integer")
         if self.crop_size % 8 or not MIN_CROP_SIZE <= self.crop_size <= MAX_CROP_SIZE:

@@ -586,6 +586,7 @@ class FakeHub:
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._faults: list[dict] = []
+        self._delays: dict[tuple[str, str], float] = {}  # (method, path regex) -> seconds
         self._log: deque[tuple[str, str, int]] = deque(maxlen=LOG_SIZE)
         self._server_errors: deque[str] = deque(maxlen=100)
         self._requests = 0
@@ -753,6 +754,26 @@ class FakeHub:
             self._faults.append({"method": method.upper(), "path": path_pattern, "status": int(status),
                                  "times": int(times), "message": str(message)})
 
+    def slow(self, method: str, path_pattern: str, seconds: float) -> None:
+        """Hold every matching request ``seconds`` before answering it (0 removes the delay), e.g.
+        slow("POST", r"/commit/", 1.0) leaves time to kill an uploader between its LFS uploads and
+        its commit."""
+        re.compile(path_pattern)
+        if not 0 <= seconds <= 30:
+            raise ValueError(f"delay of {seconds}s: use 0 to 30 seconds")
+        with self._lock:
+            if seconds:
+                self._delays[(method.upper(), path_pattern)] = float(seconds)
+            else:
+                self._delays.pop((method.upper(), path_pattern), None)
+
+    def _delay_of(self, req: _Request) -> float:
+        with self._lock:
+            return max(
+                (s for (m, p), s in self._delays.items() if m in (req.method, "*") and re.search(p, req.raw_path)),
+                default=0.0,
+            )
+
     # -- internals: auth, repos, revisions --------------------------------------------------------
 
     def _role(self, header: str | None) -> str | None:
@@ -875,6 +896,9 @@ class FakeHub:
                 fault = self._take_fault(req)
             if fault is not None:
                 raise _HttpError(fault["status"], fault["message"])
+            delay = self._delay_of(req)
+            if delay:
+                time.sleep(delay)
             if req.role == "invalid":
                 raise _HttpError(401, INVALID_TOKEN)
             status = self._route(req)

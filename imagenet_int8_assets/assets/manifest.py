@@ -31,6 +31,7 @@ from imagenet_int8_assets.core.storage import (
     atomic_write_json,
     manifest_path,
 )
+from imagenet_int8_assets.core.storage import source_classes_path as classes_json_path
 from imagenet_int8_assets.partitions import (
     class_partitions,
     register_classes,
@@ -48,11 +49,8 @@ def read_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-SOURCE_CLASSES = "classes.json"  # beside the manifest: the class folders and labels of the last scan
-
-
 def source_classes_path(settings: ImagenetInt8Settings):
-    return manifest_path(settings.output_path).with_name(SOURCE_CLASSES)
+    return classes_json_path(settings.output_path)
 
 
 def read_source_classes(settings: ImagenetInt8Settings) -> dict:

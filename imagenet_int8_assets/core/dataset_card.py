@@ -28,7 +28,8 @@ from typing import Any
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE, step
 from imagenet_int8_assets.core.reconstruction_report import CHANNEL_COLUMNS, SUMMARY
-from imagenet_int8_assets.core.storage import manifest_path, mds_root, report_dir, stats_path
+from imagenet_int8_assets.core.hub_upload import PARQUET_FOLDER
+from imagenet_int8_assets.core.storage import manifest_path, mds_root, report_dir, source_classes_path, stats_path
 from imagenet_int8_assets.core.tables import markdown_table
 
 # The default ``license`` setting: the card says the data is under ImageNet's terms of access
@@ -38,8 +39,7 @@ IMAGENET_TERMS = "imagenet-terms"
 IMAGENET_LICENSE_NAME = "imagenet-terms-of-access"
 IMAGENET_LICENSE_LINK = "https://image-net.org/download.php"
 PUBLISHED_DATASET = "cloneofsimo/imagenet.int8"
-PARQUET_FILES = "data/*.parquet"  # the parquet export: one file per class under data/
-SOURCE_CLASSES = "classes.json"  # beside the manifest (written by raw_manifest): classes and labels
+PARQUET_FILES = f"{PARQUET_FOLDER}/*.parquet"  # the parquet export: one file per class under data/
 REPORT_FIGURES = {
     "grid.png": "Original | decoded from the float latent | decoded from the uint8 code",
     "histograms.png": "Latent values per channel, with the clip bounds",
@@ -135,7 +135,7 @@ def card_inputs(output: str | Path) -> CardInputs:
             manifest = manifest_summary(pd.read_parquet(path, columns=["id", "class_folder", "status", "reason"]))
         except Exception as exc:  # a damaged file: the card says so instead of failing
             missing["manifest"] = f"{path.relative_to(output).as_posix()} cannot be read ({exc})"
-    labels = _class_labels(root, record, path.with_name(SOURCE_CLASSES))
+    labels = _class_labels(root, record, source_classes_path(output))
     return CardInputs(record, labels, stats, summary, figures, manifest, missing)
 
 

@@ -179,6 +179,11 @@ def manifest_path(output: str | os.PathLike) -> Path:
     return Path(output) / "manifest" / "manifest.parquet"
 
 
+def source_classes_path(output: str | os.PathLike) -> Path:
+    """Beside the manifest: the class folders, labels and versions of the last scan (``classes.json``)."""
+    return manifest_path(output).with_name("classes.json")
+
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ +-]*")
 _MAX_NAME = 120
 

@@ -1,0 +1,224 @@
+"""Publishing to the Hub: the real `imagenet-int8 publish` CLI (and the hub_upload asset) against
+a local fake Hub that the real huggingface_hub client talks HTTP to (fake_hub.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from imagenet_int8_assets.core import mds_index
+from imagenet_int8_assets.core.hub_upload import FINAL_FILES
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+
+REPO_ID = "me/latents"
+PUBLISH = [str(BIN / "imagenet-int8"), "publish", "--repo", REPO_ID]
+
+
+def _env(tmp_path: Path, hub, **extra) -> dict:
+    env = cli_env(tmp_path, IMAGENET_INT8_REPORT_PER_CLASS="1", **extra)
+    env.update(hub.env(tmp_path / "hf-home"))
+    return env
+
+
+def _last_upload(tmp_path: Path) -> dict:
+    with dg.DagsterInstance.from_config(str(tmp_path / "out" / "dagster_home")) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("hub_upload"))
+    assert event is not None, "hub_upload recorded no materialization"
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def _local_files(tmp_path: Path) -> dict[str, bytes]:
+    """What the repository should hold, read from the output (the published index's folders)."""
+    out = tmp_path / "out"
+    root = out / "mds"
+    index = mds_index.read_index(root)
+    files = {name: (root / name).read_bytes() for name in ("index.json", "build.json")}
+    for folder in {str(Path(s["raw_data"]["basename"]).parent) for s in index["shards"]}:
+        for path in (root / folder).iterdir():
+            files[f"{folder}/{path.name}"] = path.read_bytes()
+    return files
+
+
+def _committed(hub, repo: str) -> list[dict]:
+    return [c for c in hub.stats(repo)["commits"] if not c.get("empty")]
+
+
+def _samples(root: Path) -> list[tuple[bytes, int, str]]:
+    from imagenet_int8_assets.reader import open_dataset
+
+    ds = open_dataset(root)
+    return sorted((ds[i]["latent"].tobytes(), ds[i]["label"], ds[i]["label_as_text"]) for i in range(ds.num_samples))
+
+
+def _grep_token(tmp_path: Path, token: bytes, *texts: str) -> list[str]:
+    hits = [str(p) for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and token in p.read_bytes()]
+    return hits + [f"output #{i}" for i, text in enumerate(texts) if token.decode() in text]
+
+
+def test_publish_refusals_then_upload_download_rerun_and_one_changed_class(tmp_path, fake_hub):
+    source = make_image_folder(tmp_path / "src", {"a": 3, "b": 3, "c": 2})
+    env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source))
+    token = env["HF_TOKEN"].encode()
+    outputs = []
+
+    # A blocking reconstruction check that fails stops the upload (no repository is even created):
+    # another output whose tiny range clips most latent values.
+    clipped = {
+        "IMAGENET_INT8_OUTPUT": str(tmp_path / "clipped"), "IMAGENET_INT8_QUANT_RANGE": "0.25",
+        "IMAGENET_INT8_REPORT_BLOCKING": "true", "IMAGENET_INT8_REPORT_MAX_CLIP_FRACTION": "0.01",
+    }
+    blocked = run_cli(PUBLISH + ["--allow-random-weights"], {**env, **clipped}, cwd=tmp_path)
+    outputs += [blocked.stdout, blocked.stderr]
+    summary = json.loads((tmp_path / "clipped" / "report" / "summary.json").read_text())
+    assert summary["clip_fraction"] > 0.01, "the test needs clipped latents to trip the check"
+    assert blocked.returncode == 1, blocked.stderr[-3000:]
+    assert "reconstruction_quality" in blocked.stderr and "hub_upload" in blocked.stderr, blocked.stderr[-3000:]
+    assert not fake_hub.repo_exists(REPO_ID)
+
+    # Random weights are refused unless forced.
+    refused = run_cli(PUBLISH, env, cwd=tmp_path)
+    outputs += [refused.stdout, refused.stderr]
+    assert refused.returncode == 1
+    assert "refusing to publish" in refused.stderr and "--allow-random-weights" in refused.stderr, refused.stderr[-3000:]
+    assert not fake_hub.repo_exists(REPO_ID)
+
+    first = run_cli(PUBLISH + ["--allow-random-weights"], env, cwd=tmp_path)
+    outputs += [first.stdout, first.stderr]
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Published:" in first.stdout and REPO_ID in first.stdout
+    remote = fake_hub.files(REPO_ID)
+    expected = _local_files(tmp_path)
+    assert {p: remote[p] for p in expected} == expected  # the index and exactly the shard folders it names
+    assert not [p for p in remote if p.startswith("classes/") and p not in expected]
+    card = remote["README.md"].decode()
+    assert card.startswith("---\n") and "WARNING" in card and REPO_ID in card
+    assert {"data/a.parquet", "data/b.parquet", "data/c.parquet", "report/grid.png", "stats/quantization_stats.json"} <= set(remote)
+    meta = _last_upload(tmp_path)
+    sent = [p for p in remote if p != ".gitattributes"]
+    assert meta["files_sent"] == len(sent) and meta["files_skipped"] == 0 and meta["created"] is True
+    assert meta["bytes_sent"] == sum(len(remote[p]) for p in sent)
+    assert meta["private"] is True and meta["repository"].endswith(f"/datasets/{REPO_ID}")
+    assert json.loads(meta["commits"]) if isinstance(meta["commits"], str) else meta["commits"]
+    commits = len(_committed(fake_hub, REPO_ID))
+
+    # Read it back from the Hub: a published-style reader and the fast loader see the local dataset.
+    from huggingface_hub import snapshot_download
+
+    from imagenet_int8_assets.reader import load_latents
+
+    download = Path(snapshot_download(REPO_ID, repo_type="dataset", local_dir=tmp_path / "download", endpoint=fake_hub.endpoint))
+    assert _samples(download) == _samples(tmp_path / "out" / "mds")
+    local = load_latents(tmp_path / "out" / "mds")
+    hub = load_latents(REPO_ID)
+    assert np.array_equal(hub.codes, local.codes) and np.array_equal(hub.labels, local.labels)
+    assert hub.label_texts == local.label_texts
+
+    # The parquet export loads with `datasets` and holds exactly the MDS codes.
+    import datasets
+
+    parquet = datasets.load_dataset(
+        "parquet", data_files=sorted(str(p) for p in (download / "data").glob("*.parquet")),
+        split="train", cache_dir=str(tmp_path / "ds-cache"),
+    )
+    rows = sorted((bytes(r["vae_output"]), r["label"], r["label_as_text"]) for r in parquet)
+    assert rows == sorted((local.codes[i].tobytes(), int(local.labels[i]), local.label_texts[int(local.labels[i])]) for i in range(len(local)))
+    assert all(r["image_id"] for r in parquet)
+
+    # Nothing changed: no commit, no file content.
+    fake_hub.reset_stats(REPO_ID)
+    again = run_cli(PUBLISH + ["--allow-random-weights"], env, cwd=tmp_path)
+    outputs += [again.stdout, again.stderr]
+    assert again.returncode == 0, again.stderr[-3000:]
+    stats = fake_hub.stats(REPO_ID)
+    assert stats["commits"] == [] and stats["lfs_bytes"] == 0 and stats["regular_bytes"] == 0
+    meta = _last_upload(tmp_path)
+    assert meta["files_sent"] == 0 and meta["files_skipped"] == len(sent) and "up to date" in meta["summary"]
+
+    # One class changes: only its files, the index, build.json, the card (and report/stats) go up.
+    old_b = [p for p in remote if p.startswith("classes/b/")]
+    make_image_folder(source, {"b": 1})  # rewrites b_0000.JPEG with another picture
+    fake_hub.reset_stats(REPO_ID)
+    changed = run_cli(PUBLISH + ["--allow-random-weights"], env, cwd=tmp_path)
+    outputs += [changed.stdout, changed.stderr]
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    added = {p for c in _committed(fake_hub, REPO_ID) for p in c["added_paths"]}
+    deleted = {p for c in _committed(fake_hub, REPO_ID) for p in c["deleted_paths"]}
+    assert not [p for p in added if p.startswith(("classes/a/", "classes/c/", "data/a.", "data/c."))], added
+    assert {"index.json", "build.json", "data/b.parquet"} <= added
+    assert any(p.startswith("classes/b/") for p in added)
+    assert deleted == set(old_b)
+    assert len(_committed(fake_hub, REPO_ID)) >= 1 and commits >= 1
+    assert fake_hub.files(REPO_ID)["index.json"] == (tmp_path / "out" / "mds" / "index.json").read_bytes()
+
+    # The token appears in no file (event log, run logs, output, caches) and no command output.
+    assert _grep_token(tmp_path, token, *outputs) == []
+
+
+def test_a_killed_upload_resumes_sending_only_the_rest(tmp_path, fake_hub):
+    source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
+    env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source))
+    assert run_cli([str(BIN / "imagenet-int8"), "build"], env, cwd=tmp_path).returncode == 0
+    args = PUBLISH + ["--allow-random-weights", "--files-per-commit", "2"]
+    fake_hub.slow("POST", r"/commit/", 1.0)  # time to kill between an LFS upload and its commit
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if fake_hub.repo_exists(REPO_ID):
+            stats = fake_hub.stats(REPO_ID)
+            if len(stats["commits"]) >= 2 and stats["lfs_uploads"] > sum(len(c["lfs_paths"]) for c in stats["commits"]):
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the upload finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    fake_hub.slow("POST", r"/commit/", 0)
+    before = fake_hub.stats(REPO_ID)
+    done_before = {p for c in before["commits"] for p in c["added_paths"]}
+    assert done_before and not set(FINAL_FILES) & done_before  # killed part-way: the index is not there yet
+    uploaded_not_committed = before["lfs_uploads"] - sum(len(c["lfs_paths"]) for c in before["commits"])
+    assert uploaded_not_committed >= 1
+
+    fake_hub.reset_stats(REPO_ID)
+    rerun = run_cli(args, env, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = fake_hub.stats(REPO_ID)
+    added = {p for c in after["commits"] for p in c["added_paths"]}
+    assert not added & done_before  # what was committed is not sent again
+    assert set(FINAL_FILES) <= added
+    meta = _last_upload(tmp_path)
+    assert meta["files_skipped"] == len(done_before)
+    assert meta["files_resumed"] == after["batch_present"] == uploaded_not_committed  # uploaded, not re-sent
+    assert after["lfs_uploads"] == meta["files_sent"] - sum(len(c["regular_paths"]) for c in after["commits"])
+    remote = fake_hub.files(REPO_ID)
+    expected = _local_files(tmp_path)
+    assert {p: remote[p] for p in expected} == expected
+
+
+def test_hub_upload_without_a_repository_records_nothing_and_says_how_to_enable_it(tmp_path):
+    from imagenet_int8_assets.definitions import build_definitions
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    settings = ImagenetInt8Settings(output=str(tmp_path / "out"), vae="tiny-random", device="cpu")
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("hub_upload")])
+    assert result.success
+    assert instance.get_latest_materialization_event(dg.AssetKey("hub_upload")) is None
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("IMAGENET_INT8_HUB_REPO" in m and "imagenet-int8 publish" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x"])
+def test_publish_refuses_a_bad_repository_id_before_any_work(tmp_path, repo):
+    env = cli_env(tmp_path)
+    proc = run_cli([str(BIN / "imagenet-int8"), "publish", "--repo", repo], env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "IMAGENET_INT8_HUB_REPO" in proc.stderr and "owner/name" in proc.stderr
+    assert not (tmp_path / "out" / "mds").exists()
