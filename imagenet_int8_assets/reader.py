@@ -7,7 +7,14 @@ named by ``index.json`` exists, has its recorded size and content hash) and rais
 ``LatentStreamingDataset``, whose samples are ``{"latent": float32 (C, H, W), "label": int,
 "label_as_text": str}`` (plus ``latent_flip`` when stored), decoded with the shape and range the
 dataset records; it is safe in DataLoader workers under any start method, since unpickling it
-imports this package. No Dagster import.
+imports this package.
+
+``load_latents`` loads a whole dataset (a folder or a Hugging Face Hub dataset repo id) as numpy
+arrays in one go, straight from the shards: ``LatentArrays`` with uint8 ``codes`` (N, C, H, W),
+int64 ``labels``, one text per label, the stored flipped codes and the decode parameters.
+``decode_codes`` and ``batch`` turn its codes into float latents on a device (GPU when present),
+with flip augmentation where it is correct. ``export_parquet`` writes a dataset as Parquet (what
+``datasets.load_dataset`` reads). No Dagster import.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import os
 import warnings
 
 from imagenet_int8_assets.core.dataset_check import VERIFY_MODES, DatasetDamaged, check_dataset
+from imagenet_int8_assets.core.latent_arrays import LatentArrays, load_latents
+from imagenet_int8_assets.core.latent_torch import FlipUnsupported, batch, decode_codes
 from imagenet_int8_assets.core.mds import LatentStreamingDataset, Uint8Latents, register_uint8_encoding
+from imagenet_int8_assets.core.parquet_export import export_parquet
 from imagenet_int8_assets.core.quantize import dequantize
 
 # Importing core.mds above registered the "uint8" latent encoding for this process.
@@ -57,9 +67,15 @@ def open_dataset(
 
 __all__ = [
     "DatasetDamaged",
+    "FlipUnsupported",
+    "LatentArrays",
     "LatentStreamingDataset",
     "Uint8Latents",
+    "batch",
+    "decode_codes",
     "dequantize",
+    "export_parquet",
+    "load_latents",
     "open_dataset",
     "register_uint8_encoding",
 ]

@@ -1,0 +1,149 @@
+"""Parquet export: read back by ``datasets.load_dataset``, equal to the MDS dataset row for row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from imagenet_int8_assets.core import mds, mds_index
+from imagenet_int8_assets.core.latent_arrays import load_latents
+from imagenet_int8_assets.core.parquet_export import export_parquet, image_ids_from_output
+from imagenet_int8_assets.core.quantize import dequantize, quantize
+from imagenet_int8_assets.core.storage import mds_root, write_latents
+from imagenet_int8_assets.reader import open_dataset
+
+CLASSES = {"n01440764": (0, "tench, Tinca tinca", 5), "n02676566": (402, "acoustic guitar", 7), "zz": (7, "z", 3)}
+META = {"vae": {"family": "autoencoder-kl", "requested": "tiny-random", "quant_range": 12.0}, "seed": 0}
+
+
+def _build_output(out, monkeypatch, flips=True):
+    """An output folder as the assets leave it: latents/<class>/ (float latents and image ids) and
+    the shards quantized from them (several per class), published as mds/."""
+    monkeypatch.setattr(mds, "SIZE_LIMIT", 3 * (2 * 4096 + 100))
+    written = {}
+    for seed, (name, (label, text, n)) in enumerate(CLASSES.items()):
+        rng = np.random.default_rng(seed)
+        ids = [f"{name}/{name}_{i:04d}.JPEG" for i in range(n)]
+        arrays = {"latent": rng.normal(0, 6, (n, 4, 32, 32)).astype(np.float32)}
+        if flips:
+            arrays["latent_flip"] = rng.normal(0, 6, (n, 4, 32, 32)).astype(np.float32)
+        write_latents(out, name, ids, arrays, META)
+        codes = {k: quantize(v, 12.0) for k, v in arrays.items()}
+        mds.write_class_shards(mds_root(out), name, codes["latent"], label, text, {**META, "label": label},
+                               flips_u8=codes.get("latent_flip"))
+        written[name] = (ids, codes)
+    root = mds_root(out)
+    index, summary = mds_index.merged_index(root, list(CLASSES))
+    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, "zz"), summary))
+    return root, written
+
+
+@pytest.fixture()
+def hf_offline(tmp_path, monkeypatch):
+    """datasets with its caches under tmp_path, offline."""
+    import datasets
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+
+    def load(files):
+        return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf" / "datasets"))
+
+    return load
+
+
+def test_export_is_read_by_datasets_and_equals_the_mds_dataset(tmp_path, monkeypatch, hf_offline):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    root, written = _build_output(out, monkeypatch)
+    assert len(json.loads((root / "index.json").read_text())["shards"]) > len(CLASSES)  # several shards per class
+    path = tmp_path / "export" / "imagenet_int8.parquet"
+    assert export_parquet(root, path, output=out) == [path]
+
+    table = hf_offline(str(path))
+    streaming = open_dataset(root, shuffle=False)  # the MDS order
+    assert len(table) == streaming.num_samples == 15
+    assert set(table.features) == {"vae_output", "vae_output_flip", "label", "label_as_text", "image_id"}
+    codes = np.concatenate([c["latent"] for _, c in written.values()])
+    flips = np.concatenate([c["latent_flip"] for _, c in written.values()])
+    ids = [i for class_ids, _ in written.values() for i in class_ids]
+    for i, row in enumerate(table):
+        sample = streaming[i]
+        assert row["vae_output"] == codes[i].tobytes()  # the bytes the shards hold
+        assert row["vae_output_flip"] == flips[i].tobytes()
+        latent = dequantize(np.frombuffer(row["vae_output"], np.uint8), 12.0).reshape(4, 32, 32)
+        np.testing.assert_array_equal(latent, sample["latent"])
+        np.testing.assert_array_equal(dequantize(np.frombuffer(row["vae_output_flip"], np.uint8), 12.0).reshape(4, 32, 32),
+                                      sample["latent_flip"])
+        assert (row["label"], row["label_as_text"]) == (sample["label"], sample["label_as_text"])
+        assert row["image_id"] == ids[i]
+
+    record = json.loads(pq.read_schema(path).metadata[b"imagenet_int8"])
+    assert record["dequantize"] == "z = (u / 255 - 0.5) * 24" and record["latent_shape"] == [4, 32, 32]
+    assert record["bytes_per_sample"] == 4096 and record["value_range"] == 12.0
+    assert record["code_columns"] == ["vae_output", "vae_output_flip"] and record["vae"]["requested"] == "tiny-random"
+
+    # the same input gives the same bytes: again, and from a copy of the dataset elsewhere
+    again = tmp_path / "again.parquet"
+    export_parquet(root, again, output=out)
+    assert again.read_bytes() == path.read_bytes()
+    shutil.copytree(root, tmp_path / "copy")
+    export_parquet(tmp_path / "copy", again, image_ids=ids)
+    assert again.read_bytes() == path.read_bytes()
+    assert not list((tmp_path / "export").glob(".tmp-*"))
+
+    # several files (the Hub's split naming): the same rows in the same order
+    files = export_parquet(root, tmp_path / "files", output=out, rows_per_file=4)
+    assert [p.name for p in files] == [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    split = hf_offline(str(tmp_path / "files" / "*.parquet"))
+    assert split["vae_output"] == table["vae_output"] and split["image_id"] == ids and split["label"] == table["label"]
+
+
+def test_one_class_version_and_the_image_id_check(tmp_path, monkeypatch, hf_offline):
+    out = tmp_path / "out"
+    root, written = _build_output(out, monkeypatch, flips=False)
+    version = mds_index.current_version_dir(root, "n02676566")
+    path = export_parquet(version, tmp_path / "class.parquet", output=out)[0]
+    table = hf_offline(str(path))
+    assert "vae_output_flip" not in table.features
+    assert table["image_id"] == written["n02676566"][0]
+    assert table["label"] == [402] * 7 and set(table["label_as_text"]) == {"acoustic guitar"}
+    assert [bytes(v) for v in table["vae_output"]] == [c.tobytes() for c in written["n02676566"][1]["latent"]]
+
+    # no ids given: the column is null
+    table = hf_offline(str(export_parquet(version, tmp_path / "noids.parquet")[0]))
+    assert table["image_id"] == [None] * 7
+    with pytest.raises(ValueError, match="3 image ids for 7 samples"):
+        export_parquet(version, tmp_path / "bad.parquet", image_ids=["a", "b", "c"])
+
+    # a class re-encoded after its shards were written: its ids no longer describe the shards
+    ids, _ = written["n01440764"]
+    write_latents(out, "n01440764", ids, {"latent": np.zeros((5, 4, 32, 32), np.float32)}, META)
+    with pytest.raises(ValueError, match=r"Class 'n01440764': the latents in .* do not quantize to the stored codes"):
+        image_ids_from_output(load_latents(root), out)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_a_real_build_exports_with_its_image_ids(built_sample, tmp_path, hf_offline):
+    from imagenet_int8_assets.core.storage import read_latents
+
+    output = built_sample["settings"].output_path
+    root = mds_root(output)
+    arrays = load_latents(root, verify="hash")
+    streaming = open_dataset(root, shuffle=False)
+    assert len(arrays) == streaming.num_samples > 0
+    for i in range(len(arrays)):
+        np.testing.assert_array_equal(arrays.latents(i), streaming[i]["latent"])
+        assert int(arrays.labels[i]) == streaming[i]["label"]
+    assert arrays.vae_name == "tiny-random" and arrays.vae_family == "autoencoder-kl"
+    classes = list(json.loads((root / "index.json").read_text())["imagenet_int8"]["per_class"])
+    expected = [i for name in classes for i in read_latents(output, name)[0]]
+    table = hf_offline(str(export_parquet(arrays, tmp_path / "sample.parquet", output=output)[0]))
+    assert table["image_id"] == expected and table["label"] == arrays.labels.tolist()
