@@ -228,7 +228,10 @@ def export_parquet(context: AssetExecutionContext, settings: ImagenetInt8Setting
         class_dir = class_dir_name(class_name)
         target = folder / "parquet" / class_dir / f"{PurePosixPath(version).name}.parquet"
         if not target.is_file():
-            write_parquet(root / version, target, output=settings.output_path)
+            try:
+                write_parquet(root / version, target, output=settings.output_path)
+            except ValueError as exc:  # latents re-encoded since the published shards were written
+                raise Failure(description=f"parquet export: {exc}", allow_retries=False) from None
             written += 1
         for stale in target.parent.glob("*.parquet"):
             if stale != target:

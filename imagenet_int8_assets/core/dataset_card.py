@@ -391,7 +391,8 @@ def _about_section(inputs: CardInputs, repo_id: str, shape: list[int], samples: 
     if parquet:
         files.append(
             "- `data/*.parquet`: the same samples as parquet, one file per class (columns `vae_output` "
-            "fixed-size binary, `label` int, `label_as_text`, `image_id`), for `datasets` and the viewer"
+            "the uint8 codes in C order as binary of exactly C*H*W bytes, `label` int, `label_as_text`, `image_id`), "
+            "for `datasets` and the viewer"
         )
     return "\n\n".join(lines + ["Files:", "\n".join(files)])
 
