@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.hub_upload import FINAL_FILES
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.test_end_to_end import SEED_STYLE_READER
 
 REPO_ID = "me/latents"
 PUBLISH = [str(BIN / "imagenet-int8"), "publish", "--repo", REPO_ID]
@@ -54,6 +56,16 @@ def _samples(root: Path) -> list[tuple[bytes, int, str]]:
 
     ds = open_dataset(root)
     return sorted((ds[i]["latent"].tobytes(), ds[i]["label"], ds[i]["label_as_text"]) for i in range(ds.num_samples))
+
+
+def _seed_reader(remote: Path, local: Path) -> list:
+    """Every sample as the published Imagenet.int8 reader snippet sees it (run in a subprocess)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SEED_STYLE_READER, str(remote), str(local)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return sorted((r["label"], r["label_as_text"], r["sha1"]) for r in rows)
 
 
 def _grep_token(tmp_path: Path, token: bytes, *texts: str) -> list[str]:
@@ -114,6 +126,8 @@ def test_publish_refusals_then_upload_download_rerun_and_one_changed_class(tmp_p
 
     download = Path(snapshot_download(REPO_ID, repo_type="dataset", local_dir=tmp_path / "download", endpoint=fake_hub.endpoint))
     assert _samples(download) == _samples(tmp_path / "out" / "mds")
+    published_style = [_seed_reader(root, tmp_path / f"local-{n}") for n, root in enumerate((download, tmp_path / "out" / "mds"))]
+    assert published_style[0] == published_style[1] and len(published_style[0]) == 8
     local = load_latents(tmp_path / "out" / "mds")
     hub = load_latents(REPO_ID)
     assert np.array_equal(hub.codes, local.codes) and np.array_equal(hub.labels, local.labels)
