@@ -63,6 +63,7 @@ def test_partitions_are_the_class_folders_and_the_graph_is_linked(tmp_path):
         "reconstruction_report": {"mds_dataset", "quantization_stats"},
         "probe_features": {"vae_latents"},
         "latent_probe": {"probe_features"},
+        "hub_upload": {"mds_dataset", "quantization_stats", "reconstruction_report"},
     }
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description
