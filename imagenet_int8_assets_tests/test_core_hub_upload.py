@@ -1,0 +1,91 @@
+"""core.hub_upload without Dagster: the repository layout, what a re-upload sends and deletes,
+branches and the Hub's folder limit, against the fake Hub (the real huggingface_hub client)."""
+
+import numpy as np
+import pytest
+from huggingface_hub import HfApi
+
+from imagenet_int8_assets.core import hub_upload as hub
+from imagenet_int8_assets.core import mds, mds_index
+
+INFO = {"vae": {"family": "autoencoder-kl", "requested": "tiny-random", "repo_id": None}, "seed": 0}
+
+
+def _publish(root, classes: dict[str, int], seed: int = 0) -> None:
+    for n, (name, count) in enumerate(sorted(classes.items())):
+        codes = np.random.default_rng(seed + n).integers(0, 256, (count, 4, 32, 32), dtype=np.uint8)
+        mds.write_class_shards(root, name, codes, n, f"text {name}", INFO)
+    index, summary = mds_index.merged_index(root, sorted(classes))
+    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, sorted(classes)[0]), summary))
+
+
+def _layout(tmp_path, root):
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: other\n---\n# a card\n")
+    return hub.repository_layout(root, card=card)
+
+
+def test_layout_names_only_the_published_versions_and_the_final_files(tmp_path):
+    root = tmp_path / "mds"
+    _publish(root, {"a": 2, "b": 3})
+    first = mds_index.current_version_dir(root, "b")
+    _publish(root, {"a": 2, "b": 3}, seed=7)  # new versions of both classes; the old ones stay on disk
+    assert first.is_dir() and mds_index.current_version_dir(root, "b") != first
+    layout = _layout(tmp_path, root)
+    index = mds_index.read_index(root)
+    folders = {p.rsplit("/", 1)[0] for p in layout if p.startswith("classes/")}
+    assert folders == {s["raw_data"]["basename"].rsplit("/", 1)[0] for s in index["shards"]}
+    assert not [p for p in layout if p.startswith(first.relative_to(root).as_posix())]
+    assert {"index.json", "build.json", "README.md"} <= set(layout)
+
+
+def test_reupload_sends_the_difference_and_deletes_only_what_it_manages(tmp_path, fake_hub):
+    api = HfApi(endpoint=fake_hub.endpoint, token=fake_hub.env()["HF_TOKEN"])
+    root = tmp_path / "mds"
+    _publish(root, {"a": 2, "b": 3})
+    layout = _layout(tmp_path, root)
+    first = hub.upload_dataset(api, "me/ds", layout, files_per_commit=2, hash_cache=tmp_path / "hashes.json")
+    assert first.created and first.files_sent == len(layout) and first.files_skipped == 0
+    assert len(first.commits) == -(-(len(layout) - 3) // 2) + 1  # shards in pairs, then the final files
+    last = fake_hub.stats("me/ds")["commits"][-1]
+    assert set(last["added_paths"]) == set(hub.FINAL_FILES)  # the index goes last
+    # a file of the user's own, outside the folders this tool manages, is left alone
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id="me/ds", repo_type="dataset")
+
+    _publish(root, {"a": 2, "b": 4}, seed=0)  # class b changes (a keeps its bytes and version)
+    layout2 = _layout(tmp_path, root)
+    fake_hub.reset_stats("me/ds")
+    second = hub.upload_dataset(api, "me/ds", layout2, hash_cache=tmp_path / "hashes.json")
+    added = set(second.added)
+    assert added and all(p.startswith("classes/b/") or p in ("index.json", "build.json") for p in added), added
+    assert second.deleted and all(p.startswith("classes/b/") for p in second.deleted)
+    assert len(second.commits) == 2 and second.files_skipped == len(layout2) - len(added)  # b, then the final files
+    remote = fake_hub.files("me/ds")
+    assert remote["notes.txt"] == b"mine"
+    assert {p for p in remote if p.startswith("classes/")} == {p for p in layout2 if p.startswith("classes/")}
+    assert remote["index.json"] == (root / "index.json").read_bytes()
+
+    third = hub.upload_dataset(api, "me/ds", layout2, hash_cache=tmp_path / "hashes.json")
+    assert third.commits == [] and third.files_sent == 0 and "up to date" in third.summary()
+
+
+def test_a_branch_is_created_and_main_is_left_alone(tmp_path, fake_hub):
+    api = HfApi(endpoint=fake_hub.endpoint, token=fake_hub.env()["HF_TOKEN"])
+    root = tmp_path / "mds"
+    _publish(root, {"a": 1})
+    result = hub.upload_dataset(api, "me/ds", _layout(tmp_path, root), revision="dev", private=False)
+    assert result.url.endswith("/datasets/me/ds/tree/dev") and result.private is False
+    assert "index.json" in fake_hub.files("me/ds", "dev")
+    assert "index.json" not in fake_hub.files("me/ds", "main")
+
+
+def test_a_folder_over_the_hub_limit_is_refused_before_sending(tmp_path):
+    paths = [f"data/{i}.parquet" for i in range(hub.MAX_FILES_PER_FOLDER + 1)]
+    with pytest.raises(hub.PublishError, match="'data' would hold 10001 entries"):
+        hub.check_folder_sizes(paths)
+    hub.check_folder_sizes(paths[:-1])  # exactly the limit is fine
+
+
+def test_a_dataset_that_was_never_published_is_refused(tmp_path):
+    with pytest.raises(hub.PublishError, match="build it first"):
+        hub.repository_layout(tmp_path / "mds", card=tmp_path / "README.md")
