@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from imagenet_int8_assets.core.build_lock import hold_init_lock
 
 SHIPPED_DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")
 GPU_POOL = "gpu"
+# the gpu pool limit this code last wrote into the instance: a different limit was set by the user
+GPU_POOL_RECORD = ".imagenet-int8-gpu-pool.json"
 
 
 def dagster_home_path(default_home: str | os.PathLike) -> Path:
@@ -17,13 +21,39 @@ def dagster_home_path(default_home: str | os.PathLike) -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or default_home).expanduser().resolve()
 
 
-def prepare_dagster_home(default_home: str | os.PathLike) -> Path:
+def default_gpu_pool_limit() -> int:
+    """One encode run per device: the devices of IMAGENET_INT8_DEVICES, else every GPU torch sees
+    (as IMAGENET_INT8_DEVICE allows), 1 on a CPU-only machine or when the settings are invalid
+    (the settings check reports those)."""
+    from imagenet_int8_assets.core.devices import DeviceSettingError, gpu_pool_limit, visible_devices
+
+    try:
+        devices = visible_devices(os.environ.get("IMAGENET_INT8_DEVICES"), os.environ.get("IMAGENET_INT8_DEVICE") or "auto")
+    except DeviceSettingError:
+        return 1
+    return gpu_pool_limit(devices)
+
+
+def _recorded_limit(home: Path) -> int | None:
+    try:
+        value = json.loads((home / GPU_POOL_RECORD).read_text()).get("limit")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def prepare_dagster_home(default_home: str | os.PathLike, devices: Sequence[str] | None = None) -> Path:
     """Use DAGSTER_HOME (or ``default_home``), with the shipped dagster.yaml and the gpu pool.
 
-    Sets DAGSTER_HOME for this process. The ``gpu`` pool's limit of one run is written into the
-    instance explicitly: Dagster 1.13.27 only applies ``pools.default_limit`` to a pool after its
+    Sets DAGSTER_HOME for this process. The ``gpu`` pool's limit is written into the instance
+    explicitly: one run per device (``devices``, default ``default_gpu_pool_limit()``: every GPU,
+    1 on a CPU-only machine), since each encode run leases one device (``core.devices``). It is
+    explicit because Dagster 1.13.27 only applies ``pools.default_limit`` to a pool after its
     queue daemon has first seen it, so two queued GPU runs seen together could both start.
-    A limit the user has already set is left alone.
+    The limit written is recorded in ``<home>/.imagenet-int8-gpu-pool.json`` and follows the
+    device count on later calls; a limit the user has set (one that differs from the recorded
+    one) is left alone. A home prepared before the record existed holds the old fixed limit of 1,
+    which is treated as ours.
 
     Several processes may share one DAGSTER_HOME (builds of different outputs): creating and
     migrating its SQLite storage is serialized by a lock file in it, because two processes
@@ -31,14 +61,27 @@ def prepare_dagster_home(default_home: str | os.PathLike) -> Path:
     """
     from dagster import DagsterInstance
 
+    from imagenet_int8_assets.core.devices import gpu_pool_limit
+
     home = dagster_home_path(default_home)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
+    limit = gpu_pool_limit(devices) if devices is not None else default_gpu_pool_limit()
     with hold_init_lock(home):
         if not (home / "dagster.yaml").exists():
             shutil.copyfile(SHIPPED_DAGSTER_YAML, home / "dagster.yaml")
         with DagsterInstance.get() as instance:
             storage = instance.event_log_storage
             if GPU_POOL not in storage.get_concurrency_keys():
-                storage.set_concurrency_slots(GPU_POOL, 1)
+                current, ours = None, None
+            else:
+                current = storage.get_concurrency_info(GPU_POOL).slot_count
+                ours = _recorded_limit(home)
+                if ours is None and not (home / GPU_POOL_RECORD).exists():
+                    ours = 1  # written by the code before the record: the fixed limit of 1
+            if current is None or (current == ours and current != limit):
+                storage.set_concurrency_slots(GPU_POOL, limit)
+                (home / GPU_POOL_RECORD).write_text(json.dumps({"limit": limit}) + "\n")
+            elif current == ours and not (home / GPU_POOL_RECORD).exists():
+                (home / GPU_POOL_RECORD).write_text(json.dumps({"limit": limit}) + "\n")
     return home

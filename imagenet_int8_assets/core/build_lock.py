@@ -142,6 +142,37 @@ def _read_holder(fd: int, attempts: int = 20) -> dict:
     return {}
 
 
+def try_lock(fd: int, path: Path) -> bool:
+    """Take the exclusive flock of ``fd`` (opened on ``path``) without waiting: False when another
+    open file holds it. BuildLockError when the filesystem cannot lock.
+
+    flock locks belong to an open file, not to a process: two threads of one process that open the
+    file separately exclude each other, and closing a descriptor that does not hold the lock
+    releases nothing.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise BuildLockError(
+            f"cannot lock {path}: {exc.strerror or exc}; put it on a filesystem that supports file locks (flock)"
+        ) from exc
+    return True
+
+
+def write_holder(fd: int, record: dict) -> None:
+    """Replace the lock file's contents with ``record`` (JSON): who holds it, for the next one."""
+    data = json.dumps(record, indent=1).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+# public names of the helpers other locks (core.devices) reuse
+open_lock_file = _open_lock_file
+read_holder = _read_holder
+
+
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "a process that has not written its details yet"
@@ -157,23 +188,14 @@ def hold_build_lock(output: str | os.PathLike) -> Iterator[Path]:
     path = build_lock_path(output)
     fd = _open_lock_file(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise BuildLockError(
-                    f"cannot lock {path}: {exc.strerror or exc}; put the output on a filesystem "
-                    "that supports file locks (flock)"
-                ) from exc
+        if not try_lock(fd, path):
             holder = _read_holder(fd)
             raise BuildLockBusy(
                 f"another build is already running on the output {Path(output)}: {describe_holder(holder)} "
                 f"(lock file {path}). Wait for it to finish or stop it, then run this command again; "
                 "the lock is released when that process ends, even if it is killed."
-            ) from None
-        record = json.dumps(process_identity(), indent=1).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+            )
+        write_holder(fd, process_identity())
         yield path
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
