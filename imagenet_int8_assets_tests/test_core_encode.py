@@ -87,3 +87,86 @@ def test_precision_error_is_reported_in_quantization_steps():
     assert guarded["reencoded_fp32"] == 2 and np.isfinite(guarded["max_steps"])
     fp16 = precision_error(vae, crops, "cpu", "fp16", 12.0)
     assert 0 < fp16["rms_steps"] < bf16["rms_steps"]  # fp16 keeps 3 more mantissa bits than bf16
+
+
+class _OutOfMemoryAbove:
+    """A real LoadedVae whose forward passes of more than ``limit`` images run out of memory;
+    ``low_limit``: the same for its cast (low-precision) copy (default: ``limit``)."""
+
+    def __init__(self, vae, limit: int, low_limit: int | None = None):
+        self.vae, self.limit, self.low_limit = vae, limit, limit if low_limit is None else low_limit
+
+    @property
+    def info(self):
+        return self.vae.info
+
+    @property
+    def dtype(self):
+        return self.vae.dtype
+
+    def cast(self, dtype):
+        return _OutOfMemoryAbove(self.vae.cast(dtype), self.low_limit)
+
+    def encode(self, x):
+        import torch
+
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {x.shape[0]} images > {self.limit})")
+        return self.vae.encode(x)
+
+
+def _feed(encoder, images, pieces):
+    start = 0
+    for n in pieces:
+        encoder.add(images[start : start + n])
+        start += n
+    assert start == len(images)
+    return encoder.finish()
+
+
+def _same(a, b):
+    assert a.mean.tobytes() == b.mean.tobytes() and a.std.tobytes() == b.std.tobytes()
+    assert a.reencoded_fp32 == b.reencoded_fp32
+
+
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_flight):
+    """Pieces of any size form the same passes; on the CPU ``in_flight=2`` runs the bookkeeping
+    of passes queued ahead of their results that CUDA uses (collecting late, replaying on OOM)."""
+    from imagenet_int8_assets.core.encode import PosteriorEncoder, encode_posterior
+    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets_tests.conftest import torch_threads
+
+    # 7 crops of 32x32 (fp16 is slow on the CPU): busy, busy, 3 flat, busy, busy
+    images = np.ascontiguousarray(np.concatenate([_busy_and_flat(), _busy_and_flat()[:2][::-1]])[:, :32, :32])
+    pieces = [1, 0, 4, 1, 1]
+    tiny, overflowing = load_vae("tiny-random"), _overflowing_vae()
+    with torch_threads(2):
+        for vae, precision, flip in ((tiny, "fp32", True), (overflowing, "fp16", False)):
+            reference = encode_posterior(vae, images, "cpu", batch_size=4, precision=precision, flip=flip)
+            done = []
+            post = _feed(
+                PosteriorEncoder(vae, "cpu", 4, precision, flip, done.append, in_flight=in_flight), images, pieces
+            )
+            _same(post, reference)
+            assert done == sorted(done) and done[-1] == 7
+        assert reference.reencoded_fp32 == 4  # the overflow guard ran (on the 4 busy images)
+        # out of memory in the forward pass, and in the fp32 re-encode of overflows only (the low
+        # precision passes fit): every retry replays what was not collected, with the same bytes
+        for flaky, precision in ((_OutOfMemoryAbove(tiny, 2), "fp32"), (_OutOfMemoryAbove(overflowing, 1, 8), "fp16")):
+            reference = encode_posterior(flaky.vae, images, "cpu", batch_size=4, precision=precision)
+            notes = []
+            post = _feed(
+                PosteriorEncoder(flaky, "cpu", 4, precision, log=notes.append, in_flight=in_flight), images, pieces
+            )
+            _same(post, reference)
+            assert post.oom_retries == len(notes) >= 1 and post.forward_batch_sizes[0] == 4
+            assert torch_threads_now() == 2
+    empty = PosteriorEncoder(tiny, "cpu", 4, image_hw=(64, 64)).finish()
+    assert empty.mean.shape == (0, 4, 8, 8) and empty.std.shape == (0, 4, 8, 8)
+
+
+def torch_threads_now() -> int:
+    import torch
+
+    return torch.get_num_threads()

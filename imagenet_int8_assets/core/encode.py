@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,11 +49,26 @@ def select_latent(
 
 
 def to_model_input(batch_uint8: np.ndarray, device: str):
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], channels_last, on ``device``."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], channels_last, on ``device``.
+
+    On CUDA the crops go up from pinned memory without blocking the host (the conversion runs on
+    the device, ordered after the copy on the current stream).
+    """
     import torch
 
-    x = torch.from_numpy(np.array(batch_uint8, dtype=np.uint8, copy=True)).to(device)
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = torch.from_numpy(np.array(batch_uint8, dtype=np.uint8, copy=True))
+    if device.startswith("cuda"):
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    return _as_model_input(x)
+
+
+def _as_model_input(x_uint8):
+    """uint8 (B, H, W, 3) tensor -> float32 (B, 3, H, W) in [-1, 1], channels_last, same device."""
+    import torch
+
+    x = x_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -265,94 +281,343 @@ def encode_posterior(
     ``EncodeOutOfMemory`` saying what to change. Each retry is reported to ``log`` (default: this
     module's logger, as a warning) and counted in the result (``oom_retries``,
     ``forward_batch_sizes``, ``cpu_threads_used``, ``notes``).
+
+    This is ``PosteriorEncoder`` fed once: on CUDA the passes are queued ahead of their results
+    (see there).
     """
-    import torch
+    encoder = PosteriorEncoder(
+        vae, device, batch_size, precision, flip, progress, log, total=images.shape[0], image_hw=images.shape[1:3]
+    )
+    encoder.add(images)
+    return encoder.finish()
 
-    cuda = device.startswith("cuda")
-    threads_before = None if cuda else cpu_threads()
-    plan = _PassPlan(forward_batch_size(device, batch_size), threads_before)
-    log = log or logging.getLogger(__name__).warning
-    low = vae if precision == "fp32" else vae.cast(torch_dtype(precision))
-    n = images.shape[0]
-    factor = vae.info.downsample
-    shape = (n, vae.info.latent_channels, images.shape[1] // factor, images.shape[2] // factor)
-    mean = np.empty(shape, dtype=np.float32)
-    std = np.empty(shape, dtype=np.float32) if vae.info.has_posterior else None
-    redone, retries, sizes, threads_used, notes = 0, 0, [plan.images], [plan.threads], []
-    start = 0
-    try:
-        with torch.inference_mode():
-            while start < n:
-                stop = min(n, start + plan.images)
-                failure = None
-                try:
-                    m, s, bad = _encode_pass(vae, low, images[start:stop], device, flip, plan.threads or 1)
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    # halve what this pass really held (a last, short pass needs no 16 -> 8 first)
-                    held = -(-(stop - start) // (plan.threads or 1)) * (plan.threads or 1)
-                    smaller = _PassPlan(min(plan.images, held), plan.threads).smaller()
-                    if smaller is None:
-                        raise EncodeOutOfMemory(
-                            f"Out of memory encoding images {start}-{stop - 1} of {n} on {device} with "
-                            f"{plan.describe()} (IMAGENET_INT8_BATCH_SIZE={batch_size}; started with "
-                            f"{sizes[0]} per pass, {retries} retries with fewer images): {failure}. "
-                            f"One image does not fit: {OOM_ADVICE}."
-                        ) from exc
-                if failure is None:
-                    mean[start:stop] = m
-                    if std is not None:
-                        std[start:stop] = s
-                    redone += bad
-                    start = stop
-                    if progress is not None:
-                        progress(stop)
+
+@dataclass
+class _Pass:
+    """One forward pass whose results have not been collected yet."""
+
+    start: int  # index of its first image among all images given to the encoder
+    host: np.ndarray  # its uint8 crops, kept until collected (a retry after out of memory replays them)
+    x: object  # the model input, kept for the fp32 re-encode of non-finite samples (low precision), else None
+    mean: object  # results on the host: numpy (CPU) or pinned tensors being filled (CUDA)
+    std: object
+    ready: object  # CUDA: an event recorded after the copies to the host; None on the CPU
+
+
+class _CudaCopies:
+    """Host <-> device copies that do not stall the GPU.
+
+    Crops are copied into pinned memory and go up on their own stream (``h2d``), so the upload of
+    the next pass overlaps the current pass's compute; the compute stream waits for that copy only.
+    Results go down into pinned buffers on another stream (``d2h``) after the pass, and the host
+    waits for them (an event) only when it collects them. Tensors used across streams are
+    recorded on the stream that uses them, so the caching allocator does not reuse their memory
+    early; pinned blocks are kept by the host allocator until the copies that used them finish.
+    """
+
+    def __init__(self, device: str):
+        import torch
+
+        self.device = torch.device(device)
+        self.h2d = torch.cuda.Stream(device=self.device)
+        self.d2h = torch.cuda.Stream(device=self.device)
+
+    def upload(self, batch_uint8: np.ndarray):
+        """(pinned uint8 host copy as numpy, float model input on the device, on the compute stream)."""
+        import torch
+
+        host = torch.empty(batch_uint8.shape, dtype=torch.uint8, pin_memory=True)
+        host.numpy()[...] = batch_uint8
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.h2d):
+            x8 = host.to(self.device, non_blocking=True)
+        compute.wait_stream(self.h2d)
+        x8.record_stream(compute)
+        return host.numpy(), _as_model_input(x8)
+
+    def download(self, mean, std):
+        """Start copying ``mean`` and ``std`` (device tensors or None) to pinned host tensors:
+        (host mean, host std or None, event recorded after the copies)."""
+        import torch
+
+        compute = torch.cuda.current_stream(self.device)
+        mean, std = mean.contiguous(), (std.contiguous() if std is not None else None)
+        self.d2h.wait_stream(compute)
+        out = []
+        with torch.cuda.stream(self.d2h):
+            for t in (mean, std):
+                if t is None:
+                    out.append(None)
                     continue
-                # Out of the except clause: the failed pass's tensors are garbage now.
-                free_memory(device)
-                note = (
-                    f"Out of memory encoding images {start}-{stop - 1} of {n} on {device} with {plan.describe()} "
-                    f"({failure}); retrying them with {smaller.describe()}"
-                    + (" (same bytes on the CPU)" if not cuda else " (on a GPU the batch size can change the last bits)")
-                    + f". Lower IMAGENET_INT8_BATCH_SIZE (now {batch_size}) to avoid the retries."
-                )
-                log(note)
-                notes.append(note)
-                retries += 1
-                if smaller.threads is not None and smaller.threads != plan.threads:
-                    torch.set_num_threads(smaller.threads)
-                plan = smaller
-                sizes.append(plan.images)
-                threads_used.append(plan.threads)
-    finally:
-        if threads_before is not None and cpu_threads() != threads_before:
-            torch.set_num_threads(threads_before)
-    return Posterior(mean, std, redone, retries, tuple(sizes), tuple(threads_used), notes)
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self.d2h)
+                out.append(host)
+            ready = torch.cuda.Event()
+            ready.record(self.d2h)
+        return out[0], out[1], ready
 
 
-def _encode_pass(vae, low, batch_uint8: np.ndarray, device: str, flip: bool, pad: int):
-    """One forward pass over ``batch_uint8`` (padded to a multiple of ``pad``) in ``low``'s
-    precision, with NaN/Inf samples redone in fp32: (mean, std or None) as numpy, samples redone."""
-    import torch
+class PosteriorEncoder:
+    """``encode_posterior`` in pieces: the images given to ``add`` over any number of calls are
+    encoded exactly as ``encode_posterior`` encodes their concatenation (the same forward passes,
+    out-of-memory retries and precision guard), and ``finish`` returns the ``Posterior``.
 
-    x = to_model_input(batch_uint8, device)
-    if flip:
-        x = x.flip(-1)
-    m, s = _encode(low, x, pad)
-    redone = 0
-    if low is not vae:
-        bad = ~torch.isfinite(m).flatten(1).all(1)
-        if s is not None:
-            bad |= ~torch.isfinite(s).flatten(1).all(1)
-        if bad.any():
-            m32, s32 = _encode(vae, x[bad], pad)
-            m[bad] = m32
-            if s is not None:
-                s[bad] = s32
-            redone = int(bad.sum())
-    return m.cpu().numpy(), (s.cpu().numpy() if s is not None else None), redone
+    Images that do not fill a forward pass wait in a small buffer for the next ``add`` (or
+    ``finish``), so how the images are split over calls never changes the passes.
+
+    On the CPU every pass runs when it is full. On CUDA the host only queues work: crops go up
+    from pinned memory on a copy stream, results come back into pinned memory on another, and up
+    to ``in_flight`` passes (default 2) are queued before the host waits for the oldest one's
+    results; so ``add`` returns while the GPU still works, and the caller prepares the next
+    crops meanwhile. Low-precision samples are checked for NaN/Inf when their results reach the
+    host and re-encoded in fp32 then (from the pass's input, still on the device). Out of memory
+    in any step redoes everything not yet collected with fewer images per pass.
+
+    ``total`` (the number of images expected, if known) only goes into messages; ``image_hw``
+    gives the latent shape when no image is added; ``low`` shares a low-precision copy of the
+    model between encoders (default: made here, as ``encode_posterior`` does).
+    """
+
+    def __init__(
+        self,
+        vae,
+        device: str,
+        batch_size: int = 16,
+        precision: str = "fp32",
+        flip: bool = False,
+        progress: Callable[[int], None] | None = None,
+        log: Callable[[str], None] | None = None,
+        *,
+        total: int | None = None,
+        image_hw: tuple[int, int] | None = None,
+        low=None,
+        in_flight: int | None = None,
+    ):
+        self.vae, self.device, self.batch_size, self.flip = vae, device, batch_size, flip
+        self.cuda = device.startswith("cuda")
+        self.threads_before = None if self.cuda else cpu_threads()
+        self.plan = _PassPlan(forward_batch_size(device, batch_size), self.threads_before)
+        self.low = low if low is not None else (vae if precision == "fp32" else vae.cast(torch_dtype(precision)))
+        self.progress, self.total = progress, total
+        self.log = log or logging.getLogger(__name__).warning
+        self.depth = (2 if self.cuda else 0) if in_flight is None else max(0, int(in_flight))
+        self.copies = _CudaCopies(device) if self.cuda else None
+        self.image_hw = tuple(image_hw) if image_hw is not None else None
+        self.pending: np.ndarray | None = None  # images waiting for a full pass
+        self.fill = 0
+        self.inflight: deque[_Pass] = deque()
+        self.launched = 0  # images queued (index of the next pass's first image)
+        self.collected = 0  # images whose results are on the host
+        self.means: list[np.ndarray] = []
+        self.stds: list[np.ndarray] = []
+        self.redone, self.retries, self.notes = 0, 0, []
+        self.sizes, self.threads_used = [self.plan.images], [self.plan.threads]
+
+    @property
+    def pass_size(self) -> int:
+        """Images per forward pass now (smaller after out-of-memory retries)."""
+        return self.plan.images
+
+    def add(self, images: np.ndarray) -> None:
+        """Encode ``images`` (uint8 (N, H, W, 3)) after the ones added before (see the class)."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 crops (N, H, W, 3), got {images.dtype} {images.shape}")
+        if not len(images):
+            return
+        if self.image_hw is None:
+            self.image_hw = tuple(images.shape[1:3])
+        if self.pending is None:
+            self.pending = np.empty((self.plan.images, *images.shape[1:]), dtype=np.uint8)
+        elif images.shape[1:] != self.pending.shape[1:]:
+            raise ValueError(f"crops of shape {images.shape[1:]} after crops of shape {self.pending.shape[1:]}")
+        pos = 0
+        while pos < len(images):
+            if not self.fill:
+                self._keep(self._passes(images[pos:], final=False))
+                return
+            take = min(self.plan.images - self.fill, len(images) - pos)
+            self.pending[self.fill : self.fill + take] = images[pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.fill >= self.plan.images:
+                self._keep(self._passes(self.pending[: self.fill], final=False))
+
+    def finish(self) -> Posterior:
+        """Encode the images still waiting, wait for every result, and return them all."""
+        self._keep(self._passes(self.pending[: self.fill] if self.fill else None, final=True))
+        info = self.vae.info
+        h, w = self.image_hw or (0, 0)
+        empty = np.empty((0, info.latent_channels, h // info.downsample, w // info.downsample), dtype=np.float32)
+        mean = np.concatenate(self.means) if self.means else empty
+        std = (np.concatenate(self.stds) if self.stds else empty.copy()) if info.has_posterior else None
+        self.means, self.stds = [], []
+        return Posterior(
+            mean, std, self.redone, self.retries, tuple(self.sizes), tuple(self.threads_used), list(self.notes)
+        )
+
+    def _keep(self, leftover: np.ndarray | None) -> None:
+        """Make ``leftover`` (fewer images than a pass) the images waiting for the next pass."""
+        self.fill = 0 if leftover is None else len(leftover)
+        if self.fill:
+            self.pending[: self.fill] = leftover.copy()  # it may be a view of ``pending`` itself
+
+    def _passes(self, batch: np.ndarray | None, final: bool) -> np.ndarray | None:
+        """Queue full passes over ``batch`` (and, when ``final``, the short last one, then wait for
+        every result), retrying with fewer images per pass on out of memory; returns the images
+        not queued (fewer than a pass)."""
+        import torch
+
+        batch = batch if batch is not None else np.empty((0, 0, 0, 3), dtype=np.uint8)
+        pos = 0
+        try:
+            self._use_threads(self.plan.threads)
+            with torch.inference_mode():
+                while True:
+                    remaining = len(batch) - pos
+                    launch = remaining >= self.plan.images or (final and remaining > 0)
+                    if not launch and not (final and self.inflight):
+                        break
+                    where = "launch"
+                    try:
+                        if launch:
+                            stop = min(len(batch), pos + self.plan.images)
+                            failing = (self.launched, stop - pos)
+                            self._launch(batch[pos:stop])
+                            pos = stop
+                        where = "collect"
+                        while len(self.inflight) > (self.depth if launch else 0):
+                            failing = (self.inflight[0].start, len(self.inflight[0].host))
+                            self._collect_one()
+                        continue
+                    except Exception as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        error = exc
+                    if where == "launch" and self.inflight:
+                        # the passes queued before this one ran: keep their results if they can be had
+                        try:
+                            while self.inflight:
+                                failing = (self.inflight[0].start, len(self.inflight[0].host))
+                                self._collect_one()
+                            failing = (self.launched, min(len(batch), pos + self.plan.images) - pos)
+                        except Exception as exc:
+                            if not is_out_of_memory(exc):
+                                raise
+                            error = exc
+                    # everything not collected is encoded again with fewer images per pass
+                    batch = self._rewind(batch[pos:], failing, error)
+                    pos = 0
+            return batch[pos:] if pos < len(batch) else None
+        finally:
+            self._use_threads(self.threads_before)
+
+    def _rewind(self, rest: np.ndarray, failing: tuple[int, int], error: BaseException) -> np.ndarray:
+        """After out of memory in the pass of ``failing`` (first image, images): drop the passes not
+        collected, lower the images per pass (or raise ``EncodeOutOfMemory``) and return the
+        images to encode again, in order: those of the dropped passes, then ``rest``."""
+        import torch
+
+        failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if self.cuda and torch.cuda.is_available():
+            torch.cuda.synchronize(self.device)  # the dropped passes' work is done before their memory goes
+        replay = [p.host for p in self.inflight] + [rest]
+        self.inflight.clear()
+        self.launched = self.collected
+        plan, device, n = self.plan, self.device, self._of_total()
+        start, size = failing
+        # halve what this pass really held (a last, short pass needs no 16 -> 8 first)
+        held = -(-size // (plan.threads or 1)) * (plan.threads or 1)
+        smaller = _PassPlan(min(plan.images, held), plan.threads).smaller()
+        if smaller is None:
+            raise EncodeOutOfMemory(
+                f"Out of memory encoding images {start}-{start + size - 1}{n} on {device} with "
+                f"{plan.describe()} (IMAGENET_INT8_BATCH_SIZE={self.batch_size}; started with "
+                f"{self.sizes[0]} per pass, {self.retries} retries with fewer images): {failure}. "
+                f"One image does not fit: {OOM_ADVICE}."
+            ) from error
+        # the traceback holds the failed pass's frames and tensors: drop it so their memory goes
+        error.__traceback__ = None
+        error.__context__ = None
+        del error
+        free_memory(device)
+        note = (
+            f"Out of memory encoding images {start}-{start + size - 1}{n} on {device} with {plan.describe()} "
+            f"({failure}); retrying them with {smaller.describe()}"
+            + (" (same bytes on the CPU)" if not self.cuda else " (on a GPU the batch size can change the last bits)")
+            + f". Lower IMAGENET_INT8_BATCH_SIZE (now {self.batch_size}) to avoid the retries."
+        )
+        self.log(note)
+        self.notes.append(note)
+        self.retries += 1
+        self.plan = smaller
+        self._use_threads(smaller.threads)
+        self.sizes.append(smaller.images)
+        self.threads_used.append(smaller.threads)
+        replay = [r for r in replay if len(r)]
+        if not replay:
+            return np.empty((0, 0, 0, 3), dtype=np.uint8)
+        return replay[0] if len(replay) == 1 else np.concatenate(replay)
+
+    def _of_total(self) -> str:
+        return f" of {self.total}" if self.total is not None else ""
+
+    def _use_threads(self, threads: int | None) -> None:
+        import torch
+
+        if threads is not None and cpu_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def _launch(self, batch: np.ndarray) -> None:
+        """Queue one forward pass (on the CPU: run it)."""
+        if self.cuda:
+            host, x = self.copies.upload(batch)
+        else:
+            # kept past this call only when passes wait to be collected: then a copy, since
+            # ``batch`` may be the buffer of waiting images, which the next images overwrite
+            host, x = (batch.copy() if self.depth else batch), to_model_input(batch, self.device)
+        if self.flip:
+            x = x.flip(-1)
+        m, s = _encode(self.low, x, self.plan.threads or 1)
+        keep = x if self.low is not self.vae else None
+        if self.cuda:
+            m, s, ready = self.copies.download(m, s)
+        else:
+            m, s, ready = m.numpy(), (s.numpy() if s is not None else None), None
+        self.inflight.append(_Pass(self.launched, host, keep, m, s, ready))
+        self.launched += len(batch)
+
+    def _collect_one(self) -> None:
+        """Wait for the oldest pass's results, redo its non-finite samples in fp32, store them."""
+        import torch
+
+        p = self.inflight[0]
+        if p.ready is not None:
+            p.ready.synchronize()
+        mean = np.array(p.mean.numpy() if isinstance(p.mean, torch.Tensor) else p.mean, copy=True)
+        std = None
+        if p.std is not None:
+            std = np.array(p.std.numpy() if isinstance(p.std, torch.Tensor) else p.std, copy=True)
+        redone = 0
+        if p.x is not None:  # low precision: NaN/Inf samples are encoded again in fp32
+            bad = ~np.isfinite(mean).reshape(len(mean), -1).all(1)
+            if std is not None:
+                bad |= ~np.isfinite(std).reshape(len(std), -1).all(1)
+            if bad.any():
+                m32, s32 = _encode(self.vae, p.x[torch.from_numpy(bad).to(p.x.device)], self.plan.threads or 1)
+                mean[bad] = m32.cpu().numpy()
+                if std is not None:
+                    std[bad] = s32.cpu().numpy()
+                redone = int(bad.sum())
+        self.inflight.popleft()
+        self.means.append(mean)
+        if std is not None:
+            self.stds.append(std)
+        self.redone += redone
+        self.collected += len(mean)
+        if self.progress is not None:
+            self.progress(self.collected)
 
 
 def _encode(vae, x, pad: int = 1):
