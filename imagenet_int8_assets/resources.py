@@ -16,11 +16,13 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from imagenet_int8_assets.core.cifar import export_cifar10_as_folders, find_cifar10_root
+from imagenet_int8_assets.core.crop_store import CROP_STORAGES, DEFAULT_CROP_STORAGE
 from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import default_workers
 from imagenet_int8_assets.core.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
 from imagenet_int8_assets.core.sources import SourceError, list_class_folders, resolve_source_root
+from imagenet_int8_assets.core.storage import DEFAULT_LATENT_STORAGE, LATENT_STORAGES
 from imagenet_int8_assets.core.vae import (
     DEFAULT_VAE,
     PRESETS,
@@ -58,6 +60,11 @@ RECORDED = (
 )
 SETTINGS_RECORD = "settings.json"
 # Which settings decide each asset's bytes: its code version (README: "Versions and staleness").
+# crop_storage and latent_storage are in none of them, nor in RECORDED: they decide how crops and
+# latents are kept, not their values (readers follow what each partition's files hold), so
+# changing them marks nothing stale and re-encodes nothing; a class picks the new mode up when it
+# is next built (re-materializing its preprocessed_crops alone converts it: same code version and
+# inputs, so the same data version, and nothing downstream becomes stale).
 BYTES_SETTINGS = {
     "raw_manifest": ("source", "cifar_split", "max_pixels"),
     "preprocessed_crops": ("crop_recipe", "crop_size", "max_pixels"),
@@ -126,6 +133,8 @@ class ImagenetInt8Settings(ConfigurableResource):
     latent_value: str = Field(default="sample", description="Stored latent: 'sample' (seeded per image) or 'mean'.")
     quant_range: float = Field(default=0.0, description="uint8 range +-R; 0 = the VAE's default (SDXL: 12, as published).")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="Refuse images declaring more pixels.")
+    crop_storage: str = Field(default=DEFAULT_CROP_STORAGE, description="How preprocessed_crops keeps crops: none (a hash per crop; recomputed from the source and verified when needed), png (lossless) or raw (uint8 .npy).")
+    latent_storage: str = Field(default=DEFAULT_LATENT_STORAGE, description="What vae_latents keeps: full (posterior mean, std and the stored latent) or latent (only the stored latent and its flip).")
     workers: int = Field(default=0, description="Processes for scanning and cropping (0 = all cores).")
     report_per_class: int = Field(default=4, description="Images per class decoded for the reconstruction report (seeded sample).")
     report_grid_images: int = Field(default=8, description="Rows in the reconstruction grid image.")
@@ -254,6 +263,17 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("latent_value", self.latent_value, f"use one of {', '.join(LATENT_VALUES)}")
         if self.cifar_split not in ("train", "test", "all"):
             raise _bad("cifar_split", self.cifar_split, "use train, test or all")
+        if self.crop_storage not in CROP_STORAGES:
+            raise _bad(
+                "crop_storage", self.crop_storage,
+                "use none (recompute crops from the source, verified by hash; smallest), png (lossless, about 0.6x "
+                "raw) or raw (uint8 .npy, 196,608 bytes per 256x256 crop)",
+            )
+        if self.latent_storage not in LATENT_STORAGES:
+            raise _bad(
+                "latent_storage", self.latent_storage,
+                "use full (posterior mean, std and the stored latent) or latent (only the stored latent and its flip)",
+            )
         if self.precision not in PRECISIONS:
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
         if self.hub_repo and not HUB_REPO_ID.fullmatch(self.hub_repo):

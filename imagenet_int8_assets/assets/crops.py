@@ -5,6 +5,7 @@ import numpy as np
 from dagster import (
     AssetExecutionContext,
     BackfillPolicy,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -19,10 +20,11 @@ from imagenet_int8_assets.assets.manifest import (
     source_class_files,
 )
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
+from imagenet_int8_assets.core.crop_store import expected_bytes
 from imagenet_int8_assets.core.parallel import map_ordered
 from imagenet_int8_assets.core.preprocess import crop_task
 from imagenet_int8_assets.core.sources import resolve_source_root
-from imagenet_int8_assets.core.storage import write_crops
+from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, write_crops
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
@@ -40,8 +42,10 @@ from imagenet_int8_assets.resources import (
     description=(
         "The manifest's good images of one class, cropped to S x S RGB with the configured "
         "recipe (imagenet.int8: pixel-identical to the published build; adm: the ADM centre "
-        "crop). Stored losslessly as crops/<class>/images.npy (uint8 N x S x S x 3) with the "
-        "ids in crops/<class>/meta.json; read back with "
+        "crop). Kept as IMAGENET_INT8_CROP_STORAGE says: 'none' (default: only "
+        "crops/<class>/meta.json, with each crop's sha256 and its source file's size and mtime; "
+        "readers recompute the crop from the source and verify it), 'png' (lossless PNGs) or "
+        "'raw' (crops/<class>/images.npy, uint8 N x S x S x 3). Read back in every mode with "
         "imagenet_int8_assets.core.storage.read_crops(output, class)."
     ),
 )
@@ -69,15 +73,18 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
                 images[len(ids)] = arr
                 ids.append(image_id)
             progress(n)
-        space.writing(len(ids), images[: len(ids)].nbytes, key)
+        space.writing(len(ids), expected_bytes(settings.crop_storage, len(ids), size), key)
         with space.guard():
             folder = write_crops(
                 settings.output_path,
                 key,
                 ids,
                 images[: len(ids)],
-                {"recipe": settings.crop_recipe, "size": size, "failed": failed},
+                {"recipe": settings.crop_recipe, "size": size, "max_pixels": settings.max_pixels, "failed": failed},
+                storage=settings.crop_storage,
+                source_root=root,
             )
+        on_disk = folder_bytes(folder)
         context.add_asset_metadata(
             {
                 "path": MetadataValue.path(str(folder)),
@@ -86,7 +93,9 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
                 "failures": MetadataValue.md(markdown_table(failed)),
                 "recipe": settings.crop_recipe,
                 "size": size,
-                "bytes": int(images[: len(ids)].nbytes),
+                "crop_storage": settings.crop_storage,
+                "bytes": on_disk,
+                "bytes_per_image": bytes_per_image(on_disk, len(ids)),
             },
             partition_key=key,
         )
@@ -94,3 +103,16 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
     return MaterializeResult()
 
 
+def crop_pixels_or_fail(images):
+    """The crops' pixels: a ``CropArray`` (png and none crops) is computed and
+    verified here, and a crop that no longer matches (a changed source file) is a one-line
+    ``Failure`` naming the files and what to re-materialize; raw crops are returned as they are
+    (memory-mapped)."""
+    from imagenet_int8_assets.core.crop_store import CropArray, CropVerificationError
+
+    if not isinstance(images, CropArray):
+        return images
+    try:
+        return images.load()
+    except CropVerificationError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None

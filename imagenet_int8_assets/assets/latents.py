@@ -14,7 +14,7 @@ from dagster import (
     asset_check,
 )
 
-from imagenet_int8_assets.assets.crops import preprocessed_crops
+from imagenet_int8_assets.assets.crops import crop_pixels_or_fail, preprocessed_crops
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import GROUP, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
@@ -27,6 +27,9 @@ from imagenet_int8_assets.core.encode import (
     to_model_input,
 )
 from imagenet_int8_assets.core.storage import (
+    bytes_per_image,
+    folder_bytes,
+    latents_to_store,
     read_crops_with_meta,
     read_latents,
     write_latents,
@@ -78,10 +81,10 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     kinds={"pytorch"},
     description=(
         "The crops of one class encoded by the VAE (GPU when there is one, fp32). Stores the "
-        "posterior mean and std as float32 and the latent that goes into the dataset "
-        "('sample': mean + std * noise seeded by the run seed and the image id, so rebuilds "
-        "give the same bytes; or 'mean'), in latents/<class>/latents.npz. A batched run loads "
-        "the model once for all its partitions."
+        "latent that goes into the dataset ('sample': mean + std * noise seeded by the run seed "
+        "and the image id, so rebuilds give the same bytes; or 'mean') as float32, and with "
+        "IMAGENET_INT8_LATENT_STORAGE=full (default) the posterior mean and std too, in "
+        "latents/<class>/latents.npz. A batched run loads the model once for all its partitions."
     ),
 )
 def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -113,10 +116,14 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         "encode": encode_record(device, settings.batch_size),
     }
     run_checks: dict = {}
-    crops = {k: read_crops_with_meta(settings.output_path, k, mmap=True) for k in context.partition_keys}
+    crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
+        k: read_crops_with_meta(settings.output_path, k, mmap=True, workers=settings.worker_count())
+        for k in context.partition_keys
+    }
     space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
     for key in context.partition_keys:
         ids, images, crop_meta = crops.pop(key)
+        images = crop_pixels_or_fail(images)
         if not run_checks and len(ids):
             run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
             for name, value in run_checks.items():
@@ -140,11 +147,13 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
             redone += flipped.reencoded_fp32
         seconds = time.monotonic() - t0
+        arrays = latents_to_store(arrays, settings.latent_storage)
         bad = non_finite_count(*arrays.values())
         meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
         space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
         with space.guard():
-            folder = write_latents(settings.output_path, key, ids, arrays, meta)
+            folder = write_latents(settings.output_path, key, ids, arrays, meta, storage=settings.latent_storage)
+        on_disk = folder_bytes(folder)
         latent = arrays["latent"]
         finite = latent[np.isfinite(latent)]
         partition_metadata = {
@@ -164,6 +173,9 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             "reencoded_in_fp32": redone,
             **({"out_of_memory_retries": MetadataValue.json(oom)} if oom else {}),
             "stored_flip": settings.store_flip,
+            "latent_storage": settings.latent_storage,
+            "bytes": on_disk,
+            "bytes_per_image": bytes_per_image(on_disk, len(ids)),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
             "non_finite_values": bad,

@@ -39,7 +39,8 @@ GROUP = "latent_probe"
         "A seeded subsample of IMAGENET_INT8_PROBE_PER_CLASS latents per class (of at most "
         "IMAGENET_INT8_PROBE_MAX_CLASSES classes), average-pooled "
         "to IMAGENET_INT8_PROBE_POOL x IMAGENET_INT8_PROBE_POOL and flattened: the stored "
-        "latent ('sample') and, when the VAE has a posterior, mean and std ('mean+std')."
+        "latent ('sample') and, when the VAE has a posterior and the latents keep it "
+        "(IMAGENET_INT8_LATENT_STORAGE=full), mean and std ('mean+std')."
     ),
 )
 def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -53,16 +54,20 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
         keys = [all_keys[int(i)] for i in chosen]
         context.log.info(f"Probing a seeded subset of {len(keys)} of {len(all_keys)} classes")
     sets: dict[str, list[np.ndarray]] = {}
-    y = []
+    y, latent_only = [], []
     for key in keys:
         ids, arrays, _ = read_latents(settings.output_path, key)
         pick = choose_samples(len(ids), settings.probe_per_class, settings.seed, f"probe:{key}")
         if not len(pick):
             continue
+        # mean and std exist only for VAEs with a posterior and IMAGENET_INT8_LATENT_STORAGE=full
+        posterior = "mean" in arrays and "std" in arrays
+        if "mean" not in arrays:
+            latent_only.append(key)
         features = build_feature_sets(
             arrays["latent"][pick],
-            arrays["mean"][pick] if "std" in arrays else None,
-            arrays["std"][pick] if "std" in arrays else None,
+            arrays["mean"][pick] if posterior else None,
+            arrays["std"][pick] if posterior else None,
             pool=settings.probe_pool,
         )
         for name, values in features.items():
@@ -70,7 +75,14 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
         y.extend([labels.index[key]] * len(pick))
     if not y:
         raise MissingArtifact("No latents to probe: materialize vae_latents first.")
-    arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
+    # a feature set is probed only when every class has it (classes may be kept in different modes)
+    incomplete = [name for name, parts in sets.items() if sum(len(v) for v in parts) != len(y)]
+    if incomplete:
+        context.log.warning(
+            f"Not probing {', '.join(incomplete)}: {len(latent_only)} class(es) keep only the stored latent "
+            f"(IMAGENET_INT8_LATENT_STORAGE=latent), e.g. {', '.join(latent_only[:5])}"
+        )
+    arrays = {name: np.concatenate(parts) for name, parts in sets.items() if name not in incomplete}
     present = sorted(set(y))
     names = [labels.text[k] for k in keys if labels.index[k] in present]
     path = probe_dir(settings.output_path) / FEATURES_FILE

@@ -13,6 +13,7 @@ from imagenet_int8_assets.core.quantize import ChannelStats, recommend_ranges, s
 from imagenet_int8_assets.core.storage import (
     MissingArtifact,
     atomic_write_json,
+    disk_footprint,
     read_latents,
     stats_path,
 )
@@ -81,6 +82,8 @@ def quantization_stats(context: AssetExecutionContext, settings: ImagenetInt8Set
         space.writing(1, len(json.dumps(record, indent=2, default=float)))
         atomic_write_json(path, record)
     context.log.info(f"{total} latent values: clip fraction {clip:.4%}, quantization RMSE {rmse:.4f}")
+    # what the class stages occupy on disk (README: "Disk footprint"), over the dataset's classes
+    footprint = disk_footprint(settings.output_path, keys)
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(path)),
@@ -95,6 +98,10 @@ def quantization_stats(context: AssetExecutionContext, settings: ImagenetInt8Set
             "non_finite_values": totals["non_finite"],
             "per_channel": MetadataValue.md(markdown_table(channels, CHANNEL_COLUMNS)),
             "per_class": MetadataValue.md(markdown_table(per_class_rows)),
+            "disk_footprint": MetadataValue.md(
+                markdown_table([{"stage": stage, **values} for stage, values in footprint.items()])
+            ),
+            "disk_bytes": int(sum(v["bytes"] for v in footprint.values())),
         }
     )
 

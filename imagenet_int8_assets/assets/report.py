@@ -8,6 +8,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -17,6 +18,7 @@ from dagster import (
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import dataset_classes
 from imagenet_int8_assets.core import mds_index
+from imagenet_int8_assets.core.crop_store import CropVerificationError
 from imagenet_int8_assets.core.metrics import lpips_available
 from imagenet_int8_assets.core.plotting import markdown_image
 from imagenet_int8_assets.core.reconstruct import (
@@ -61,7 +63,8 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
     from imagenet_int8_assets.reader import open_dataset
 
     settings.require_recorded_settings_or_fail()
-    keys = dataset_classes(context.instance, settings).in_dataset
+    classes = dataset_classes(context.instance, settings)
+    keys, vanished = classes.in_dataset, set(classes.vanished)
     root = mds_root(settings.output_path)
     build = mds_index.published_record(root)
     if build is None:
@@ -75,14 +78,23 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
         offsets[key] = start
         start += build["per_class"].get(key, 0)
 
-    samples, channel_values = [], []
+    samples, channel_values, skipped = [], [], {}
     for key in keys:
         ids, arrays, _ = read_latents(settings.output_path, key)
         if not ids:
             continue
         pick = choose_samples(len(ids), settings.report_per_class, settings.seed, key)
         _, crops = read_crops(settings.output_path, key, mmap=True)
-        originals = np.asarray(crops[pick])
+        try:  # crops kept as 'none' (or 'png') are recomputed (decoded) and verified here
+            originals = np.asarray(crops[pick])
+        except CropVerificationError as exc:
+            if key in vanished and exc.source_missing:
+                # a class whose folder vanished stays in the dataset, but crops kept as 'none'
+                # cannot be recomputed without its files: report on the other classes
+                skipped[key] = "its class folder vanished from the source and its crops were not stored"
+                context.log.warning(f"{key}: not in the report: {skipped[key]}")
+                continue
+            raise Failure(description=str(exc), allow_retries=False) from None
         z_float = arrays["latent"][pick]
         z_uint8 = np.stack([dataset[offsets[key] + int(i)]["latent"] for i in pick])
         from_float = decode_images(vae, z_float, device)
@@ -120,6 +132,7 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
             "ssim_float": overall["ssim_float"],
             "ssim_uint8": overall["ssim_uint8"],
             "lpips": lpips_note if not lpips_ok else "computed",
+            **({"skipped_classes": MetadataValue.json(skipped)} if skipped else {}),
             "overall": MetadataValue.md(report.tables["overall"]),
             "per_class": MetadataValue.md(report.tables["per_class"]),
             "grid": MetadataValue.md(markdown_image(images["grid"], "original | from float | from uint8")),

@@ -29,7 +29,7 @@ from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core import mds_index, publish_checks
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
-from imagenet_int8_assets.core.storage import mds_root, read_latents, remove_leftovers
+from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, mds_root, read_latents, remove_leftovers
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
@@ -115,6 +115,7 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
                 "label": labels.index[key],
                 "label_as_text": labels.text[key],
                 "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
+                "bytes_per_image": bytes_per_image(folder_bytes(folder), count),  # shards + index.json + build.json
             },
             partition_key=key,
         )

@@ -3,9 +3,11 @@
 Layout under the output root (``IMAGENET_INT8_OUTPUT``)::
 
     manifest/manifest.parquet        raw manifest (one row per source file)
-    crops/<class>/images.npy         uint8 (N, S, S, 3) crops, C order, lossless
-    crops/<class>/meta.json          {"ids": [...], "failed": [{"id", "reason"}], "recipe", "size"}
-    latents/<class>/latents.npz      float32 mean, std, latent (N, C, h, w) and ids
+    crops/<class>/images.npy         crop_storage=raw: uint8 (N, S, S, 3) crops, C order, lossless
+    crops/<class>/images/<row>.png   crop_storage=png: one lossless PNG per crop
+    crops/<class>/meta.json          {"ids", "failed", "recipe", "size", "storage", "sha256", "source", ...}
+                                     (crop_storage=none: only this; see ``crop_store``)
+    latents/<class>/latents.npz      float32 latent (N, C, h, w), latent_flip, ids; mean, std (latent_storage=full)
     latents/<class>/meta.json        provenance (VAE, weights, device, latent value, seed, ...)
     stats/quantization_stats.json    per-channel statistics, overall and per class
     mds/classes/<class>/<version>/   one immutable build of one class: MDS shards, index.json, build.json
@@ -171,6 +173,23 @@ def write_folder(final: str | os.PathLike, files: dict[str, bytes]) -> Path:
     return Path(final)
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of every file under ``folder`` (0 when it does not exist): what a partition occupies."""
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name), follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+def bytes_per_image(nbytes: int, images: int) -> float:
+    """``nbytes / images`` rounded to 0.1 byte (0 for no image): the ``bytes_per_image`` metadata."""
+    return round(nbytes / images, 1) if images else 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Paths
 
@@ -250,6 +269,36 @@ def _read_meta(folder: Path, what: str, asset: str) -> dict:
     return json.loads(meta_file.read_text(encoding="utf-8"))
 
 
+FOOTPRINT_STAGES = ("crops", "latents", "shards")
+
+
+def disk_footprint(output: str | os.PathLike, classes: list[str]) -> dict[str, dict]:
+    """What each class stage occupies over ``classes``: per stage (crops, latents, the classes'
+    current MDS versions) the files' ``bytes``, the ``images`` they hold and ``bytes_per_image``.
+    Missing partitions count as 0."""
+    from imagenet_int8_assets.core import mds_index
+
+    totals = {stage: {"bytes": 0, "images": 0} for stage in FOOTPRINT_STAGES}
+    for name in classes:
+        for stage, folder in (("crops", crops_dir(output, name)), ("latents", latents_dir(output, name))):
+            try:
+                count = int(json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("count", 0))
+            except (OSError, ValueError):
+                continue
+            totals[stage]["bytes"] += folder_bytes(folder)
+            totals[stage]["images"] += count
+        try:
+            version = mds_index.current_version_dir(mds_root(output), name)
+            count = mds_index.index_sample_count(mds_index.read_index(version))
+        except (OSError, ValueError, KeyError):
+            continue
+        totals["shards"]["bytes"] += folder_bytes(version)
+        totals["shards"]["images"] += count
+    for value in totals.values():
+        value["bytes_per_image"] = bytes_per_image(value["bytes"], value["images"])
+    return totals
+
+
 # --------------------------------------------------------------------------------------------
 # Crops
 
@@ -260,38 +309,57 @@ def write_crops(
     ids: list[str],
     images: np.ndarray,
     meta: dict,
+    storage: str = "raw",
+    source_root: str | os.PathLike | None = None,
 ) -> Path:
-    """Store one class's crops atomically. ``images`` is uint8 (N, S, S, 3)."""
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(ids):
-        raise ValueError(f"crops must be (N, S, S, 3) with N == len(ids); got {images.shape}")
-    final = crops_dir(output, class_folder)
-    with atomic_dir(final) as tmp:
-        np.save(tmp / "images.npy", images, allow_pickle=False)
-        atomic_write_json(tmp / "meta.json", {**meta, "ids": list(ids), "count": len(ids)})
-    return final
+    """Store one class's crops atomically. ``images`` is uint8 (N, S, S, 3).
+
+    ``storage`` is ``raw``, ``png`` or ``none`` (``IMAGENET_INT8_CROP_STORAGE``; see
+    ``core.crop_store``); ``source_root``, the folder the ids are relative to, is recorded so that
+    ``none`` crops can be recomputed (and verified) from the source.
+    """
+    from imagenet_int8_assets.core.crop_store import write_class_crops
+
+    return write_class_crops(
+        output, crops_dir(output, class_folder), ids, images, meta, storage=storage, source_root=source_root
+    )
 
 
 def read_crops(
-    output: str | os.PathLike, class_folder: str, mmap: bool = False
+    output: str | os.PathLike,
+    class_folder: str,
+    mmap: bool = False,
+    source_root: str | os.PathLike | None = None,
+    workers: int = 1,
 ) -> tuple[list[str], np.ndarray]:
-    """One class's crops: (ids, uint8 array N x S x S x 3), rows in the order of ``ids``.
+    """One class's crops: (ids, uint8 array N x S x S x 3), rows in the order of ``ids``, whatever
+    the crop storage they were written with.
 
-    ``mmap=True`` maps the file instead of reading it (for classes larger than memory).
+    ``raw`` crops come back as a numpy array (``mmap=True`` maps the file instead of reading it,
+    for classes larger than memory). ``png`` and ``none`` crops come back as a
+    ``crop_store.CropArray`` that decodes (``png``) or recomputes from the source (``none``) rows
+    when indexed, on ``workers`` processes for a whole class, and verifies each against the sha256
+    recorded when the crops were made (``CropVerificationError`` names the files that changed).
+    ``source_root`` replaces the source folder recorded for ``none`` crops (a moved source).
     """
-    ids, images, _ = read_crops_with_meta(output, class_folder, mmap=mmap)
+    ids, images, _ = read_crops_with_meta(output, class_folder, mmap=mmap, source_root=source_root, workers=workers)
     return ids, images
 
 
 def read_crops_with_meta(
-    output: str | os.PathLike, class_folder: str, mmap: bool = False
+    output: str | os.PathLike,
+    class_folder: str,
+    mmap: bool = False,
+    source_root: str | os.PathLike | None = None,
+    workers: int = 1,
 ) -> tuple[list[str], np.ndarray, dict]:
+    """``read_crops`` and the crops' ``meta.json``."""
+    from imagenet_int8_assets.core.crop_store import open_class_crops
+
     folder = crops_dir(output, class_folder)
     meta = _read_meta(folder, "crops", "preprocessed_crops")
-    # numpy cannot map a zero-length array: read empty classes normally
-    use_mmap = mmap and meta.get("count", 1) > 0
-    images = np.load(folder / "images.npy", mmap_mode="r" if use_mmap else None, allow_pickle=False)
     ids = list(meta["ids"])
+    images = open_class_crops(output, folder, class_folder, meta, mmap=mmap, source_root=source_root, workers=workers)
     if images.shape[0] != len(ids):
         raise MissingArtifact(f"{folder}: {images.shape[0]} crops but {len(ids)} ids; re-materialize it")
     return ids, images, meta
@@ -301,14 +369,42 @@ def read_crops_with_meta(
 # Latents
 
 
+# IMAGENET_INT8_LATENT_STORAGE: which float32 arrays latents/<class>/latents.npz keeps.
+# ``full``: the posterior mean and std, the stored latent and its flip; ``latent``: only what the
+# dataset, the statistics, the report and the parquet export read (the stored latent and its flip).
+LATENT_STORAGES = ("full", "latent")
+DEFAULT_LATENT_STORAGE = "full"
+LATENT_ONLY_ARRAYS = ("latent", "latent_flip")
+
+
+def check_latent_storage(value: str) -> str:
+    if value not in LATENT_STORAGES:
+        raise ValueError(f"unknown latent storage {value!r}: use one of {', '.join(LATENT_STORAGES)}")
+    return value
+
+
+def latents_to_store(arrays: dict[str, np.ndarray], storage: str = DEFAULT_LATENT_STORAGE) -> dict[str, np.ndarray]:
+    """The arrays that ``storage`` keeps (``full``: all of them; ``latent``: the stored latent and its flip)."""
+    if check_latent_storage(storage) == "full":
+        return dict(arrays)
+    return {k: v for k, v in arrays.items() if k in LATENT_ONLY_ARRAYS}
+
+
 def write_latents(
     output: str | os.PathLike,
     class_folder: str,
     ids: list[str],
     arrays: dict[str, np.ndarray],
     meta: dict,
+    storage: str = DEFAULT_LATENT_STORAGE,
 ) -> Path:
-    """Store one class's latents (float32 arrays keyed by name, first axis = image) atomically."""
+    """Store one class's latents (float32 arrays keyed by name, first axis = image) atomically.
+
+    ``storage`` (``full`` or ``latent``, see ``latents_to_store``) decides which arrays are kept;
+    it is not written into ``meta`` (which becomes part of the dataset's build record): the file's
+    arrays say what it holds.
+    """
+    arrays = latents_to_store(arrays, storage)
     for name, arr in arrays.items():
         if arr.shape[0] != len(ids):
             raise ValueError(f"latents[{name!r}] has {arr.shape[0]} rows for {len(ids)} ids")
@@ -326,7 +422,9 @@ def write_latents(
 def read_latents(
     output: str | os.PathLike, class_folder: str
 ) -> tuple[list[str], dict[str, np.ndarray], dict]:
-    """(ids, {"mean", "std", "latent", ...}, meta) for one class."""
+    """(ids, {"latent", ...}, meta) for one class: ``latent`` (what the dataset stores) and
+    ``latent_flip`` when flips are stored; ``mean`` and ``std`` only when written with
+    ``latent_storage=full`` (and ``std`` only for VAEs with a posterior)."""
     folder = latents_dir(output, class_folder)
     meta = _read_meta(folder, "latents", "vae_latents")
     with np.load(folder / "latents.npz", allow_pickle=False) as data:
