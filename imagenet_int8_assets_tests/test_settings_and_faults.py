@@ -340,7 +340,7 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
     home = tmp_path / "home"
     with tmpfs(tmp_path / "it's out", "16m") as out:
         filler = _fill(out, leave=800_000)  # the manifest and one class of crops fit, not two
-        env = cli_env(tmp_path, IMAGENET_INT8_OUTPUT=str(out), DAGSTER_HOME=str(home))
+        env = cli_env(tmp_path, IMAGENET_INT8_OUTPUT=str(out), DAGSTER_HOME=str(home), IMAGENET_INT8_CROP_STORAGE="raw")
         args = [str(BIN / "imagenet-int8"), "build", "--source", str(source)]
         proc = run_cli(args, env, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
