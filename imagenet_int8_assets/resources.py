@@ -124,7 +124,9 @@ class ImagenetInt8Settings(ConfigurableResource):
     vae: str = Field(default=DEFAULT_VAE, description="VAE preset name, Hub id, or local diffusers folder.")
     vae_fallback: str = Field(default="", description="Random preset to use when real weights cannot be loaded (the demo sets sdxl-random; empty = fail).")
     device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
-    batch_size: int = Field(default=16, description="Images per VAE forward pass.")
+    batch_size: int = Field(default=0, description="Images per VAE forward pass; 0 = auto: on a GPU half the largest batch that fits (probed once, cached), on the CPU 16.")
+    devices: str = Field(default="", description="Devices that encode, comma-separated (cuda:0,cuda:1; cpu:0,cpu:1 simulate devices on the CPU); empty = every GPU (or the CPU). Runs that encode lease one each.")
+    device_wait: int = Field(default=3600, description="Seconds a run waits for a free device before failing.")
     crop_recipe: str = Field(default=DEFAULT_RECIPE, description=f"One of {', '.join(RECIPES)}.")
     crop_size: int = Field(default=256, description="Crop side in pixels, a multiple of 8 from 16 to 1024: 256 (published) or 512.")
     precision: str = Field(default="fp32", description="Encode precision: fp32, bf16 or fp16 (NaN/Inf samples are redone in fp32).")
@@ -280,7 +282,16 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("hub_repo", self.hub_repo, "use a Hub repository id owner/name (letters, digits, '-', '_', '.')")
         if not self.hub_revision.strip():
             raise _bad("hub_revision", self.hub_revision, "empty; use a branch name such as main")
-        for name in ("hub_files_per_commit", "sensor_interval", "batch_size", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
+        if self.batch_size < 0:
+            raise _bad("batch_size", self.batch_size, "use a positive number of images per pass, or 0 for the largest that fits")
+        if self.devices.strip():
+            from imagenet_int8_assets.core.devices import DeviceSettingError, parse_devices
+
+            try:
+                parse_devices(self.devices)
+            except DeviceSettingError as exc:
+                raise SettingsError(str(exc)) from None
+        for name in ("hub_files_per_commit", "device_wait", "sensor_interval", "crop_size", "max_pixels", "report_per_class", "report_grid_images", "probe_per_class", "probe_pool", "probe_max_classes"):
             if getattr(self, name) <= 0:
                 raise _bad(name, getattr(self, name), "must be a positive integer")
         if self.crop_size % 8 or not MIN_CROP_SIZE <= self.crop_size <= MAX_CROP_SIZE:

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 from dagster import (
+    Failure,
     AssetCheckExecutionContext,
     AssetExecutionContext,
     BackfillPolicy,
@@ -34,7 +35,7 @@ from imagenet_int8_assets.core.storage import (
     read_latents,
     write_latents,
 )
-from imagenet_int8_assets.core.vae import load_vae, resolve_device
+from imagenet_int8_assets.core.vae import load_vae
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
@@ -89,11 +90,49 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
 )
 def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
     settings.require_recorded_settings_or_fail()
-    device = resolve_device(settings.device)
+    from imagenet_int8_assets.core.devices import DeviceLeaseTimeout, DeviceSettingError, lease_device, visible_devices
+
+    try:
+        devices = visible_devices(settings.devices or None, settings.device)
+        lease = lease_device(
+            settings.output_path, devices, timeout_s=settings.device_wait, purpose=context.run_id, log=context.log.info
+        )
+        leased = lease.__enter__()
+    except (DeviceSettingError, DeviceLeaseTimeout) as exc:
+        raise Failure(description=str(exc), allow_retries=isinstance(exc, DeviceLeaseTimeout)) from None
+    try:  # one device per run that encodes: N devices, N runs at once (the gpu pool's limit)
+        return _encode_partitions(context, settings, leased)
+    finally:
+        lease.__exit__(None, None, None)
+
+
+def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: str) -> tuple[int, dict, int | None]:
+    """The forward batch (0 = the largest that fits, probed once per device and model, cached under
+    the output) and the encoder's FLOPs per image (None when they cannot be counted)."""
+    from imagenet_int8_assets.core.batch_size import encoder_flops, resolve_batch_size
+
+    choice = resolve_batch_size(
+        "auto" if settings.batch_size == 0 else settings.batch_size,
+        vae, device, settings.precision, settings.crop_size, settings.output_path, log=context.log.info,
+    )
+    try:
+        flops = encoder_flops(vae, settings.crop_size, settings.output_path)
+    except Exception as exc:  # a model the meta-device counter cannot trace: no TFLOP/s figure
+        context.log.warning(f"encoder FLOPs not counted ({type(exc).__name__}: {exc}); no TFLOP/s in the metadata")
+        flops = None
+    return choice.batch_size, choice.as_metadata(), flops
+
+
+def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Settings, leased: str) -> MaterializeResult:
+    from imagenet_int8_assets.core.batch_size import tflops
+    from imagenet_int8_assets.core.devices import select_device
+
+    device = select_device(leased)
     started = time.monotonic()
     vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(device)
     info = vae.info
     load_s = time.monotonic() - started
+    batch_size, batch_choice, flops = _batch_size_and_flops(context, settings, vae, device)
     banner = (
         FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
         if info.is_fallback
@@ -103,7 +142,8 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         context.log.warning(banner)
     context.log.info(
         f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {device} in {load_s:.1f}s for "
-        f"{len(context.partition_keys)} partition(s), precision {settings.precision}"
+        f"{len(context.partition_keys)} partition(s), precision {settings.precision}, device {leased}, "
+        f"{batch_size} images per pass ({batch_choice.get('source', 'setting')})"
     )
     value_range = settings.range_for(info.quant_range)
     provenance = {
@@ -113,7 +153,7 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
         "seed": settings.seed,
         "store_flip": settings.store_flip,
-        "encode": encode_record(device, settings.batch_size),
+        "encode": encode_record(device, batch_size),
     }
     run_checks: dict = {}
     crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
@@ -131,7 +171,7 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         t0 = time.monotonic()
         progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
         post = encode_posterior(
-            vae, images, device, settings.batch_size, settings.precision, progress=progress, log=context.log.warning
+            vae, images, device, batch_size, settings.precision, progress=progress, log=context.log.warning
         )
         oom = post.oom_report()
         arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
@@ -140,7 +180,7 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         redone = post.reencoded_fp32
         if settings.store_flip:
             flipped = encode_posterior(
-                vae, images, device, settings.batch_size, settings.precision, flip=True, log=context.log.warning
+                vae, images, device, batch_size, settings.precision, flip=True, log=context.log.warning
             )
             oom = oom or flipped.oom_report()
             flip_ids = [f"{i}#hflip" for i in ids]
@@ -167,6 +207,8 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             "vae_weights_sha256": info.weights_sha256 or "",
             "vae_fallback": bool(info.is_fallback),
             "device": device,
+            "device_lease": leased,
+            "batch_size_choice": MetadataValue.json(batch_choice),
             "precision": settings.precision,
             "encode_batch_size": provenance["encode"]["batch_size"],
             "encode": MetadataValue.json(provenance["encode"]),
@@ -178,6 +220,14 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             "bytes_per_image": bytes_per_image(on_disk, len(ids)),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 and ids else 0.0,
+            **(
+                {
+                    "encoder_gflops_per_image": round(flops / 1e9, 3),
+                    "tflops": round(tflops(len(ids) / seconds, flops, 2 if settings.store_flip else 1), 6),
+                }
+                if flops and seconds > 0 and ids
+                else {}
+            ),
             "non_finite_values": bad,
             "latent_mean": float(finite.mean()) if finite.size else float("nan"),
             "latent_std": float(finite.std()) if finite.size else float("nan"),
