@@ -40,6 +40,9 @@ def test_a_run_takes_a_free_device_and_reports_batch_size_and_tflops(tmp_path):
     choice = meta["batch_size_choice"].value
     assert choice["batch_size"] == 16 and choice["source"] == "cpu"  # auto on the CPU: 16, no probe
     assert meta["encoder_gflops_per_image"].value > 0 and meta["tflops"].value > 0
+    # crops kept as hashes (the default) were recomputed by workers while the VAE encoded
+    assert meta["crops_streamed"].value is True
+    assert {"crop_s", "encode_s", "encoder_waited_s", "producers_waited_s"} <= set(meta["pipeline"].value)
 
 
 def test_every_device_leased_fails_after_the_wait_naming_the_holder(tmp_path):

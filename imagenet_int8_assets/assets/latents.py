@@ -106,6 +106,70 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         lease.__exit__(None, None, None)
 
 
+def _stream_classes(context, settings: ImagenetInt8Settings, vae, device: str, batch_size: int, crops: dict):
+    """Encode the classes whose crops are kept as hashes only (IMAGENET_INT8_CROP_STORAGE=none) in
+    one overlapped stream: worker processes crop from the source while the VAE encodes, and every
+    crop is checked against its recorded hash before it is encoded (a changed source file fails
+    the step naming it). Returns ({class: (posterior, flipped, seconds)}, timing, sample crops)."""
+    from imagenet_int8_assets.core.crop_store import (
+        PIXEL_HASH,
+        CropArray,
+        CropVerificationError,
+        pixel_hash,
+        source_root_of,
+    )
+    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.pipeline import encode_stream
+
+    keys = [
+        k for k in context.partition_keys
+        if isinstance(crops[k][1], CropArray) and crops[k][2].get("storage") == "none" and len(crops[k][0])
+    ]
+    if not keys:
+        return {}, None, None
+    tasks, sizes = [], []
+    for key in keys:
+        ids, _, meta = crops[key]
+        root = source_root_of(settings.output_path, meta, None)
+        max_pixels = int(meta.get("max_pixels", DEFAULT_MAX_PIXELS))
+        tasks += [(str(root / i), meta["recipe"], int(meta["size"]), max_pixels) for i in ids]
+        sizes.append(len(ids))
+    samples: list = []
+
+    def verify(group: int, rows: list[int], chunk) -> None:
+        images, meta = crops[keys[group]][1], crops[keys[group]][2]
+        hashes = meta.get(PIXEL_HASH)
+        bad = [r for r, crop in zip(rows, chunk) if hashes is not None and pixel_hash(crop) != hashes[r]]
+        if bad:
+            images[bad]  # recomputes those rows and raises the error naming the files and what changed
+            raise CropVerificationError(f"class {keys[group]!r}: crops of rows {bad[:5]} changed while being read", [])
+        if len(samples) < 8:
+            samples.extend(chunk[: 8 - len(samples)])
+
+    loggers = [progress_logger(context.log.info, f"{k}: cropped and encoded", total=n) for k, n in zip(keys, sizes)]
+    started = time.monotonic()
+    try:
+        result = encode_stream(
+            vae, tasks, device, batch_size=batch_size, precision=settings.precision, workers=settings.worker_count(),
+            flip=settings.store_flip, groups=sizes, keep_crops=verify, log=context.log.warning,
+            progress=lambda group, done: loggers[group](done),
+        )
+        for key, group in zip(keys, result.groups):
+            if group.failed:  # cropped when recorded, not now: name the files and what changed
+                crops[key][1][[row for row, _ in group.failed]]
+                raise CropVerificationError(f"class {key!r}: {group.failed[0][1]}", [])
+    except CropVerificationError as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
+    wall = time.monotonic() - started
+    total = sum(sizes)
+    streamed = {
+        key: (group.posterior, group.flipped, wall * n / total) for key, group, n in zip(keys, result.groups, sizes)
+    }
+    timing = result.timing.as_dict()
+    context.log.info(f"crops of {len(keys)} class(es) streamed into the encoder: {timing}")
+    return streamed, {"classes": set(keys), "timing": timing}, np.stack(samples) if samples else None
+
+
 def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: str) -> tuple[int, dict, int | None]:
     """The forward batch (0 = the largest that fits, probed once per device and model, cached under
     the output) and the encoder's FLOPs per image (None when they cannot be counted)."""
@@ -161,32 +225,44 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
         for k in context.partition_keys
     }
     space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
+    # Crops kept as hashes only are recomputed from the source by CPU workers while the VAE encodes
+    # (core.pipeline), and verified against their recorded hashes on the way.
+    streamed, stream_timing, samples = _stream_classes(context, settings, vae, device, batch_size, crops)
+    if samples is not None:
+        run_checks = _numerics_report(vae, samples, device, settings.precision, value_range)
+        for name, value in run_checks.items():
+            context.log.info(f"{name}: {value}")
     for key in context.partition_keys:
         ids, images, crop_meta = crops.pop(key)
-        images = crop_pixels_or_fail(images)
-        if not run_checks and len(ids):
-            run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
-            for name, value in run_checks.items():
-                context.log.info(f"{name}: {value}")
-        t0 = time.monotonic()
-        progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
-        post = encode_posterior(
-            vae, images, device, batch_size, settings.precision, progress=progress, log=context.log.warning
-        )
+        if key in streamed:
+            post, flipped, seconds = streamed.pop(key)
+        else:
+            images = crop_pixels_or_fail(images)
+            if not run_checks and len(ids):
+                run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
+                for name, value in run_checks.items():
+                    context.log.info(f"{name}: {value}")
+            t0 = time.monotonic()
+            progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
+            post = encode_posterior(
+                vae, images, device, batch_size, settings.precision, progress=progress, log=context.log.warning
+            )
+            flipped = (
+                encode_posterior(vae, images, device, batch_size, settings.precision, flip=True, log=context.log.warning)
+                if settings.store_flip
+                else None
+            )
+            seconds = time.monotonic() - t0
         oom = post.oom_report()
         arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
         if post.std is not None:
             arrays["std"] = post.std
         redone = post.reencoded_fp32
-        if settings.store_flip:
-            flipped = encode_posterior(
-                vae, images, device, batch_size, settings.precision, flip=True, log=context.log.warning
-            )
+        if flipped is not None:
             oom = oom or flipped.oom_report()
             flip_ids = [f"{i}#hflip" for i in ids]
             arrays["latent_flip"] = select_latent(flipped.mean, flipped.std, flip_ids, settings.latent_value, settings.seed)
             redone += flipped.reencoded_fp32
-        seconds = time.monotonic() - t0
         arrays = latents_to_store(arrays, settings.latent_storage)
         bad = non_finite_count(*arrays.values())
         meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
@@ -215,6 +291,8 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
             "reencoded_in_fp32": redone,
             **({"out_of_memory_retries": MetadataValue.json(oom)} if oom else {}),
             "stored_flip": settings.store_flip,
+            "crops_streamed": stream_timing is not None and key in stream_timing["classes"],
+            **({"pipeline": MetadataValue.json(stream_timing["timing"])} if stream_timing and key in stream_timing["classes"] else {}),
             "latent_storage": settings.latent_storage,
             "bytes": on_disk,
             "bytes_per_image": bytes_per_image(on_disk, len(ids)),
