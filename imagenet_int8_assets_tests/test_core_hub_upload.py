@@ -89,3 +89,29 @@ def test_a_folder_over_the_hub_limit_is_refused_before_sending(tmp_path):
 def test_a_dataset_that_was_never_published_is_refused(tmp_path):
     with pytest.raises(hub.PublishError, match="build it first"):
         hub.repository_layout(tmp_path / "mds", card=tmp_path / "README.md")
+
+
+def test_lfs_content_uploaded_before_a_failed_commit_is_not_sent_again(tmp_path, fake_hub):
+    """The upload dies after its LFS objects reached the Hub but before their commit: the re-run
+    commits them without sending their content (the LFS batch API says they are there)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=fake_hub.endpoint, token=fake_hub.env()["HF_TOKEN"])
+    root = tmp_path / "mds"
+    _publish(root, {"a": 2, "b": 3, "c": 1})
+    layout = _layout(tmp_path, root)
+    api.create_repo("me/ds", repo_type="dataset")
+    fake_hub.fail("POST", r"/commit/", status=503, times=1)  # the first commit is lost after its uploads
+    with pytest.raises(HfHubHTTPError):
+        hub.upload_dataset(api, "me/ds", layout, files_per_commit=3)
+    uploaded = fake_hub.stats("me/ds")["lfs_uploads"]
+    assert uploaded >= 1 and not [c for c in fake_hub.stats("me/ds")["commits"] if not c.get("empty")]
+
+    fake_hub.reset_stats("me/ds")
+    result = hub.upload_dataset(api, "me/ds", layout, files_per_commit=3)
+    stats = fake_hub.stats("me/ds")
+    assert result.files_resumed == uploaded == stats["batch_present"]
+    assert stats["lfs_uploads"] == sum(len(c["lfs_paths"]) for c in stats["commits"]) - uploaded
+    assert result.files_sent + result.files_resumed == len(layout)
+    remote = fake_hub.files("me/ds")
+    assert all(remote[p] == layout[p].read_bytes() for p in layout)

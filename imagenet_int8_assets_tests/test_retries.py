@@ -252,6 +252,10 @@ def test_a_killed_run_is_failed_and_retried_by_the_daemon(tmp_path: Path, own_tm
             dev, {"tags": [{"key": "dagster/parent_run_id", "value": run_id}]}, {"SUCCESS"}, deadline, "the retry"
         )
         print(f"[retry] retry {retry['runId'][:8]} SUCCESS {time.monotonic() - killed_at:.1f}s after the kill")
+        # the retry daemon tags the failed run when it launches the retry, which can come after the
+        # FAILURE status was first seen: read the tags again now
+        failed = wait_for_run(dev, {"runIds": [run_id]}, {"FAILURE"}, deadline, "the killed run")
+        tags = {t["key"]: t["value"] for t in failed["tags"]}
     finally:
         dev.stop()
 
