@@ -62,6 +62,40 @@ def own_tmpdir(tmp_path_factory, monkeypatch):
     for name in _streaming_segments() - before:
         with contextlib.suppress(OSError):
             os.unlink(f"/dev/shm/{name}")
+    _close_unlinked_streaming_memory()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def own_shared_memory_per_module():
+    """The segments of datasets opened by module-scoped fixtures are unlinked when the module ends,
+    so later datasets do not attach to (and keep descriptors for) every earlier module's."""
+    before = _streaming_segments()
+    yield
+    gc.collect()
+    for name in _streaming_segments() - before:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
+    _close_unlinked_streaming_memory()
+
+
+def _close_unlinked_streaming_memory(threshold: int = 256) -> None:
+    """StreamingDataset's shared-memory objects are kept alive by an atexit handler, each holding a
+    descriptor (also those it only opened to look for a free prefix). Once their segments are
+    unlinked they serve nobody: close them when this process holds many descriptors, so a long
+    test session never runs out ("Too many open files")."""
+    try:
+        if len(os.listdir("/proc/self/fd")) < threshold:
+            return
+    except OSError:
+        return
+    from streaming.base.shared.memory import SharedMemory as StreamingSharedMemory
+
+    for obj in gc.get_objects():
+        if isinstance(obj, StreamingSharedMemory):
+            shm = getattr(obj, "shm", None)
+            if shm is not None and not os.path.exists(f"/dev/shm/{shm.name.lstrip('/')}"):
+                with contextlib.suppress(Exception):  # a buffer still exported stays open
+                    shm.close()
 
 
 def _streaming_segments() -> set[str]:
