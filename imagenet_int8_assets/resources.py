@@ -35,7 +35,7 @@ from imagenet_int8_assets.core.vae import (
 from imagenet_int8_assets.sample import generate_sample_dataset
 
 DEFAULT_OUTPUT = "./imagenet_int8_data"
-DEFAULT_MAX_PARTITIONS_PER_RUN = 50
+DEFAULT_MAX_PARTITIONS_PER_RUN = 125
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # the refresh_source schedule: every day at 03:00 (instance time zone)
 SAMPLE_SOURCE = "sample"  # IMAGENET_INT8_SOURCE value (and default) meaning the bundled sample
 # Crop side bounds: the report's SSIM needs 11x11 images (so 16, the first multiple of 8 above);
