@@ -24,10 +24,8 @@ What is measured (seconds of wall time, every step in a fresh subprocess):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -40,6 +38,7 @@ from typing import Any
 
 from PIL import Image
 
+from benchmarks.machine import orchestration_facts
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,26 +191,6 @@ def benchmark_builds(work: Path, classes: int, per_class: int) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    from importlib import metadata
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "dagster": version("dagster"),
-        "torch": version("torch"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def print_report(facts: dict[str, Any], load: dict[str, Any] | None, builds: dict[str, Any] | None) -> None:
     print("Machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     if load:
@@ -261,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
         cleanup = True
-    facts = machine()
+    facts = orchestration_facts()
     try:
         load = None if args.skip_load else benchmark_load(work, args.load_classes, args.load_repeats)
         builds = None if args.skip_builds else benchmark_builds(work, args.classes, args.images_per_class)

@@ -50,11 +50,9 @@ two-thread CPU kernels when the 2 cores are shared with other jobs (about 30x sl
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -62,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import load_average, orchestration_facts
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # where `imagenet-int8` is installed
@@ -104,15 +104,11 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def loadavg() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 def timed_subprocess(args: list[str], env: dict[str, str], timeout: float = 3600) -> tuple[subprocess.CompletedProcess, dict]:
     """Run ``args``; wall seconds, CPU seconds of it and its children, load averages before and after."""
     import resource
 
-    load_before = loadavg()
+    load_before = load_average()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall_start = time.time()
     start = time.perf_counter()
@@ -126,7 +122,7 @@ def timed_subprocess(args: list[str], env: dict[str, str], timeout: float = 3600
         "wall_start": wall_start,
         "wall_end": time.time(),
         "load_before": load_before,
-        "load_after": loadavg(),
+        "load_after": load_average(),
     }
 
 
@@ -639,7 +635,7 @@ def vae_load_seconds(work: Path, repeats: int, env: dict[str, str]) -> dict[str,
         "load_vae('sdxl-random').model.save_pretrained(sys.argv[1], safe_serialization=True)"
     )
     subprocess.run([sys.executable, "-c", save, str(folder)], env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
-    out: dict[str, Any] = {"repeats": repeats, "load_before": loadavg()}
+    out: dict[str, Any] = {"repeats": repeats, "load_before": load_average()}
     for name, spec in (("tiny-random", "tiny-random"), ("sdxl_folder", str(folder))):
         proc = subprocess.run([sys.executable, "-c", LOAD_CODE, spec, str(repeats)], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=900)
@@ -649,7 +645,7 @@ def vae_load_seconds(work: Path, repeats: int, env: dict[str, str]) -> dict[str,
         out[name] = {**times, "min": min(times["seconds"]), "median": sorted(times["seconds"])[len(times["seconds"]) // 2]}
     out["weights_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out["extra_per_run_s"] = round(out["sdxl_folder"]["median"] - out["tiny-random"]["median"], 3)
-    out["load_after"] = loadavg()
+    out["load_after"] = load_average()
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -699,7 +695,7 @@ def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats
     filter_s = sorted(times)[len(times) // 2]
     return {"rows": rows, "classes": classes, "filter_per_class_s": round(filter_s, 4),
             "filter_pass_over_all_classes_s": round(filter_s * classes, 1), "groupby_once_s": round(grouped, 3),
-            "parquet_bytes": len(buffer.getvalue()), "read_parquet_s": round(min(reads), 3), "load": loadavg()}
+            "parquet_bytes": len(buffer.getvalue()), "read_parquet_s": round(min(reads), 3), "load": load_average()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,35 +754,6 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    from importlib import metadata
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "dagster": version("dagster"),
-        "torch": version("torch"),
-        "load_average_at_start": loadavg(),
-    }
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -949,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     total_start = time.perf_counter()
     SETTINGS["crop_size"] = args.crop_size
     common = settings_env(work, args.torch_threads)
-    res: dict[str, Any] = {"machine": machine(), "settings": SETTINGS, "torch_threads": args.torch_threads or "default",
+    res: dict[str, Any] = {"machine": orchestration_facts(), "settings": SETTINGS, "torch_threads": args.torch_threads or "default",
                            "sizes": [], "points": []}
     try:
         # warm the page cache for the interpreter's imports, so that the first timed build does not pay it
@@ -978,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         if cleanup:
             shutil.rmtree(work, ignore_errors=True)
     res["total_seconds"] = round(time.perf_counter() - total_start, 1)
-    res["machine"]["load_average_at_end"] = loadavg()
+    res["machine"]["load_average_at_end"] = load_average()
     print_report(res)
     print(f"\nWhole benchmark: {res['total_seconds']:.0f} s")
     if args.json:

@@ -41,13 +41,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.machine import cpu_name, package_version
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import MIN_ITEMS_FOR_POOL, default_workers, map_ordered
 from imagenet_int8_assets.core.preprocess import DEFAULT_SIZE, crop_file, crop_task
@@ -299,7 +299,7 @@ def benchmark_encode(
         "vae_source": info.source,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
         "dtype": "float32 (reference), " + precision + " (ours)",
         "batch_size": batch_size,
         "images": len(crops),
@@ -314,24 +314,6 @@ def benchmark_encode(
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_facts() -> dict[str, Any]:
     import torch
 
@@ -341,13 +323,13 @@ def machine_facts() -> dict[str, Any]:
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
         "usable_cores": default_workers(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "diffusers": _version("diffusers"),
-        "pillow": _version("pillow"),
+        "diffusers": (package_version("diffusers") or "not installed"),
+        "pillow": (package_version("pillow") or "not installed"),
         "numpy": np.__version__,
         "cuda_available": cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
