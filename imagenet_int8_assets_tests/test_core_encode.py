@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from imagenet_int8_assets.core.encode import image_seed, non_finite_count, select_latent, standard_normal
+from imagenet_int8_assets_tests.vae_doubles import WrappedVae
 
 
 def test_sample_is_seeded_by_run_seed_and_image_id():
@@ -89,20 +90,12 @@ def test_precision_error_is_reported_in_quantization_steps():
     assert 0 < fp16["rms_steps"] < bf16["rms_steps"]  # fp16 keeps 3 more mantissa bits than bf16
 
 
-class _OutOfMemoryAbove:
+class _OutOfMemoryAbove(WrappedVae):
     """A real LoadedVae whose forward passes of more than ``limit`` images run out of memory;
     ``low_limit``: the same for its cast (low-precision) copy (default: ``limit``)."""
 
     def __init__(self, vae, limit: int, low_limit: int | None = None):
         self.vae, self.limit, self.low_limit = vae, limit, limit if low_limit is None else low_limit
-
-    @property
-    def info(self):
-        return self.vae.info
-
-    @property
-    def dtype(self):
-        return self.vae.dtype
 
     def cast(self, dtype):
         return _OutOfMemoryAbove(self.vae.cast(dtype), self.low_limit)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from imagenet_int8_assets.core.preprocess import crop_task
+from imagenet_int8_assets_tests.vae_doubles import WrappedVae
 
 SIZE = 32  # small crops keep the tiny VAE fast (fp16 is slow on the CPU); the crop recipe is the real one
 RECIPE = "imagenet.int8"
@@ -63,20 +64,12 @@ def dying_crop(task):
 # helpers
 
 
-class SlowVae:
+class SlowVae(WrappedVae):
     """A real LoadedVae whose every forward pass first sleeps ``seconds`` (a slow encoder); calls
     ``before`` (if given) at each pass."""
 
     def __init__(self, vae, seconds: float, before=None):
         self.vae, self.seconds, self.before = vae, seconds, before
-
-    @property
-    def info(self):
-        return self.vae.info
-
-    @property
-    def dtype(self):
-        return self.vae.dtype
 
     def cast(self, dtype):
         return SlowVae(self.vae.cast(dtype), self.seconds, self.before)
