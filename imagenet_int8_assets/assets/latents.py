@@ -92,18 +92,16 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
     settings.require_recorded_settings_or_fail()
     from imagenet_int8_assets.core.devices import DeviceLeaseTimeout, DeviceSettingError, lease_device, visible_devices
 
+    # one device per run that encodes: N devices, N runs at once (the gpu pool's limit); only
+    # choosing and leasing the device raise these two errors
     try:
         devices = visible_devices(settings.devices or None, settings.device)
-        lease = lease_device(
+        with lease_device(
             settings.output_path, devices, timeout_s=settings.device_wait, purpose=context.run_id, log=context.log.info
-        )
-        leased = lease.__enter__()
+        ) as leased:
+            return _encode_partitions(context, settings, leased)
     except (DeviceSettingError, DeviceLeaseTimeout) as exc:
         raise Failure(description=str(exc), allow_retries=isinstance(exc, DeviceLeaseTimeout)) from None
-    try:  # one device per run that encodes: N devices, N runs at once (the gpu pool's limit)
-        return _encode_partitions(context, settings, leased)
-    finally:
-        lease.__exit__(None, None, None)
 
 
 def _stream_classes(context, settings: ImagenetInt8Settings, vae, device: str, batch_size: int, crops: dict):
