@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import dagster as dg
 import pandas as pd
@@ -126,3 +127,24 @@ def test_presets_command_lists_every_preset_with_its_properties(tmp_path):
     for name, preset in PRESETS.items():
         assert name in lines and lines[name][1] == str(preset.latent_channels)
     assert lines["fal/AuraEquiVAE"][3] == "none" and lines["stabilityai/sdxl-vae"][6] == "12.0"
+
+
+def test_the_command_runs_exit_handlers_flushes_and_exits_with_mains_code(tmp_path):
+    """`imagenet-int8` ends with os._exit (pyarrow can abort in C++ static destructors,
+    apache/arrow#34314): Python's exit handlers still run, piped output is complete, the code is main's."""
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+        "from imagenet_int8_assets.cli import run\n"
+        "sys.argv = ['imagenet-int8', *sys.argv[1:]]\n"
+        "run()\n"
+        "print('never reached')\n"
+    )
+    env = cli_env(tmp_path)
+    ok = run_cli([sys.executable, "-c", script, "presets"], env)
+    assert ok.returncode == 0, ok.stderr
+    assert "stabilityai/sdxl-vae" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    assert "never reached" not in ok.stdout
+    refused = run_cli([sys.executable, "-c", script, "build", "--source", str(tmp_path / "missing")], env)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("imagenet-int8: ") and "exit handler ran" in refused.stdout
