@@ -13,13 +13,13 @@ from dagster import (
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import (
-    ok_rows,
+    ok_rows_by_class,
     raw_manifest,
     read_manifest,
     require_classes_in_source,
     source_class_files,
 )
-from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
+from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, markdown_table, progress_logger
 from imagenet_int8_assets.core.crop_store import expected_bytes
 from imagenet_int8_assets.core.parallel import map_ordered
 from imagenet_int8_assets.core.preprocess import crop_task
@@ -55,14 +55,17 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
     manifest = read_manifest(settings)
     root = resolve_source_root(settings.source_path())
     size = settings.crop_size
-    total = sum(len(ok_rows(manifest, key)) for key in context.partition_keys)
+    by_class = ok_rows_by_class(manifest, context.partition_keys)
+    total = sum(map(len, by_class.values()))
     space = SpaceNeeds("preprocessed_crops", settings.output_path, total)
+    partition_metadata = PartitionMetadata(context)
+    progress = progress_logger(context.log.info, f"crops of {len(by_class)} class(es)", total=total)
+    done = written = failures = 0
     for key in context.partition_keys:
-        rows = ok_rows(manifest, key)
+        rows = by_class.pop(key)
         tasks = [(str(root / i), settings.crop_recipe, size, settings.max_pixels) for i in rows["id"]]
         images = np.empty((len(tasks), size, size, 3), dtype=np.uint8)
         ids, failed = [], []
-        progress = progress_logger(context.log.info, f"{key}: crops", total=len(tasks))
         for n, (image_id, (arr, reason)) in enumerate(
             zip(rows["id"], map_ordered(crop_task, tasks, settings.worker_count(), chunksize=8)), 1
         ):
@@ -72,7 +75,8 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
             else:
                 images[len(ids)] = arr
                 ids.append(image_id)
-            progress(n)
+            progress(done + n)
+        done += len(tasks)
         space.writing(len(ids), expected_bytes(settings.crop_storage, len(ids), size), key)
         with space.guard():
             folder = write_crops(
@@ -85,7 +89,8 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
                 source_root=root,
             )
         on_disk = folder_bytes(folder)
-        context.add_asset_metadata(
+        partition_metadata.add(
+            key,
             {
                 "path": MetadataValue.path(str(folder)),
                 "images": len(ids),
@@ -97,9 +102,9 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
                 "bytes": on_disk,
                 "bytes_per_image": bytes_per_image(on_disk, len(ids)),
             },
-            partition_key=key,
         )
-        context.log.info(f"{key}: {len(ids)} crops written to {folder} ({len(failed)} failed)")
+        written, failures = written + len(ids), failures + len(failed)
+    context.log.info(f"{written} crops of {len(by_class)} class(es) written ({failures} failed); per class in the metadata")
     return MaterializeResult()
 
 

@@ -17,7 +17,7 @@ from dagster import (
 
 from imagenet_int8_assets.assets.crops import crop_pixels_or_fail, preprocessed_crops
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.metadata import GROUP, progress_logger
+from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
@@ -144,13 +144,14 @@ def _stream_classes(context, settings: ImagenetInt8Settings, vae, device: str, b
         if group == 0 and len(samples) < 8:  # the numerics report looks at the first class, as unstreamed
             samples.extend(chunk[: 8 - len(samples)])
 
-    loggers = [progress_logger(context.log.info, f"{k}: cropped and encoded", total=n) for k, n in zip(keys, sizes)]
+    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+    progress = progress_logger(context.log.info, f"cropped and encoded ({len(keys)} class(es))", total=sum(sizes))
     started = time.monotonic()
     try:
         result = encode_stream(
             vae, tasks, device, batch_size=batch_size, precision=settings.precision, workers=settings.worker_count(),
             flip=settings.store_flip, groups=sizes, keep_crops=verify, log=context.log.warning,
-            progress=lambda group, done: loggers[group](done),
+            progress=lambda group, done: progress(offsets[group] + done),
         )
         for key, group in zip(keys, result.groups):
             if group.failed:  # cropped when recorded, not now: name the files and what changed
@@ -226,6 +227,12 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
     # Crops kept as hashes only are recomputed from the source by CPU workers while the VAE encodes
     # (core.pipeline), and verified against their recorded hashes on the way.
     streamed, stream_timing, samples = _stream_classes(context, settings, vae, device, batch_size, crops)
+    metadata_of = PartitionMetadata(context)
+    unstreamed = [k for k in context.partition_keys if k not in streamed]
+    progress = progress_logger(
+        context.log.info, f"encoded ({len(unstreamed)} class(es))", total=sum(len(crops[k][0]) for k in unstreamed)
+    )
+    encoded = written = 0
     if samples is not None:
         run_checks = _numerics_report(vae, samples, device, settings.precision, value_range)
         for name, value in run_checks.items():
@@ -241,10 +248,11 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
                 for name, value in run_checks.items():
                     context.log.info(f"{name}: {value}")
             t0 = time.monotonic()
-            progress = progress_logger(context.log.info, f"{key}: encoded", total=len(ids))
             post = encode_posterior(
-                vae, images, device, batch_size, settings.precision, progress=progress, log=context.log.warning
+                vae, images, device, batch_size, settings.precision, progress=lambda done, offset=encoded: progress(offset + done),
+                log=context.log.warning,
             )
+            encoded += len(ids)
             flipped = (
                 encode_posterior(vae, images, device, batch_size, settings.precision, flip=True, log=context.log.warning)
                 if settings.store_flip
@@ -313,8 +321,12 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
         }
         if banner:
             partition_metadata["WARNING"] = banner
-        context.add_asset_metadata(partition_metadata, partition_key=key)
-        context.log.info(f"{key}: {len(ids)} latents in {seconds:.1f}s -> {folder}")
+        metadata_of.add(key, partition_metadata)
+        written += len(ids)
+    context.log.info(
+        f"{written} latents of {len(context.partition_keys)} class(es) written; per class (path, bytes, timing) "
+        "in the metadata"
+    )
     return MaterializeResult()
 
 @asset_check(

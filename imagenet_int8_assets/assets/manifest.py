@@ -149,6 +149,15 @@ def ok_rows(manifest: pd.DataFrame, class_folder: str) -> pd.DataFrame:
     return manifest[(manifest["class_folder"] == class_folder) & (manifest["status"] == "ok")]
 
 
+def ok_rows_by_class(manifest: pd.DataFrame, class_folders) -> dict[str, pd.DataFrame]:
+    """``ok_rows`` of each of ``class_folders`` (an empty frame for a class with none), from one
+    ``groupby``: a step over a batch of classes splits the manifest once instead of filtering every
+    row once per class (at ImageNet size a mask over the 1.28 M rows costs about 0.13 s)."""
+    ok = manifest[manifest["status"] == "ok"]
+    groups = {key: rows for key, rows in ok.groupby("class_folder", sort=False)}
+    return {key: groups[key] if key in groups else ok.iloc[:0] for key in class_folders}
+
+
 def require_usable_images(manifest: pd.DataFrame) -> None:
     """Stop with "no usable images" and the manifest's counts when no file is ``ok``.
 

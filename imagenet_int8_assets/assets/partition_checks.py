@@ -33,15 +33,14 @@ def per_partition_results(
     """Yield one evaluation per partition (``results``: key -> (passed, description, metadata)),
     then the check op's output. Use as the body of a generator ``@asset_check``."""
     check = context.check_specs[0]
+    latest = latest_materializations(context.instance, check.asset_key, list(results))
     for key, (passed, description, metadata) in results.items():
-        records = context.instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=check.asset_key, asset_partitions=[key]), limit=1
-        ).records
+        record = latest.get(key)
         target = (
             AssetCheckEvaluationTargetMaterializationData(
-                storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
             )
-            if records
+            if record is not None
             else None
         )
         yield AssetCheckEvaluation(
@@ -56,3 +55,22 @@ def per_partition_results(
             target_materialization_data=target,
         )
     yield Output(None)
+
+
+def latest_materializations(instance, asset_key, partitions: list[str]) -> dict:
+    """The latest materialization record of each of ``partitions`` (absent: never materialized), in
+    two queries for the whole batch instead of one per partition."""
+    from dagster import DagsterEventType
+
+    if not partitions:
+        return {}
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+        asset_key, DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
+    )
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=asset_key, storage_ids=list(ids.values())), limit=len(ids)
+    ).records
+    by_id = {record.storage_id: record for record in records}
+    return {key: by_id[storage_id] for key, storage_id in ids.items() if storage_id in by_id}

@@ -17,14 +17,14 @@ from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.latents import vae_latents
 from imagenet_int8_assets.assets.manifest import (
     dataset_classes,
-    ok_rows,
+    ok_rows_by_class,
     raw_manifest,
     read_manifest,
     recorded_labels,
     require_classes_in_source,
     require_usable_images,
 )
-from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
+from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, markdown_table
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core import mds_index, publish_checks
 from imagenet_int8_assets.core.encode import non_finite_count
@@ -52,7 +52,7 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
     manifest = read_manifest(settings)
     return publish_checks.count_rows(
-        mds_root(settings.output_path), {key: len(ok_rows(manifest, key)) for key in keys}, keys
+        mds_root(settings.output_path), {k: len(rows) for k, rows in ok_rows_by_class(manifest, keys).items()}, keys
     )
 
 
@@ -79,7 +79,10 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
     labels = recorded_labels(settings, context.partition_keys)
     root = mds_root(settings.output_path)
     manifest = read_manifest(settings)
-    space = SpaceNeeds("mds_shards", settings.output_path, sum(len(ok_rows(manifest, k)) for k in context.partition_keys))
+    space = SpaceNeeds(
+        "mds_shards", settings.output_path, sum(map(len, ok_rows_by_class(manifest, context.partition_keys).values()))
+    )
+    partition_metadata, samples = PartitionMetadata(context), 0
     for key in context.partition_keys:
         ids, arrays, meta = read_latents(settings.output_path, key)
         latent = arrays["latent"]
@@ -106,7 +109,8 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
         mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
         index = mds_index.read_index(folder)
         count = mds_index.index_sample_count(index)
-        context.add_asset_metadata(
+        partition_metadata.add(
+            key,
             {
                 "path": MetadataValue.path(str(folder)),
                 "version": folder.name,
@@ -117,9 +121,9 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
                 "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
                 "bytes_per_image": bytes_per_image(folder_bytes(folder), count),  # shards + index.json + build.json
             },
-            partition_key=key,
         )
-        context.log.info(f"{key}: {count} samples in {len(index['shards'])} shard(s)")
+        samples += count
+    context.log.info(f"{samples} samples of {len(context.partition_keys)} class(es) written as MDS shards under {root}")
     return MaterializeResult()
 
 @asset_check(
@@ -177,7 +181,7 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         )
     try:
         infos = publish_checks.check_publishable(
-            root, keys, {key: len(ok_rows(manifest, key)) for key in classes.present}
+            root, keys, {k: len(rows) for k, rows in ok_rows_by_class(manifest, classes.present).items()}
         )
     except publish_checks.NotPublishable as exc:
         raise Failure(str(exc)) from exc

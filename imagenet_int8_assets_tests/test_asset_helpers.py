@@ -1,0 +1,68 @@
+"""The Dagster-layer helpers that replace per-class instance queries in batched steps (issue 10):
+PartitionMetadata (metadata per partition without re-reading every dynamic partition per call)
+and latest_materializations (one batch query instead of one per partition). Real instance, real runs."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from imagenet_int8_assets.assets.metadata import PartitionMetadata
+from imagenet_int8_assets.assets.partition_checks import latest_materializations
+
+parts = dg.DynamicPartitionsDefinition(name="helper_classes")
+
+
+@dg.asset(partitions_def=parts, backfill_policy=dg.BackfillPolicy.multi_run(10))
+def batched(context) -> dg.MaterializeResult:
+    metadata = PartitionMetadata(context)
+    for key in context.partition_keys:
+        metadata.add(key, {"which": key, "length": len(key)})
+    extra = context.run.tags.get("extra_key")
+    if extra:
+        metadata.add(extra, {"which": extra})
+    return dg.MaterializeResult()
+
+
+def _materialize(instance, keys, **tags):
+    return dg.materialize(
+        [batched], instance=instance, raise_on_error=False,
+        tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1], **tags},
+    )
+
+
+def test_partition_metadata_lands_on_each_partition_and_refuses_other_keys():
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("helper_classes", ["a", "bb", "ccc", "dddd"])
+        assert _materialize(instance, ["a", "ccc"]).success
+        latest = latest_materializations(instance, batched.key, ["a", "bb", "ccc", "dddd"])
+        assert sorted(latest) == ["a", "bb", "ccc"]  # dddd was never materialized
+        for key, record in latest.items():
+            metadata = record.asset_materialization.metadata
+            assert metadata["which"].value == key and metadata["length"].value == len(key)
+
+        refused = _materialize(instance, ["a", "bb"], extra_key="dddd")
+        assert not refused.success
+        failure = next(e for e in refused.all_events if e.is_step_failure)
+        assert "partition 'dddd' is not one of this step's 2 partition(s)" in str(failure.step_failure_data.error)
+
+
+def test_latest_materializations_returns_the_newest_record_of_each_partition():
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("helper_classes", ["a", "bb"])
+        first = _materialize(instance, ["a", "bb"])
+        second = _materialize(instance, ["a", "a"])
+        assert first.success and second.success
+        latest = latest_materializations(instance, batched.key, ["a", "bb"])
+        assert latest["a"].run_id == second.run_id and latest["bb"].run_id == first.run_id
+        assert latest_materializations(instance, batched.key, []) == {}
+        assert latest_materializations(instance, dg.AssetKey("never"), ["a"]) == {}
+
+
+def test_partition_metadata_is_refused_outside_a_partitioned_step():
+    @dg.asset
+    def plain(context) -> None:
+        PartitionMetadata(context)
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([plain], instance=instance, raise_on_error=False)
+        assert not result.success
