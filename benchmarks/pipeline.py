@@ -531,18 +531,28 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
                     "event_kinds": kinds,
                 }
             )
-        # What one poll of `imagenet-int8 build`'s progress bar costs (cli._RunProgress reads every
-        # materialization of the running run, once a second), on the run with the most of them.
-        from dagster import DagsterEventType
+        # What the progress bar of `imagenet-int8 build` costs (cli._RunProgress, once a second, reads
+        # the materializations recorded since its last poll), on the run with the most of them: the
+        # CLI's own class, timed reading them all once and then polling with nothing new.
+        from imagenet_int8_assets.cli import _RunProgress
+
+        class _Bar:
+            def update(self, n: int) -> None:
+                self.n = getattr(self, "n", 0) + n
 
         biggest = max(runs, key=lambda r: r["event_kinds"].get("ASSET_MATERIALIZATION", 0))
-        polls = []
+        reads, empties = [], []
         for _ in range(3):
+            progress = _RunProgress(instance, biggest["run_id"], _Bar())
             t = time.perf_counter()
-            count = len(instance.all_logs(biggest["run_id"], of_type=DagsterEventType.ASSET_MATERIALIZATION))
-            polls.append(time.perf_counter() - t)
-        poll = {"materializations": count, "seconds": round(min(polls), 4),
-                "per_materialization_s": round(min(polls) / max(count, 1), 6)}
+            progress._update()
+            reads.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            progress._update()
+            empties.append(time.perf_counter() - t)
+            count = progress.bar.n
+        poll = {"materializations": count, "read_all_s": round(min(reads), 4),
+                "per_materialization_s": round(min(reads) / max(count, 1), 6), "empty_poll_s": round(min(empties), 5)}
     finally:
         instance.dispose()
     first, last = runs[0], runs[-1]
@@ -705,17 +715,16 @@ def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats
 # --------------------------------------------------------------------------------------------
 
 
-def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] | None, poll_s: float | None,
+def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] | None, poll_s: dict[str, Any] | None,
             rates: list[float], per_runs: list[int], images: int = GPU_IMAGES, classes: int = GPU_CLASSES,
             budget: float = 0.03) -> dict[str, Any]:
     """The overhead of a GPU build of ``classes`` classes for each classes-per-run value.
 
     The fit, plus per run the SDXL VAE's load (against tiny-random's); with ``manifest``, the extra
     manifest reads and groupbys per run at ImageNet size (they cost nothing at the benchmark's
-    size); with ``poll_s`` (seconds per materialization per poll), the CLI's progress
-    poll, once a second, of every materialization of the running run: during a run's encode
-    (classes per run x images per class / rate seconds) it reads the run's crops materializations,
-    so it costs ``poll_s x per_run x encode seconds of the run`` per run. Shares are of the build's
+    size); with ``poll_s`` (the measured poll: ``empty_poll_s``, ``per_materialization_s``), the CLI's
+    progress poll, once a second during the encode, reading each new materialization once (3 per
+    class), whatever the run size. Shares are of the build's
     wall time = encode (``images`` / rate) + overhead. ``run_bound_per_run``: the smallest classes per
     run whose run-dependent part is within ``budget`` of the encode at the fastest rate; ``best_per_run``:
     the value with the least overhead at the slowest and at the fastest rate."""
@@ -729,7 +738,8 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
         runs = math.ceil(classes / p)
         row: dict[str, Any] = {"per_run": p, "class_runs": runs}
         for r, enc in encode.items():
-            poll = (poll_s or 0.0) * min(p, classes) * enc  # (classes / p runs) x (p x p x enc / classes)
+            # one poll a second during the encode, each new materialization read once (3 per class)
+            poll = (poll_s["empty_poll_s"] * enc + poll_s["per_materialization_s"] * 3 * classes) if poll_s else 0.0
             run_part = per_run_cost * runs + poll
             overhead = fit["a_fixed_s"] + per_class_cost * classes + run_part
             row[f"overhead_at_{r}"] = round(overhead, 1)
@@ -745,7 +755,7 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
         "images": images, "classes": classes, "budget": budget,
         "encode_s": {k: round(v, 1) for k, v in encode.items()},
         "fixed_s": fit["a_fixed_s"], "per_class_s": round(per_class_cost, 4), "per_run_s": round(per_run_cost, 3),
-        "sdxl_per_run_s": sdxl_per_run, "imagenet_manifest_terms": bool(manifest), "poll_per_materialization_s": poll_s,
+        "sdxl_per_run_s": sdxl_per_run, "imagenet_manifest_terms": bool(manifest), "poll": poll_s,
         "rows": rows,
         "run_bound_per_run": min(bound) if bound else None,
         "best_per_run": best,
@@ -796,19 +806,20 @@ def print_report(res: dict[str, Any]) -> None:
               f"SDXL folder ({v['weights_bytes'] / 1e6:.0f} MB safetensors) {v['sdxl_folder']['median']:.2f} s "
               f"(first load {v['sdxl_folder']['first']:.2f} s): +{v['extra_per_run_s']:.2f} s per run with the SDXL VAE")
     pp = res["progress_poll"]
-    print(f"Progress poll of the CLI (all materializations of the running run, once a second): {pp['seconds'] * 1e3:.0f} ms "
-          f"for {pp['materializations']} = {pp['per_materialization_s'] * 1e3:.3f} ms per materialization")
+    print(f"Progress poll of the CLI (the materializations new since the last poll, once a second): reading "
+          f"{pp['materializations']} {pp['read_all_s'] * 1e3:.0f} ms = {pp['per_materialization_s'] * 1e3:.3f} ms each, "
+          f"a poll with nothing new {pp['empty_poll_s'] * 1e3:.2f} ms")
     mf = res["manifest"]
     print(f"ImageNet-size manifest ({mf['rows']:,} rows, {mf['parquet_bytes'] / 1e6:.0f} MB parquet): one class's rows "
           f"selected as the assets do {mf['filter_per_class_s'] * 1e3:.0f} ms = {mf['filter_pass_over_all_classes_s']:.0f} s "
           f"per pass over {mf['classes']} classes (one groupby for all: {mf['groupby_once_s']:.2f} s); read_parquet "
           f"{mf['read_parquet_s']:.2f} s (load {mf['load']})")
     for label, proj in (("fit only", res["projection_fit"]), ("at ImageNet size", res["projection"])):
-        poll = proj["poll_per_materialization_s"]
+        poll = proj["poll"]
         print(f"\nGPU build of {proj['classes']} classes, {proj['images']:,} images ({label}): overhead = "
               f"{proj['fixed_s']:.1f} + {proj['per_class_s']:.3f} x classes + {proj['per_run_s']:.2f} x runs"
-              + (f" + progress poll ({poll * 1e3:.3f} ms per materialization per second x classes per run x encode s)"
-                 if poll else "")
+              + (f" + progress poll ({poll['empty_poll_s'] * 1e3:.2f} ms x encode s + "
+                 f"{poll['per_materialization_s'] * 1e3:.3f} ms x 3 x classes)" if poll else "")
               + "; encode: " + ", ".join(f"{v / 60:.1f} min at {k} img/s" for k, v in proj["encode_s"].items()))
         for row in proj["rows"]:
             cells = "; ".join(
@@ -940,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         biggest = max(polls, key=lambda q: q["materializations"])
         res["progress_poll"] = biggest
         res["projection_fit"] = project(res["fit"], extra, None, None, args.gpu_rates, args.project_per_run)
-        res["projection"] = project(res["fit"], extra, res["manifest"], biggest["per_materialization_s"],
+        res["projection"] = project(res["fit"], extra, res["manifest"], biggest,
                                     args.gpu_rates, args.project_per_run)
     finally:
         if cleanup:
