@@ -171,3 +171,25 @@ def test_settings_errors_name_the_variable(tmp_path):
         max_partitions_per_run({"IMAGENET_INT8_MAX_PARTITIONS_PER_RUN": "0"})
     settings = ImagenetInt8Settings.from_env({"IMAGENET_INT8_SEED": "7", "IMAGENET_INT8_VAE": "tiny-random"})
     assert settings.seed == 7 and settings.vae == "tiny-random" and settings.is_sample
+
+
+def test_report_before_a_new_class_is_published_reports_on_the_published_dataset(tmp_path):
+    """Automation can run the report on a new quantization_stats materialization before
+    mds_dataset publishes a new class (CI saw IndexError: the new class's offset past the end)."""
+    settings, defs, instance = _setup(tmp_path, {"a": 2, "b": 3}, report_per_class=2)
+    assert all(r.success for r in materialize_all(defs, instance))
+    make_image_folder(tmp_path / "src", {"ab": 2}, size=(260, 280))  # sorts between a and b
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    assert job.execute_in_process(
+        instance=instance, partition_key="ab", asset_selection=[dg.AssetKey(k) for k in PARTITIONED]
+    ).success
+    report = job.execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("quantization_stats"), dg.AssetKey("reconstruction_report")],
+        raise_on_error=False,
+    )
+    assert report.success, _failed_steps(report)
+    meta = instance.get_latest_materialization_event(dg.AssetKey("reconstruction_report")).asset_materialization.metadata
+    assert meta["images"].value == 4  # 2 per class of the published a and b
+    assert set(meta["skipped_classes"].value) == {"ab"}
+    assert "not in the published dataset yet" in meta["skipped_classes"].value["ab"]

@@ -73,14 +73,31 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
     device = resolve_device(settings.device)
     vae = load_vae_as_recorded(build["vae"]).to(device)
     dataset = open_dataset(root)
-    offsets, start = {}, 0
-    for key in keys:  # the published index lists the classes in partition order
-        offsets[key] = start
-        start += build["per_class"].get(key, 0)
+    published = build["per_class"]  # the published index lists its classes in this order
+    if int(dataset.num_samples) != sum(published.values()):
+        raise Failure(
+            description=(
+                f"The dataset at {root} was republished while the report opened it ({dataset.num_samples} samples in "
+                f"its index, {sum(published.values())} in build.json): materialize reconstruction_report again."
+            )
+        )
+    offsets = dict(zip(published, np.cumsum([0, *published.values()])[:-1].tolist()))
 
     samples, channel_values, skipped = [], [], {}
     for key in keys:
+        if key not in published:  # built since the dataset was published (automation may run the
+            # report on a new stats materialization before mds_dataset publishes the class)
+            skipped[key] = "not in the published dataset yet: materialize mds_dataset, then the report"
+            context.log.warning(f"{key}: not in the report: {skipped[key]}")
+            continue
         ids, arrays, _ = read_latents(settings.output_path, key)
+        if len(ids) != published[key]:
+            skipped[key] = (
+                f"its latents ({len(ids)}) differ from its {published[key]} published samples (rebuilt since the "
+                "dataset was published): materialize mds_dataset, then the report"
+            )
+            context.log.warning(f"{key}: not in the report: {skipped[key]}")
+            continue
         if not ids:
             continue
         pick = choose_samples(len(ids), settings.report_per_class, settings.seed, key)
