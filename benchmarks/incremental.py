@@ -31,14 +31,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from benchmarks.machine import orchestration_facts
+from benchmarks.machine import orchestration_facts, work_folder
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,15 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.classes < 1 or args.images_per_class < 1:
         parser.error("--classes and --images-per-class must be at least 1")
 
-    if args.out:
-        work = Path(args.out).resolve()
-        if work.exists() and any(work.iterdir()):
-            parser.error(f"--out {work} must be empty or missing")
-        work.mkdir(parents=True, exist_ok=True)
-        cleanup = False
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
-        cleanup = True
+    work, cleanup = work_folder(args.out, "bench-incremental-", parser.error)
     facts = orchestration_facts()
     try:
         load = None if args.skip_load else benchmark_load(work, args.load_classes, args.load_repeats)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import tempfile
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 
@@ -51,3 +53,16 @@ def orchestration_facts() -> dict[str, Any]:
         "torch": package_version("torch"),
         "load_average_at_start": load_average(),
     }
+
+
+def work_folder(out: str | None, prefix: str, error) -> tuple[Path, bool]:
+    """A benchmark's work folder and whether to remove it afterwards: ``out`` (``--out``, which
+    must be empty or missing; kept) or a new temporary folder (removed). ``error`` is
+    ``parser.error``."""
+    if out:
+        work = Path(out).resolve()
+        if work.exists() and any(work.iterdir()):
+            error(f"--out {work} must be empty or missing")
+        work.mkdir(parents=True, exist_ok=True)
+        return work, False
+    return Path(tempfile.mkdtemp(prefix=prefix)), True

@@ -56,12 +56,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import load_average, orchestration_facts
+from benchmarks.machine import load_average, orchestration_facts, work_folder
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # where `imagenet-int8` is installed
@@ -916,15 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.classes < 1 or args.images_per_class < 1 or min(sizes) < 1 or max(sizes) > args.classes:
         parser.error("--classes and --images-per-class must be at least 1, --sizes between 1 and --classes")
 
-    if args.out:
-        work = Path(args.out).resolve()
-        if work.exists() and any(work.iterdir()):
-            parser.error(f"--out {work} must be empty or missing")
-        work.mkdir(parents=True, exist_ok=True)
-        cleanup = False
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-        cleanup = True
+    work, cleanup = work_folder(args.out, "bench-pipeline-", parser.error)
     total_start = time.perf_counter()
     SETTINGS["crop_size"] = args.crop_size
     common = settings_env(work, args.torch_threads)
