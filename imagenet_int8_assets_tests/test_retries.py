@@ -38,6 +38,7 @@ from imagenet_int8_assets_tests.dagster_dev import (
     wait_for_step_worker,
     wait_until_served,
 )
+from imagenet_int8_assets_tests.vae_doubles import WrappedVae
 
 # ------------------------------------------------------------------------------------------
 # 1. out of memory in encoding
@@ -45,23 +46,16 @@ from imagenet_int8_assets_tests.dagster_dev import (
 
 
 
-class OutOfMemoryAbove:
+class OutOfMemoryAbove(WrappedVae):
     """A real LoadedVae whose forward passes of more than ``limit`` images raise ``error`` (as a
     GPU, or the host, would run out of memory); records every pass it sees with torch's threads."""
 
     def __init__(self, vae, limit: int, error=None, passes: list | None = None):
-        self.vae, self.limit, self.passes = vae, limit, passes if passes is not None else []
+        super().__init__(vae)
+        self.limit, self.passes = limit, passes if passes is not None else []
         self.error = error or (lambda n: torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate 2.00 GiB (injected: {n} images > {limit})"
         ))
-
-    @property
-    def info(self):
-        return self.vae.info
-
-    @property
-    def dtype(self):
-        return self.vae.dtype
 
     def cast(self, dtype):
         return OutOfMemoryAbove(self.vae.cast(dtype), self.limit, self.error, self.passes)
