@@ -38,7 +38,8 @@ seconds of the process and its children from ``getrusage``, with the load averag
 7. What a GPU build adds per run: ``load_vae`` of the full SDXL VAE from a local diffusers folder
    (``sdxl-random`` written with ``save_pretrained``: safetensors, as real weights are stored) against
    ``tiny-random``, in a process that has loaded it once (as every run after the first).
-8. The per-class filter of the manifest that the assets repeat (``ok_rows``) at ImageNet size.
+8. The manifest at ImageNet size: a read, one ``groupby`` (``ok_rows_by_class``, what the assets do per
+   step) and, for comparison, the per-class mask over every row that they did before.
 9. The arithmetic for a GPU build of ImageNet-1k for each value of ``--project-per-run``.
 
 ``--crop-size`` (default 32) and ``--torch-threads`` (default 1) apply to both sides. Orchestration
@@ -671,8 +672,9 @@ EXTRA_MANIFEST_PASSES_PER_RUN = 3
 
 
 def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats: int = 10) -> dict[str, Any]:
-    """An ImageNet-size manifest (the real columns): selecting one class's good rows as the assets do
-    (``ok_rows``: a boolean mask over every row), one ``groupby`` for all classes, and reading the
+    """An ImageNet-size manifest (the real columns): selecting one class's good rows with a boolean mask
+    over every row (what the assets did per class before), one ``groupby`` for all classes (what
+    ``ok_rows_by_class`` does per step now), and reading the
     parquet file (``read_manifest``), which cost nothing measurable at the benchmark's size."""
     import io
 
