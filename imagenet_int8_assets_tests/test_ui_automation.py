@@ -45,6 +45,7 @@ ASSETS = [
 ]
 LATENT_BYTES = 4 * 32 * 32
 UI_LINE_HEADER = "See the runs and assets in the UI:"
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,14 +185,18 @@ def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: P
             if published_classes(out).get("c") != 2:
                 return None
             done = materialized_runs(dev, ["reconstruction_report", "latent_probe"])
-            return done if all(done[k] != first[k] for k in done) else None
+            if not all(done[k] != first[k] for k in done):
+                return None
+            # The report and the probe are materialized before their run ends (other steps, the
+            # run's own end): wait for every run to finish before judging their statuses.
+            runs = all_runs(dev)
+            return None if any(r["status"] not in FINISHED for r in runs) else runs
 
-        wait_for(dev, "automation to publish class c", second_build, started + 530)
+        runs = wait_for(dev, "automation to publish class c", second_build, started + 530)
         print(f"[auto] c published {time.monotonic() - added:.1f}s after its folder appeared")
         assert published_classes(out) == {"a": 2, "b": 2, "c": 2}, published_classes(out)
 
         # ---- who launched the runs ----------------------------------------------------------
-        runs = all_runs(dev)
         for run in runs:
             print(f"[auto] run {run_summary(run)}")
         assert all(r["status"] == "SUCCESS" for r in runs), [run_summary(r) for r in runs]
