@@ -18,10 +18,10 @@ seconds of the process and its children from ``getrusage``, with the load averag
    that gives a different number of class runs at that size.
 3. **Reference**: the same work done by the core functions in one fresh Python process without
    Dagster (``reference_build``, run as ``python -m benchmarks.pipeline --reference-config ...``): the
-   scan (``scan_source``, same workers), manifest and class list; crops (``crop_task`` through
-   ``map_ordered``, same workers and chunk size, ``write_crops``); encode (``load_vae`` once,
-   ``encode_posterior`` with the same batch size and precision, ``select_latent``, ``write_latents``
-   with the same provenance); shards (``quantize``, ``write_class_shards``, ``collect_garbage``);
+   scan (``scan_source``, same workers), manifest and class list; crops and encode in one pass as
+   the ``crops_and_latents`` step does (``load_vae`` once, ``encode_stream`` with the same workers,
+   batch size and precision, each class's ``write_crops``, ``select_latent`` and ``write_latents``
+   with the same provenance as soon as it is encoded); shards (``quantize``, ``write_class_shards``, ``collect_garbage``);
    statistics (``ChannelStats``); the merged dataset (``check_publishable``, ``merged_index``,
    ``publish``, ``verify_readable``); the reconstruction report and the latent probe (the core calls
    of their assets, same settings). Left out is what Dagster and the asset wrappers add: the
@@ -77,9 +77,8 @@ SETTINGS = {
     "crop_recipe": "imagenet.int8",
     "crop_size": 32,  # --crop-size
     "workers": 0,  # 0 = all cores, as the CLI's default
-    # Crops stored as uint8 arrays, latents with mean and std: the path that both sides can run with
-    # the same core calls (write_crops, read_crops_with_meta, encode_posterior, write_latents). The
-    # default crop storage, "none", recomputes every crop in vae_latents' streamed encoder instead.
+    # Crops stored as uint8 arrays, latents with mean and std (both sides crop while they encode,
+    # core.pipeline.encode_stream, and write each class's crops and latents as it is done).
     "crop_storage": "raw",
     "latent_storage": "full",
     "report_per_class": 1,
@@ -88,7 +87,6 @@ SETTINGS = {
     "probe_max_classes": 2,
     "probe_pool": 8,
 }
-CROP_CHUNKSIZE = 8  # what preprocessed_crops passes to map_ordered
 GPU_IMAGES = 1_281_167  # ImageNet-1k train
 GPU_CLASSES = 1000
 
@@ -190,10 +188,10 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     import pandas as pd
 
     from imagenet_int8_assets.core import mds, mds_index, publish_checks
-    from imagenet_int8_assets.core.encode import encode_record, encode_posterior, select_latent
+    from imagenet_int8_assets.core.encode import encode_record, select_latent
     from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
-    from imagenet_int8_assets.core.parallel import default_workers, map_ordered
-    from imagenet_int8_assets.core.preprocess import crop_task
+    from imagenet_int8_assets.core.parallel import default_workers
+    from imagenet_int8_assets.core.pipeline import encode_stream
     from imagenet_int8_assets.core.quantize import ChannelStats, quantize, recommend_ranges, step
     from imagenet_int8_assets.core.sources import class_data_versions, find_class_folders, resolve_source_root, scan_source
     from imagenet_int8_assets.core.storage import (
@@ -203,7 +201,6 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         mds_root,
         probe_dir,
         read_crops,
-        read_crops_with_meta,
         read_latents,
         remove_leftovers,
         report_dir,
@@ -247,28 +244,10 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     def ok_rows(key: str) -> pd.DataFrame:
         return by_class.get(key, ok.iloc[:0])
 
-    # preprocessed_crops
+    # preprocessed_crops + vae_latents: one pass, the workers crop while the VAE encodes, each class
+    # written as soon as it is encoded (one model for the whole build: the reference has no runs)
     root = resolve_source_root(source)
     size = s["crop_size"]
-    for key in keys:
-        rows = ok_rows(key)
-        tasks = [(str(root / i), s["crop_recipe"], size, max_pixels) for i in rows["id"]]
-        images = np.empty((len(tasks), size, size, 3), dtype=np.uint8)
-        ids, failed = [], []
-        for image_id, (arr, reason) in zip(rows["id"], map_ordered(crop_task, tasks, workers, chunksize=CROP_CHUNKSIZE)):
-            if arr is None:
-                failed.append({"id": image_id, "reason": reason})
-            else:
-                images[len(ids)] = arr
-                ids.append(image_id)
-        write_crops(
-            output, key, ids, images[: len(ids)],
-            {"recipe": s["crop_recipe"], "size": size, "max_pixels": max_pixels, "failed": failed},
-            storage=s["crop_storage"], source_root=root,
-        )
-    lap("crops")
-
-    # vae_latents (one model for the whole build: the reference has no runs)
     device = resolve_device(s["device"])
     vae = load_vae(s["vae"], fallback=None).to(device)
     info = vae.info
@@ -282,17 +261,42 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         "store_flip": False,
         "encode": encode_record(device, s["batch_size"]),
     }
-    images_encoded = 0
-    for key in keys:
-        ids, images, crop_meta = read_crops_with_meta(output, key, mmap=True)
-        post = encode_posterior(vae, images, device, s["batch_size"], s["precision"])
+    class_rows = [ok_rows(key) for key in keys]
+    sizes = [len(rows) for rows in class_rows]
+    tasks = [(str(root / i), s["crop_recipe"], size, max_pixels) for rows in class_rows for i in rows["id"]]
+    held: dict = {}
+
+    def keep(group: int, indices: list[int], crops) -> None:
+        if group not in held:
+            held.clear()
+            held[group] = np.empty((sizes[group], size, size, 3), dtype=np.uint8)
+        held[group][indices] = crops
+
+    def write(group: int, result) -> None:
+        key, all_ids = keys[group], list(class_rows[group]["id"])
+        ids = [all_ids[i] for i in result.ok]
+        failed = [{"id": all_ids[i], "reason": reason} for i, reason in result.failed]
+        images = held.pop(group, np.empty((sizes[group], size, size, 3), dtype=np.uint8))
+        write_crops(
+            output, key, ids, images[result.ok],
+            {"recipe": s["crop_recipe"], "size": size, "max_pixels": max_pixels, "failed": failed},
+            storage=s["crop_storage"], source_root=root,
+        )
+        post = result.posterior
         arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, s["latent_value"], s["seed"])}
         if post.std is not None:
             arrays["std"] = post.std
-        meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
+        meta = {**provenance, "crops": {"recipe": s["crop_recipe"], "size": size}}
         write_latents(output, key, ids, arrays, meta, storage=s["latent_storage"])
-        images_encoded += len(ids)
-    lap("encode")
+        encoded.append(len(ids))
+
+    encoded: list[int] = []
+    encode_stream(
+        vae, tasks, device, batch_size=s["batch_size"], precision=s["precision"], workers=workers, groups=sizes,
+        keep_crops=keep, on_group=write,
+    )
+    images_encoded = sum(encoded)
+    lap("crops_encode")
 
     # mds_shards
     recorded = json.loads(source_classes_path(output).read_text(encoding="utf-8"))["labels"]
@@ -790,12 +794,12 @@ def print_report(res: dict[str, Any]) -> None:
         for b in size["cli"]:
             d = b["breakdown"]
             manifest = d["step_totals"].get("raw_manifest", 0.0)
-            encode = d["step_totals"].get("vae_latents", 0.0)
+            encode = d["step_totals"].get("crops_and_latents", 0.0)
             print(f"  CLI per run {b['per_run']}: {b['seconds']:.2f} s: start-up to first run {d['startup_to_first_run']:.2f}, "
                   f"in runs {d['in_runs']:.2f} (steps {d['in_steps']:.2f}, outside steps {d['runs_outside_steps']:.2f}), "
                   f"between runs {sum(d['between_runs']):.2f}, after the last run {d['after_last_run']:.2f}; "
                   f"{d['events']} events; raw_manifest step {manifest:.2f} s ({manifest / b['seconds']:.1%} of the build), "
-                  f"vae_latents steps {encode:.2f} s")
+                  f"crops_and_latents steps {encode:.2f} s")
             print("    steps: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["step_totals"].items())))
     for name, label in (("fit", "wall"), ("fit_cpu", "CPU")):
         fit = res[name]

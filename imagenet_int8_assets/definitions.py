@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dagster import AssetsDefinition, BackfillPolicy, Definitions, in_process_executor
 
-from imagenet_int8_assets.assets.crops import preprocessed_crops
-from imagenet_int8_assets.assets.latents import latents_are_finite, vae_latents
+from imagenet_int8_assets.assets.crops_and_latents import crops_and_latents
+from imagenet_int8_assets.assets.latents import latents_are_finite
 from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
 from imagenet_int8_assets.assets.probe import latent_probe, probe_features
 from imagenet_int8_assets.assets.publish import hub_token_resource, hub_upload
@@ -28,7 +28,7 @@ from imagenet_int8_assets.automation import (
 from imagenet_int8_assets.dead_runs import dead_build_runs_sensor
 from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
 
-CLASS_ASSETS = (preprocessed_crops, vae_latents, mds_shards)
+CLASS_ASSETS = (crops_and_latents, mds_shards)
 DATASET_ASSETS = (quantization_stats, mds_dataset, reconstruction_report, probe_features, latent_probe)
 CHECKS = (latents_are_finite, mds_count_matches_manifest, reconstruction_quality)
 
@@ -38,9 +38,8 @@ def configured(
 ) -> AssetsDefinition:
     """The asset with the code version of ``settings``, its automation condition and, for class
     assets, the backfill policy (classes per run)."""
-    name = assets_def.key.to_user_string()
     spec_fn = lambda spec: spec.replace_attributes(  # noqa: E731
-        code_version=settings.code_version(name), automation_condition=condition
+        code_version=settings.code_version(spec.key.to_user_string()), automation_condition=condition
     )
     updated = assets_def.map_asset_specs(spec_fn)
     return updated.with_attributes(backfill_policy=policy) if policy is not None else updated

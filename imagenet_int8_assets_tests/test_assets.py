@@ -137,7 +137,7 @@ def test_dataset_refuses_classes_built_with_different_settings(tmp_path):
     refused = job.execute_in_process(
         instance=instance, partition_key="b", asset_selection=[dg.AssetKey(k) for k in PARTITIONED], raise_on_error=False
     )
-    assert "IMAGENET_INT8_CROP_RECIPE: the output holds 'imagenet.int8', this launch has 'adm'" in _failed_steps(refused)["preprocessed_crops"]
+    assert "IMAGENET_INT8_CROP_RECIPE: the output holds 'imagenet.int8', this launch has 'adm'" in _failed_steps(refused)["crops_and_latents"]
     # An output whose settings record is gone (or predates it): the dataset itself still refuses a mix
     (settings.output_path / "settings.json").unlink()
     assert job.execute_in_process(
@@ -155,7 +155,7 @@ def test_missing_upstream_says_what_to_materialize(tmp_path):
     result = job.execute_in_process(
         instance=instance, partition_key="a", asset_selection=[dg.AssetKey("vae_latents")], raise_on_error=False
     )
-    assert "Materialize the 'preprocessed_crops' asset" in _failed_steps(result)["vae_latents"]
+    assert "Materialize the 'preprocessed_crops' asset" in _failed_steps(result)["crops_and_latents"]
 
 
 def test_settings_errors_name_the_variable(tmp_path):

@@ -228,16 +228,27 @@ def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tas
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     first, second = tasks[:12], tasks[12:]  # the bad file is in the first, the truncated one in the second
+    handed = []  # on_group: each class as soon as it is encoded, in order, with its posteriors
     with torch_threads(2):
         expected = [serial(vae, part, batch_size=4, precision="bf16") for part in (first, second)]
         result = encode_stream(
             vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)]
+        )
+        streamed = encode_stream(
+            vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)],
+            on_group=lambda group, r: handed.append((group, list(r.ok), list(r.failed), r.posterior)),
         )
     assert len(result.groups) == 2
     for group, (ok, failed, _, post, _) in zip(result.groups, expected):
         assert_same(group, ok, failed, post)
     with pytest.raises(ValueError, match="groups"):
         result.posterior
+    assert [g for g, *_ in handed] == [0, 1]
+    for (_, ok, failed, post), (e_ok, e_failed, _, e_post, _), kept in zip(handed, expected, streamed.groups):
+        assert (ok, failed) == (e_ok, e_failed) == (kept.ok, kept.failed)
+        np.testing.assert_array_equal(post.mean, e_post.mean)
+        np.testing.assert_array_equal(post.std, e_post.std)
+        assert kept.posterior is None  # handed over, not kept: one class's posteriors in memory at a time
 
 
 @pytest.mark.timeout(120)

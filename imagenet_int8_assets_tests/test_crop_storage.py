@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagenet_int8_assets.cli import FINAL_STEPS as FINAL
 from imagenet_int8_assets.cli import _failures as failures
 from imagenet_int8_assets.core.crop_store import (
     CropArray,
@@ -276,3 +277,37 @@ def test_converting_a_class_to_another_storage_marks_nothing_stale(builds):
     finally:
         job = build_definitions(settings, partitions_per_run=10).resolve_implicit_global_asset_job_def()
         assert job.execute_in_process(instance=instance, partition_key="a", asset_selection=steps).success
+
+
+@pytest.mark.parametrize("mode", ["raw", "none"])
+def test_crops_then_latents_in_separate_runs_give_the_one_step_bytes(builds, tmp_path, mode):
+    """A build crops while it encodes (crops_and_latents, one pass over the source). The same
+    source cropped first (preprocessed_crops alone), then encoded from the stored crops
+    (vae_latents alone, which recomputes and verifies ``none`` crops): the same crop files or
+    hashes, the same float latents and the same dataset bytes; and the separate runs say so in
+    their metadata (crops_streamed only where the stored crops were recomputed)."""
+    fused = builds[mode]["settings"]
+    settings = ImagenetInt8Settings(**{**fused.model_dump(), "output": str(tmp_path / "out")})
+    job = build_definitions(settings, partitions_per_run=10).resolve_implicit_global_asset_job_def()
+    instance = dg.DagsterInstance.ephemeral()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    tags = {"dagster/asset_partition_range_start": "a", "dagster/asset_partition_range_end": "b"}
+    for selection in (["preprocessed_crops"], ["vae_latents"], ["mds_shards"], list(FINAL)):
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(k) for k in selection], raise_on_error=False,
+            tags=tags if selection != list(FINAL) else None,
+        )
+        assert result.success, (selection, failures(result))
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert materialized == set(selection), (selection, materialized)  # a subset of the one step
+    for key in CLASSES:
+        one_ids, one_crops, one_meta = read_crops_with_meta(fused.output_path, key)
+        ids, crops_back, meta = read_crops_with_meta(settings.output_path, key)
+        assert ids == one_ids and np.array_equal(np.asarray(crops_back), np.asarray(one_crops))
+        assert meta.get("sha256") == one_meta.get("sha256") and meta.get("failed") == one_meta.get("failed")
+        one = read_latents(fused.output_path, key)[1]
+        apart = read_latents(settings.output_path, key)[1]
+        assert set(one) == set(apart) and all(one[k].tobytes() == apart[k].tobytes() for k in one)
+        assert _metadata(instance, "vae_latents", key)["crops_streamed"] is (mode == "none")
+        assert _metadata(builds[mode]["instance"], "vae_latents", key)["crops_streamed"] is True
+    assert _dataset_files(settings.output_path) == _dataset_files(fused.output_path)

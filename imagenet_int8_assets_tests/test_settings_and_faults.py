@@ -344,7 +344,7 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
         args = [str(BIN / "imagenet-int8"), "build", "--source", str(source)]
         proc = run_cli(args, env, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr[-3000:]
-        step = "preprocessed_crops: Disk full while writing preprocessed_crops (class b) under "
+        step = "crops_and_latents: Disk full while writing preprocessed_crops (class b) under "
         line = next((ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith(step)), proc.stderr[-3000:])
         assert line.startswith(f"{step}{out}: No space left on device"), line  # in the CLI's list of failures
         assert "The rest of this step needs about 589.8 kB (3 image(s) x 196.6 kB per image, measured so far)" in line

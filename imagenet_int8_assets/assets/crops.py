@@ -1,95 +1,65 @@
-"""preprocessed_crops: every good image of a class, cropped to S x S RGB and stored losslessly."""
+"""preprocessed_crops: every good image of a class, cropped to S x S RGB and stored as the crop
+storage setting says (the asset itself is defined with vae_latents in crops_and_latents.py)."""
 
 
 import numpy as np
-from dagster import (
-    AssetExecutionContext,
-    BackfillPolicy,
-    Failure,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+from dagster import Failure, MetadataValue
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.manifest import (
-    ok_rows_by_class,
-    raw_manifest,
-    read_manifest,
-    require_classes_in_source,
-    source_class_files,
-)
-from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, markdown_table, progress_logger
+from imagenet_int8_assets.assets.manifest import ok_rows_by_class, read_manifest, require_classes_in_source
+from imagenet_int8_assets.assets.metadata import PartitionMetadata, markdown_table, progress_logger
 from imagenet_int8_assets.core.crop_store import expected_bytes
 from imagenet_int8_assets.core.parallel import map_ordered
 from imagenet_int8_assets.core.preprocess import crop_task
 from imagenet_int8_assets.core.sources import resolve_source_root
 from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, write_crops
-from imagenet_int8_assets.partitions import class_partitions
-from imagenet_int8_assets.resources import (
-    DEFAULT_MAX_PARTITIONS_PER_RUN,
-    ImagenetInt8Settings,
+from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+
+CROPS_DESCRIPTION = (
+    "The manifest's good images of one class, cropped to S x S RGB with the configured "
+    "recipe (imagenet.int8: pixel-identical to the published build; adm: the ADM centre "
+    "crop). Kept as IMAGENET_INT8_CROP_STORAGE says: 'none' (default: only "
+    "crops/<class>/meta.json, with each crop's sha256 and its source file's size and mtime; "
+    "readers recompute the crop from the source and verify it), 'png' (lossless PNGs) or "
+    "'raw' (crops/<class>/images.npy, uint8 N x S x S x 3). Read back in every mode with "
+    "imagenet_int8_assets.core.storage.read_crops(output, class). Materialized with vae_latents "
+    "in one step (crops_and_latents): the crops are made once, while the VAE encodes."
 )
 
 
-@asset(
-    name="preprocessed_crops",
-    group_name=GROUP,
-    partitions_def=class_partitions,
-    backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
-    deps=[raw_manifest, source_class_files],
-    kinds={"numpy"},
-    description=(
-        "The manifest's good images of one class, cropped to S x S RGB with the configured "
-        "recipe (imagenet.int8: pixel-identical to the published build; adm: the ADM centre "
-        "crop). Kept as IMAGENET_INT8_CROP_STORAGE says: 'none' (default: only "
-        "crops/<class>/meta.json, with each crop's sha256 and its source file's size and mtime; "
-        "readers recompute the crop from the source and verify it), 'png' (lossless PNGs) or "
-        "'raw' (crops/<class>/images.npy, uint8 N x S x S x 3). Read back in every mode with "
-        "imagenet_int8_assets.core.storage.read_crops(output, class)."
-    ),
-)
-def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    settings.require_recorded_settings_or_fail()
-    require_classes_in_source(settings, context.partition_keys)
-    manifest = read_manifest(settings)
-    root = resolve_source_root(settings.source_path())
-    size = settings.crop_size
-    by_class = ok_rows_by_class(manifest, context.partition_keys)
-    total = sum(map(len, by_class.values()))
-    space = SpaceNeeds("preprocessed_crops", settings.output_path, total)
-    partition_metadata = PartitionMetadata(context)
-    progress = progress_logger(context.log.info, f"crops of {len(by_class)} class(es)", total=total)
-    done = written = failures = 0
-    for key in context.partition_keys:
-        rows = by_class.pop(key)
-        tasks = [(str(root / i), settings.crop_recipe, size, settings.max_pixels) for i in rows["id"]]
-        images = np.empty((len(tasks), size, size, 3), dtype=np.uint8)
-        ids, failed = [], []
-        for n, (image_id, (arr, reason)) in enumerate(
-            zip(rows["id"], map_ordered(crop_task, tasks, settings.worker_count(), chunksize=8)), 1
-        ):
-            if arr is None:
-                failed.append({"id": image_id, "reason": reason})
-                context.log.warning(f"{key}: could not crop {image_id}: {reason}")
-            else:
-                images[len(ids)] = arr
-                ids.append(image_id)
-            progress(done + n)
-        done += len(tasks)
-        space.writing(len(ids), expected_bytes(settings.crop_storage, len(ids), size), key)
-        with space.guard():
+def crop_tasks(settings: ImagenetInt8Settings, root, rows) -> list[tuple]:
+    """The ``crop_task`` tuples of a class's manifest rows."""
+    return [(str(root / i), settings.crop_recipe, settings.crop_size, settings.max_pixels) for i in rows["id"]]
+
+
+class CropWriter:
+    """Writes classes' crops (``IMAGENET_INT8_CROP_STORAGE``) with their per-partition metadata;
+    shared by the crops-only step and the step that crops while it encodes."""
+
+    def __init__(self, context, settings: ImagenetInt8Settings, root, total: int):
+        self.settings, self.root, self.log = settings, root, context.log
+        self.space = SpaceNeeds("preprocessed_crops", settings.output_path, total)
+        self.metadata = PartitionMetadata(context, "preprocessed_crops")
+        self.written = self.failures = 0
+
+    def write(self, key: str, ids: list[str], images: np.ndarray, failed: list[dict]) -> None:
+        settings, size = self.settings, self.settings.crop_size
+        for failure in failed:
+            self.log.warning(f"{key}: could not crop {failure['id']}: {failure['reason']}")
+        self.space.writing(len(ids), expected_bytes(settings.crop_storage, len(ids), size), key)
+        with self.space.guard():
             folder = write_crops(
                 settings.output_path,
                 key,
                 ids,
-                images[: len(ids)],
+                images,
                 {"recipe": settings.crop_recipe, "size": size, "max_pixels": settings.max_pixels, "failed": failed},
                 storage=settings.crop_storage,
-                source_root=root,
+                source_root=self.root,
             )
         on_disk = folder_bytes(folder)
-        partition_metadata.add(
+        self.metadata.add(
             key,
             {
                 "path": MetadataValue.path(str(folder)),
@@ -103,9 +73,47 @@ def preprocessed_crops(context: AssetExecutionContext, settings: ImagenetInt8Set
                 "bytes_per_image": bytes_per_image(on_disk, len(ids)),
             },
         )
-        written, failures = written + len(ids), failures + len(failed)
-    context.log.info(f"{written} crops of {len(by_class)} class(es) written ({failures} failed); per class in the metadata")
-    return MaterializeResult()
+        self.written, self.failures = self.written + len(ids), self.failures + len(failed)
+
+    def summary(self, classes: int) -> str:
+        return f"{self.written} crops of {classes} class(es) written ({self.failures} failed); per class in the metadata"
+
+
+def manifest_rows(context, settings: ImagenetInt8Settings) -> tuple[dict, object]:
+    """The step's classes' good manifest rows ({class: rows}) and the source root; refuses a run
+    whose settings conflict with the output's or whose classes left the source."""
+    settings.require_recorded_settings_or_fail()
+    require_classes_in_source(settings, context.partition_keys)
+    by_class = ok_rows_by_class(read_manifest(settings), context.partition_keys)
+    return by_class, resolve_source_root(settings.source_path())
+
+
+def crop_classes(context, settings: ImagenetInt8Settings) -> None:
+    """Only the crops (``preprocessed_crops`` materialized without ``vae_latents``): each class
+    cropped on the worker processes, then written."""
+    by_class, root = manifest_rows(context, settings)
+    total = sum(map(len, by_class.values()))
+    writer = CropWriter(context, settings, root, total)
+    size = settings.crop_size
+    progress = progress_logger(context.log.info, f"crops of {len(by_class)} class(es)", total=total)
+    done = 0
+    for key in context.partition_keys:
+        rows = by_class.pop(key)
+        tasks = crop_tasks(settings, root, rows)
+        images = np.empty((len(tasks), size, size, 3), dtype=np.uint8)
+        ids, failed = [], []
+        for n, (image_id, (arr, reason)) in enumerate(
+            zip(rows["id"], map_ordered(crop_task, tasks, settings.worker_count(), chunksize=8)), 1
+        ):
+            if arr is None:
+                failed.append({"id": image_id, "reason": reason})
+            else:
+                images[len(ids)] = arr
+                ids.append(image_id)
+            progress(done + n)
+        done += len(tasks)
+        writer.write(key, ids, images[: len(ids)], failed)
+    context.log.info(writer.summary(len(context.partition_keys)))
 
 
 def crop_pixels_or_fail(images):

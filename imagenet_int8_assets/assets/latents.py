@@ -1,23 +1,15 @@
-"""vae_latents: the crops encoded by the VAE, plus the blocking check that they are finite."""
+"""vae_latents: the crops encoded by the VAE (the asset itself is defined with preprocessed_crops
+in crops_and_latents.py), plus the blocking check that they are finite."""
 
 
 import time
 
 import numpy as np
-from dagster import (
-    Failure,
-    AssetCheckExecutionContext,
-    AssetExecutionContext,
-    BackfillPolicy,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-    asset_check,
-)
+from dagster import AssetCheckExecutionContext, Failure, MetadataValue, asset_check
 
-from imagenet_int8_assets.assets.crops import crop_pixels_or_fail, preprocessed_crops
+from imagenet_int8_assets.assets.crops import crop_pixels_or_fail
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, progress_logger
+from imagenet_int8_assets.assets.metadata import PartitionMetadata, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core.encode import (
     encode_posterior,
@@ -37,10 +29,7 @@ from imagenet_int8_assets.core.storage import (
 )
 from imagenet_int8_assets.core.vae import load_vae
 from imagenet_int8_assets.partitions import class_partitions
-from imagenet_int8_assets.resources import (
-    DEFAULT_MAX_PARTITIONS_PER_RUN,
-    ImagenetInt8Settings,
-)
+from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 FALLBACK_BANNER = (
     "!!! VAE FALLBACK: real weights for {requested!r} could not be loaded, so this run encodes "
@@ -72,25 +61,29 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     return report
 
 
-@asset(
-    name="vae_latents",
-    group_name=GROUP,
-    partitions_def=class_partitions,
-    backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
-    deps=[preprocessed_crops],
-    pool="gpu",
-    kinds={"pytorch"},
-    description=(
-        "The crops of one class encoded by the VAE (GPU when there is one, fp32). Stores the "
-        "latent that goes into the dataset ('sample': mean + std * noise seeded by the run seed "
-        "and the image id, so rebuilds give the same bytes; or 'mean') as float32, and with "
-        "IMAGENET_INT8_LATENT_STORAGE=full (default) the posterior mean and std too, in "
-        "latents/<class>/latents.npz. A batched run loads the model once for all its partitions."
-    ),
+LATENTS_DESCRIPTION = (
+    "The crops of one class encoded by the VAE (GPU when there is one, fp32). Stores the "
+    "latent that goes into the dataset ('sample': mean + std * noise seeded by the run seed "
+    "and the image id, so rebuilds give the same bytes; or 'mean') as float32, and with "
+    "IMAGENET_INT8_LATENT_STORAGE=full (default) the posterior mean and std too, in "
+    "latents/<class>/latents.npz. A batched run loads the model once for all its partitions; "
+    "materialized with preprocessed_crops, worker processes crop while the VAE encodes."
 )
-def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    settings.require_recorded_settings_or_fail()
+
+
+def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> None:
+    """Encode the step's classes on a leased device: with ``crop_too`` cropping them from the
+    source on the way (``preprocessed_crops`` in the same step, written class by class), else from
+    the stored crops."""
+    from imagenet_int8_assets.assets.crops import manifest_rows
     from imagenet_int8_assets.core.devices import DeviceLeaseTimeout, DeviceSettingError, lease_device, visible_devices
+
+    # refusals (other settings, classes gone from the source) before a device or a model is touched
+    source = None
+    if crop_too:
+        source = manifest_rows(context, settings)
+    else:
+        settings.require_recorded_settings_or_fail()
 
     # one device per run that encodes: N devices, N runs at once (the gpu pool's limit); only
     # choosing and leasing the device raise these two errors
@@ -99,74 +92,173 @@ def vae_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         with lease_device(
             settings.output_path, devices, timeout_s=settings.device_wait, purpose=context.run_id, log=context.log.info
         ) as leased:
-            return _encode_partitions(context, settings, leased)
+            encoding = _Encoding(context, settings, leased)
+            if source is not None:
+                _crop_and_encode(context, settings, encoding, *source)
+            else:
+                _encode_stored_crops(context, settings, encoding)
     except (DeviceSettingError, DeviceLeaseTimeout) as exc:
         raise Failure(description=str(exc), allow_retries=isinstance(exc, DeviceLeaseTimeout)) from None
-
-
-def _stream_classes(context, settings: ImagenetInt8Settings, vae, device: str, batch_size: int, crops: dict):
-    """Encode the classes whose crops are kept as hashes only (IMAGENET_INT8_CROP_STORAGE=none) in
-    one overlapped stream: worker processes crop from the source while the VAE encodes, and every
-    crop is checked against its recorded hash before it is encoded (a changed source file fails
-    the step naming it). Returns ({class: (posterior, flipped, seconds)}, timing, sample crops)."""
-    from imagenet_int8_assets.core.crop_store import (
-        PIXEL_HASH,
-        CropArray,
-        CropVerificationError,
-        pixel_hash,
-        source_root_of,
+    context.log.info(
+        f"{encoding.written} latents of {len(context.partition_keys)} class(es) written; per class (path, bytes, "
+        "timing) in the metadata"
     )
-    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
+
+
+def _stream(context, settings: ImagenetInt8Settings, encoding: "_Encoding", keys, tasks, sizes, keep_crops, on_class):
+    """Crop ``tasks`` (``sizes`` per class of ``keys``) on the worker processes while the VAE
+    encodes them (core.pipeline); ``keep_crops(group, rows, crops)`` sees every chunk of good crops
+    first, ``on_class(key, group_result, seconds)`` each class as soon as it is encoded (after the
+    run's numerics report, made on the first crops). Returns the stream's timing."""
     from imagenet_int8_assets.core.pipeline import encode_stream
 
-    keys = [
+    samples: list = []
+    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+    progress = progress_logger(context.log.info, f"cropped and encoded ({len(keys)} class(es))", total=sum(sizes))
+    last = time.monotonic()
+
+    def kept(group: int, rows: list[int], chunk) -> None:
+        if keep_crops is not None:
+            keep_crops(group, rows, chunk)
+        if len(samples) < 8:  # the numerics report looks at the first crops, as unstreamed
+            samples.extend(chunk[: 8 - len(samples)])
+
+    def done(group: int, result) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if samples and encoding.run_checks is None:
+            encoding.numerics(np.stack(samples))
+        on_class(keys[group], result, now - last)
+        last = time.monotonic()
+
+    result = encode_stream(
+        encoding.vae, tasks, encoding.device, batch_size=encoding.batch_size, precision=settings.precision,
+        workers=settings.worker_count(), flip=settings.store_flip, groups=sizes, keep_crops=kept,
+        log=context.log.warning, progress=lambda group, n: progress(offsets[group] + n), on_group=done,
+    )
+    timing = result.timing.as_dict()
+    context.log.info(f"crops of {len(keys)} class(es) streamed into the encoder: {timing}")
+    return timing
+
+
+def _crop_and_encode(context, settings: ImagenetInt8Settings, encoding: "_Encoding", by_class: dict, root) -> None:
+    """``preprocessed_crops`` and ``vae_latents`` in one pass: the workers crop each class from the
+    source while the VAE encodes, and each class's crops (as the crop storage says: hashes, PNGs or
+    arrays) and latents are written as soon as it is encoded. The same bytes as cropping first."""
+    from imagenet_int8_assets.assets.crops import CropWriter, crop_tasks
+
+    keys = list(context.partition_keys)
+    rows = [by_class.pop(k) for k in keys]
+    sizes = [len(r) for r in rows]
+    tasks = [t for key_rows in rows for t in crop_tasks(settings, root, key_rows)]
+    writer = CropWriter(context, settings, root, sum(sizes))
+    encoding.start_writing(sum(sizes))
+    size = settings.crop_size
+    held: dict = {}  # the class being cropped: its good crops, in order
+
+    def keep(group: int, indices: list[int], crops) -> None:
+        if group not in held:
+            held.clear()
+            held[group] = np.empty((sizes[group], size, size, 3), dtype=np.uint8)
+        held[group][indices] = crops
+
+    def write(key: str, result, seconds: float) -> None:
+        group = keys.index(key)
+        ids_all = list(rows[group]["id"])
+        images = held.pop(group, np.empty((0, size, size, 3), dtype=np.uint8))
+        ids = [ids_all[i] for i in result.ok]
+        failed = [{"id": ids_all[i], "reason": reason} for i, reason in result.failed]
+        writer.write(key, ids, images[result.ok] if result.ok else images[:0], failed)
+        crop_meta = {"recipe": settings.crop_recipe, "size": size}
+        encoding.write(key, ids, result.posterior, result.flipped, seconds, crop_meta, streamed=True)
+
+    if tasks:
+        encoding.add_stream_timing(keys, _stream(context, settings, encoding, keys, tasks, sizes, keep, write))
+    else:  # only empty classes: empty crops and latents of the right shape, nothing to stream
+        from imagenet_int8_assets.core.pipeline import GroupResult
+
+        empty = np.empty((0, size, size, 3), dtype=np.uint8)
+        for key in keys:
+            post = encode_posterior(encoding.vae, empty, encoding.device, encoding.batch_size, settings.precision)
+            flipped = post if settings.store_flip else None
+            write(key, GroupResult(posterior=post, flipped=flipped), 0.0)
+    context.log.info(writer.summary(len(keys)))
+
+
+def _encode_stored_crops(context, settings: ImagenetInt8Settings, encoding: "_Encoding") -> None:
+    """``vae_latents`` alone, from the crops ``preprocessed_crops`` stored: raw and PNG crops are
+    read, crops kept as hashes only are recomputed by the workers while the VAE encodes, each
+    checked against its recorded hash before it is encoded (a changed source file fails the step
+    naming it and what to re-materialize)."""
+    from imagenet_int8_assets.core.crop_store import CropArray, CropVerificationError, pixel_hash, source_root_of
+    from imagenet_int8_assets.core.crop_store import PIXEL_HASH
+    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
+
+    crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
+        k: read_crops_with_meta(settings.output_path, k, mmap=True, workers=settings.worker_count())
+        for k in context.partition_keys
+    }
+    encoding.start_writing(sum(len(ids) for ids, _, _ in crops.values()))
+    streamed = [
         k for k in context.partition_keys
         if isinstance(crops[k][1], CropArray) and crops[k][2].get("storage") == "none" and len(crops[k][0])
     ]
-    if not keys:
-        return {}, None, None
-    tasks, sizes = [], []
-    for key in keys:
-        ids, _, meta = crops[key]
-        root = source_root_of(settings.output_path, meta, None)
-        max_pixels = int(meta.get("max_pixels", DEFAULT_MAX_PIXELS))
-        tasks += [(str(root / i), meta["recipe"], int(meta["size"]), max_pixels) for i in ids]
-        sizes.append(len(ids))
-    samples: list = []
+    if streamed:
+        tasks, sizes = [], []
+        for key in streamed:
+            ids, _, meta = crops[key]
+            root = source_root_of(settings.output_path, meta, None)
+            max_pixels = int(meta.get("max_pixels", DEFAULT_MAX_PIXELS))
+            tasks += [(str(root / i), meta["recipe"], int(meta["size"]), max_pixels) for i in ids]
+            sizes.append(len(ids))
 
-    def verify(group: int, rows: list[int], chunk) -> None:
-        images, meta = crops[keys[group]][1], crops[keys[group]][2]
-        hashes = meta.get(PIXEL_HASH)
-        bad = [r for r, crop in zip(rows, chunk) if hashes is not None and pixel_hash(crop) != hashes[r]]
-        if bad:
-            images[bad]  # recomputes those rows and raises the error naming the files and what changed
-            raise CropVerificationError(f"class {keys[group]!r}: crops of rows {bad[:5]} changed while being read", [])
-        if group == 0 and len(samples) < 8:  # the numerics report looks at the first class, as unstreamed
-            samples.extend(chunk[: 8 - len(samples)])
+        def verify(group: int, rows: list[int], chunk) -> None:
+            images, meta = crops[streamed[group]][1], crops[streamed[group]][2]
+            hashes = meta.get(PIXEL_HASH)
+            bad = [r for r, crop in zip(rows, chunk) if hashes is not None and pixel_hash(crop) != hashes[r]]
+            if bad:
+                images[bad]  # recomputes those rows and raises the error naming the files and what changed
+                raise CropVerificationError(
+                    f"class {streamed[group]!r}: crops of rows {bad[:5]} changed while being read", []
+                )
 
-    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-    progress = progress_logger(context.log.info, f"cropped and encoded ({len(keys)} class(es))", total=sum(sizes))
-    started = time.monotonic()
-    try:
-        result = encode_stream(
-            vae, tasks, device, batch_size=batch_size, precision=settings.precision, workers=settings.worker_count(),
-            flip=settings.store_flip, groups=sizes, keep_crops=verify, log=context.log.warning,
-            progress=lambda group, done: progress(offsets[group] + done),
+        def write(key: str, result, seconds: float) -> None:
+            ids, images, meta = crops.pop(key)
+            if result.failed:  # cropped when recorded, not now: name the files and what changed
+                images[[row for row, _ in result.failed]]
+                raise CropVerificationError(f"class {key!r}: {result.failed[0][1]}", [])
+            encoding.write(key, ids, result.posterior, result.flipped, seconds, meta, streamed=True)
+
+        try:
+            timing = _stream(context, settings, encoding, streamed, tasks, sizes, verify, write)
+        except CropVerificationError as exc:
+            raise Failure(description=str(exc), allow_retries=False) from None
+        encoding.add_stream_timing(streamed, timing)
+    rest = [k for k in context.partition_keys if k not in streamed]
+    progress = progress_logger(
+        context.log.info, f"encoded ({len(rest)} class(es))", total=sum(len(crops[k][0]) for k in rest)
+    )
+    encoded = 0
+    for key in rest:
+        ids, images, crop_meta = crops.pop(key)
+        images = crop_pixels_or_fail(images)
+        if encoding.run_checks is None and len(ids):
+            encoding.numerics(images[:8])
+        t0 = time.monotonic()
+        post = encode_posterior(
+            encoding.vae, images, encoding.device, encoding.batch_size, settings.precision,
+            progress=lambda done, offset=encoded: progress(offset + done), log=context.log.warning,
         )
-        for key, group in zip(keys, result.groups):
-            if group.failed:  # cropped when recorded, not now: name the files and what changed
-                crops[key][1][[row for row, _ in group.failed]]
-                raise CropVerificationError(f"class {key!r}: {group.failed[0][1]}", [])
-    except CropVerificationError as exc:
-        raise Failure(description=str(exc), allow_retries=False) from None
-    wall = time.monotonic() - started
-    total = sum(sizes)
-    streamed = {
-        key: (group.posterior, group.flipped, wall * n / total) for key, group, n in zip(keys, result.groups, sizes)
-    }
-    timing = result.timing.as_dict()
-    context.log.info(f"crops of {len(keys)} class(es) streamed into the encoder: {timing}")
-    return streamed, {"classes": set(keys), "timing": timing}, np.stack(samples) if samples else None
+        encoded += len(ids)
+        flipped = (
+            encode_posterior(
+                encoding.vae, images, encoding.device, encoding.batch_size, settings.precision, flip=True,
+                log=context.log.warning,
+            )
+            if settings.store_flip
+            else None
+        )
+        encoding.write(key, ids, post, flipped, time.monotonic() - t0, crop_meta, streamed=False)
 
 
 def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: str) -> tuple[int, dict, int | None]:
@@ -186,79 +278,66 @@ def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: 
     return choice.batch_size, choice.as_metadata(), flops
 
 
-def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Settings, leased: str) -> MaterializeResult:
-    from imagenet_int8_assets.core.batch_size import tflops
-    from imagenet_int8_assets.core.devices import select_device
+class _Encoding:
+    """One step's encoder: the VAE loaded once on the leased device, its batch size and FLOPs, the
+    provenance every class records; ``write`` stores a class's latents with their metadata."""
 
-    device = select_device(leased)
-    started = time.monotonic()
-    vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(device)
-    info = vae.info
-    load_s = time.monotonic() - started
-    batch_size, batch_choice, flops = _batch_size_and_flops(context, settings, vae, device)
-    banner = (
-        FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
-        if info.is_fallback
-        else None
-    )
-    if banner:
-        context.log.warning(banner)
-    context.log.info(
-        f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {device} in {load_s:.1f}s for "
-        f"{len(context.partition_keys)} partition(s), precision {settings.precision}, device {leased}, "
-        f"{batch_size} images per pass ({batch_choice.get('source', 'setting')})"
-    )
-    value_range = settings.range_for(info.quant_range)
-    provenance = {
-        "vae": info.as_dict(),
-        "device": device,
-        "precision": settings.precision,
-        "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
-        "seed": settings.seed,
-        "store_flip": settings.store_flip,
-        "encode": encode_record(device, batch_size),
-    }
-    run_checks: dict = {}
-    crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
-        k: read_crops_with_meta(settings.output_path, k, mmap=True, workers=settings.worker_count())
-        for k in context.partition_keys
-    }
-    space = SpaceNeeds("vae_latents", settings.output_path, sum(len(ids) for ids, _, _ in crops.values()))
-    # Crops kept as hashes only are recomputed from the source by CPU workers while the VAE encodes
-    # (core.pipeline), and verified against their recorded hashes on the way.
-    streamed, stream_timing, samples = _stream_classes(context, settings, vae, device, batch_size, crops)
-    metadata_of = PartitionMetadata(context)
-    unstreamed = [k for k in context.partition_keys if k not in streamed]
-    progress = progress_logger(
-        context.log.info, f"encoded ({len(unstreamed)} class(es))", total=sum(len(crops[k][0]) for k in unstreamed)
-    )
-    encoded = written = 0
-    if samples is not None:
-        run_checks = _numerics_report(vae, samples, device, settings.precision, value_range)
-        for name, value in run_checks.items():
-            context.log.info(f"{name}: {value}")
-    for key in context.partition_keys:
-        ids, images, crop_meta = crops.pop(key)
-        if key in streamed:
-            post, flipped, seconds = streamed.pop(key)
-        else:
-            images = crop_pixels_or_fail(images)
-            if not run_checks and len(ids):
-                run_checks = _numerics_report(vae, images[:8], device, settings.precision, value_range)
-                for name, value in run_checks.items():
-                    context.log.info(f"{name}: {value}")
-            t0 = time.monotonic()
-            post = encode_posterior(
-                vae, images, device, batch_size, settings.precision, progress=lambda done, offset=encoded: progress(offset + done),
-                log=context.log.warning,
-            )
-            encoded += len(ids)
-            flipped = (
-                encode_posterior(vae, images, device, batch_size, settings.precision, flip=True, log=context.log.warning)
-                if settings.store_flip
-                else None
-            )
-            seconds = time.monotonic() - t0
+    def __init__(self, context, settings: ImagenetInt8Settings, leased: str):
+        from imagenet_int8_assets.core.devices import select_device
+
+        self.context, self.settings, self.leased = context, settings, leased
+        self.device = select_device(leased)
+        started = time.monotonic()
+        self.vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(self.device)
+        info = self.info = self.vae.info
+        load_s = time.monotonic() - started
+        self.batch_size, self.batch_choice, self.flops = _batch_size_and_flops(context, settings, self.vae, self.device)
+        self.banner = (
+            FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
+            if info.is_fallback
+            else None
+        )
+        if self.banner:
+            context.log.warning(self.banner)
+        context.log.info(
+            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {self.device} in {load_s:.1f}s for "
+            f"{len(context.partition_keys)} partition(s), precision {settings.precision}, device {leased}, "
+            f"{self.batch_size} images per pass ({self.batch_choice.get('source', 'setting')})"
+        )
+        self.value_range = settings.range_for(info.quant_range)
+        self.provenance = {
+            "vae": info.as_dict(),
+            "device": self.device,
+            "precision": settings.precision,
+            "latent_value": settings.latent_value if info.has_posterior else "latent (no posterior)",
+            "seed": settings.seed,
+            "store_flip": settings.store_flip,
+            "encode": encode_record(self.device, self.batch_size),
+        }
+        self.run_checks: dict | None = None  # the numerics report, made once on the run's first crops
+        self.metadata = PartitionMetadata(context, "vae_latents")
+        self.stream_timing: dict | None = None
+        self.space: SpaceNeeds | None = None
+        self.written = 0
+
+    def start_writing(self, total_images: int) -> None:
+        self.space = SpaceNeeds("vae_latents", self.settings.output_path, total_images)
+
+    def numerics(self, images: np.ndarray) -> None:
+        self.run_checks = _numerics_report(self.vae, images, self.device, self.settings.precision, self.value_range)
+        for name, value in self.run_checks.items():
+            self.context.log.info(f"{name}: {value}")
+
+    def add_stream_timing(self, keys, timing: dict) -> None:
+        """The stream's timing goes into the metadata of the classes it encoded (recorded at the end
+        of the step, so it can be added after they were written)."""
+        for key in keys:
+            self.metadata.add(key, {"pipeline": MetadataValue.json(timing)})
+
+    def write(self, key: str, ids: list[str], post, flipped, seconds: float, crop_meta: dict, streamed: bool) -> None:
+        from imagenet_int8_assets.core.batch_size import tflops
+
+        settings, info, provenance = self.settings, self.info, self.provenance
         oom = post.oom_report()
         arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, settings.latent_value, settings.seed)}
         if post.std is not None:
@@ -272,12 +351,13 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
         arrays = latents_to_store(arrays, settings.latent_storage)
         bad = non_finite_count(*arrays.values())
         meta = {**provenance, "crops": {"recipe": crop_meta["recipe"], "size": crop_meta["size"]}}
-        space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
-        with space.guard():
+        self.space.writing(len(ids), sum(a.nbytes for a in arrays.values()), key)
+        with self.space.guard():
             folder = write_latents(settings.output_path, key, ids, arrays, meta, storage=settings.latent_storage)
         on_disk = folder_bytes(folder)
         latent = arrays["latent"]
         finite = latent[np.isfinite(latent)]
+        flops = self.flops
         partition_metadata = {
             "path": MetadataValue.path(str(folder)),
             "images": len(ids),
@@ -288,17 +368,16 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
             "vae_revision": info.revision or "",
             "vae_weights_sha256": info.weights_sha256 or "",
             "vae_fallback": bool(info.is_fallback),
-            "device": device,
-            "device_lease": leased,
-            "batch_size_choice": MetadataValue.json(batch_choice),
+            "device": self.device,
+            "device_lease": self.leased,
+            "batch_size_choice": MetadataValue.json(self.batch_choice),
             "precision": settings.precision,
             "encode_batch_size": provenance["encode"]["batch_size"],
             "encode": MetadataValue.json(provenance["encode"]),
             "reencoded_in_fp32": redone,
             **({"out_of_memory_retries": MetadataValue.json(oom)} if oom else {}),
             "stored_flip": settings.store_flip,
-            "crops_streamed": stream_timing is not None and key in stream_timing["classes"],
-            **({"pipeline": MetadataValue.json(stream_timing["timing"])} if stream_timing and key in stream_timing["classes"] else {}),
+            "crops_streamed": streamed,
             "latent_storage": settings.latent_storage,
             "bytes": on_disk,
             "bytes_per_image": bytes_per_image(on_disk, len(ids)),
@@ -317,20 +396,16 @@ def _encode_partitions(context: AssetExecutionContext, settings: ImagenetInt8Set
             "latent_std": float(finite.std()) if finite.size else float("nan"),
             "latent_min": float(finite.min()) if finite.size else float("nan"),
             "latent_max": float(finite.max()) if finite.size else float("nan"),
-            **{k: MetadataValue.json(v) for k, v in run_checks.items()},
+            **{k: MetadataValue.json(v) for k, v in (self.run_checks or {}).items()},
         }
-        if banner:
-            partition_metadata["WARNING"] = banner
-        metadata_of.add(key, partition_metadata)
-        written += len(ids)
-    context.log.info(
-        f"{written} latents of {len(context.partition_keys)} class(es) written; per class (path, bytes, timing) "
-        "in the metadata"
-    )
-    return MaterializeResult()
+        if self.banner:
+            partition_metadata["WARNING"] = self.banner
+        self.metadata.add(key, partition_metadata)
+        self.written += len(ids)
+
 
 @asset_check(
-    asset=vae_latents,
+    asset="vae_latents",
     partitions_def=class_partitions,
     blocking=True,
     description="Blocks the dataset when any stored latent (mean, std or the stored value) is NaN or infinite.",

@@ -6,7 +6,6 @@ import json
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from imagenet_int8_assets.assets.disk_space import disk_full_guard
-from imagenet_int8_assets.assets.latents import vae_latents
 from imagenet_int8_assets.assets.manifest import dataset_classes
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
 from imagenet_int8_assets.core.quantize import ChannelStats, recommend_ranges, step
@@ -25,7 +24,7 @@ CHANNEL_COLUMNS = ["channel", "count", "min", "max", "mean", "std", "p0.1", "p1"
 @asset(
     name="quantization_stats",
     group_name=GROUP,
-    deps=[vae_latents],
+    deps=["vae_latents"],
     kinds={"json"},
     description=(
         "Per channel, over all classes and per class: min, max, mean, std, percentiles "

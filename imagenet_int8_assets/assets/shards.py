@@ -14,7 +14,6 @@ from dagster import (
 )
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.latents import vae_latents
 from imagenet_int8_assets.assets.manifest import (
     dataset_classes,
     ok_rows_by_class,
@@ -61,7 +60,7 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     group_name=GROUP,
     partitions_def=class_partitions,
     backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
-    deps=[vae_latents, raw_manifest],
+    deps=["vae_latents", raw_manifest],
     kinds={"mosaicml"},
     description=(
         "One class as MosaicML MDS shards in the published Imagenet.int8 schema "

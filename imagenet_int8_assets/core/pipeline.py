@@ -430,6 +430,7 @@ def encode_stream(
     log: Callable[[str], None] | None = None,
     keep_crops: Callable[[int, list[int], np.ndarray], None] | None = None,
     in_flight: int | None = None,
+    on_group: Callable[[int, GroupResult], None] | None = None,
 ) -> StreamResult:
     """Crop ``tasks`` on ``workers`` processes while ``vae`` encodes the crops (see the module).
 
@@ -450,7 +451,10 @@ def encode_stream(
     the host). ``log``: out-of-memory retries and crop worker deaths. ``keep_crops(group,
     indices, crops)``: each chunk's good crops (uint8 (k, S, S, 3), a fresh array the callback may
     keep) with their indices into the group's tasks, in order, before they are encoded: to store
-    the crops without a second pass.
+    the crops without a second pass. ``on_group(group, result)``: called as soon as a group is
+    encoded, in order, while the workers already crop the next group (to write each class as it is
+    done); the returned groups then keep their ``ok`` and ``failed`` but not their posteriors
+    (``None``), so memory holds one class's posteriors at a time instead of all of them.
     """
     tasks = list(tasks)
     sizes = [len(tasks)] if groups is None else [int(n) for n in groups]
@@ -476,7 +480,8 @@ def encode_stream(
             result = GroupResult()
             results.append(result)
             report = (lambda n, g=group, r=result: progress(g, n + len(r.failed))) if progress else None
-            hw = _image_hw(tasks[lo]) if size else None
+            # an empty group's (0, C, h, w) latents get the crop size of the other groups' tasks
+            hw = _image_hw(tasks[lo] if size else tasks[0]) if tasks else None
 
             def encoder_for(flipped: bool, report=None, hw=hw) -> PosteriorEncoder:
                 return PosteriorEncoder(
@@ -514,6 +519,9 @@ def encode_stream(
             result.flipped = flip_encoder.finish() if flip_encoder is not None else None
             timing.encode_s += time.monotonic() - t0
             lo += size
+            if on_group is not None:
+                on_group(group, result)
+                result.posterior = result.flipped = None
     finally:
         producer.close()
         timing.wall_s = time.monotonic() - started
