@@ -69,11 +69,12 @@ def test_partitions_are_the_class_folders_and_the_graph_is_linked(tmp_path):
         assert graph.get(key).description
 
 
-def test_empty_class_is_an_empty_partition_not_an_error(tmp_path):
+@pytest.mark.parametrize("per_run", [1, 10])  # 1: the empty class alone in its run, nothing to crop at all
+def test_empty_class_is_an_empty_partition_not_an_error(tmp_path, per_run):
     settings, defs, instance = _setup(tmp_path, {"full": 2})
     (tmp_path / "src" / "empty").mkdir()
-    defs = build_definitions(settings, partitions_per_run=10)
-    results = materialize_all(defs, instance)
+    defs = build_definitions(settings, partitions_per_run=per_run)
+    results = materialize_all(defs, instance, partitions_per_run=per_run)
     assert all(r.success for r in results)
     assert read_class_index(mds_root(settings.output_path), "empty")["shards"] == []
     assert instance.get_latest_materialization_event(dg.AssetKey("mds_dataset")).asset_materialization.metadata["samples"].value == 2

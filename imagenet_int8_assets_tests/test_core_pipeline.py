@@ -252,6 +252,27 @@ def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tas
 
 
 @pytest.mark.timeout(120)
+def test_a_class_without_images_gets_latents_of_the_crop_size(vae, tasks):
+    """An empty class between others takes the shape from their tasks; with no task at all the
+    shape comes from ``image_hw`` (0, C, S/8, S/8) as encode_posterior gives it, never (0, C, 0, 0)."""
+    from imagenet_int8_assets.core.encode import encode_posterior
+    from imagenet_int8_assets.core.pipeline import encode_stream
+
+    expected = encode_posterior(vae, np.empty((0, SIZE, SIZE, 3), dtype=np.uint8), "cpu", 4, "fp32")
+    assert expected.mean.shape[2:] != (0, 0)
+    between = encode_stream(vae, tasks[:5], "cpu", batch_size=4, workers=0, groups=[0, 5])
+    handed = []
+    alone = encode_stream(
+        vae, [], "cpu", batch_size=4, workers=2, flip=True, groups=[0, 0], image_hw=(SIZE, SIZE),
+        on_group=lambda group, r: handed.append((group, r.posterior, r.flipped)),
+    )
+    assert [g for g, _, _ in handed] == [0, 1] and [g.ok for g in alone.groups] == [[], []]
+    for post in [between.groups[0].posterior] + [p for _, post, flip in handed for p in (post, flip)]:
+        assert post.mean.shape == expected.mean.shape and post.mean.dtype == expected.mean.dtype
+        assert post.std.shape == expected.std.shape
+
+
+@pytest.mark.timeout(120)
 def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
     import torch
 

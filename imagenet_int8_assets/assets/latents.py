@@ -7,7 +7,7 @@ import time
 import numpy as np
 from dagster import AssetCheckExecutionContext, Failure, MetadataValue, asset_check
 
-from imagenet_int8_assets.assets.crops import crop_pixels_or_fail
+from imagenet_int8_assets.assets.crops import CropWriter, crop_pixels_or_fail, crop_tasks, manifest_rows
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import PartitionMetadata, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
@@ -75,7 +75,6 @@ def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> N
     """Encode the step's classes on a leased device: with ``crop_too`` cropping them from the
     source on the way (``preprocessed_crops`` in the same step, written class by class), else from
     the stored crops."""
-    from imagenet_int8_assets.assets.crops import manifest_rows
     from imagenet_int8_assets.core.devices import DeviceLeaseTimeout, DeviceSettingError, lease_device, visible_devices
 
     # refusals (other settings, classes gone from the source) before a device or a model is touched
@@ -105,11 +104,15 @@ def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> N
     )
 
 
-def _stream(context, settings: ImagenetInt8Settings, encoding: "_Encoding", keys, tasks, sizes, keep_crops, on_class):
+def _stream(
+    context, settings: ImagenetInt8Settings, encoding: "_Encoding", keys, tasks, sizes, keep_crops, on_class,
+    image_hw: tuple[int, int] | None = None,
+):
     """Crop ``tasks`` (``sizes`` per class of ``keys``) on the worker processes while the VAE
     encodes them (core.pipeline); ``keep_crops(group, rows, crops)`` sees every chunk of good crops
     first, ``on_class(key, group_result, seconds)`` each class as soon as it is encoded (after the
-    run's numerics report, made on the first crops). Returns the stream's timing."""
+    run's numerics report, made on the first crops). ``image_hw``: the crop size, for classes
+    without images when no class has any. Returns the stream's timing."""
     from imagenet_int8_assets.core.pipeline import encode_stream
 
     samples: list = []
@@ -135,6 +138,7 @@ def _stream(context, settings: ImagenetInt8Settings, encoding: "_Encoding", keys
         encoding.vae, tasks, encoding.device, batch_size=encoding.batch_size, precision=settings.precision,
         workers=settings.worker_count(), flip=settings.store_flip, groups=sizes, keep_crops=kept,
         log=context.log.warning, progress=lambda group, n: progress(offsets[group] + n), on_group=done,
+        image_hw=image_hw,
     )
     timing = result.timing.as_dict()
     context.log.info(f"crops of {len(keys)} class(es) streamed into the encoder: {timing}")
@@ -145,8 +149,6 @@ def _crop_and_encode(context, settings: ImagenetInt8Settings, encoding: "_Encodi
     """``preprocessed_crops`` and ``vae_latents`` in one pass: the workers crop each class from the
     source while the VAE encodes, and each class's crops (as the crop storage says: hashes, PNGs or
     arrays) and latents are written as soon as it is encoded. The same bytes as cropping first."""
-    from imagenet_int8_assets.assets.crops import CropWriter, crop_tasks
-
     keys = list(context.partition_keys)
     rows = [by_class.pop(k) for k in keys]
     sizes = [len(r) for r in rows]
@@ -168,20 +170,12 @@ def _crop_and_encode(context, settings: ImagenetInt8Settings, encoding: "_Encodi
         images = held.pop(group, np.empty((0, size, size, 3), dtype=np.uint8))
         ids = [ids_all[i] for i in result.ok]
         failed = [{"id": ids_all[i], "reason": reason} for i, reason in result.failed]
-        writer.write(key, ids, images[result.ok] if result.ok else images[:0], failed)
+        writer.write(key, ids, images[result.ok], failed)
         crop_meta = {"recipe": settings.crop_recipe, "size": size}
         encoding.write(key, ids, result.posterior, result.flipped, seconds, crop_meta, streamed=True)
 
-    if tasks:
-        encoding.add_stream_timing(keys, _stream(context, settings, encoding, keys, tasks, sizes, keep, write))
-    else:  # only empty classes: empty crops and latents of the right shape, nothing to stream
-        from imagenet_int8_assets.core.pipeline import GroupResult
-
-        empty = np.empty((0, size, size, 3), dtype=np.uint8)
-        for key in keys:
-            post = encode_posterior(encoding.vae, empty, encoding.device, encoding.batch_size, settings.precision)
-            flipped = post if settings.store_flip else None
-            write(key, GroupResult(posterior=post, flipped=flipped), 0.0)
+    timing = _stream(context, settings, encoding, keys, tasks, sizes, keep, write, image_hw=(size, size))
+    encoding.add_stream_timing(keys, timing)
     context.log.info(writer.summary(len(keys)))
 
 
@@ -190,8 +184,13 @@ def _encode_stored_crops(context, settings: ImagenetInt8Settings, encoding: "_En
     read, crops kept as hashes only are recomputed by the workers while the VAE encodes, each
     checked against its recorded hash before it is encoded (a changed source file fails the step
     naming it and what to re-materialize)."""
-    from imagenet_int8_assets.core.crop_store import CropArray, CropVerificationError, pixel_hash, source_root_of
-    from imagenet_int8_assets.core.crop_store import PIXEL_HASH
+    from imagenet_int8_assets.core.crop_store import (
+        PIXEL_HASH,
+        CropArray,
+        CropVerificationError,
+        pixel_hash,
+        source_root_of,
+    )
     from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 
     crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
@@ -316,7 +315,6 @@ class _Encoding:
         }
         self.run_checks: dict | None = None  # the numerics report, made once on the run's first crops
         self.metadata = PartitionMetadata(context, "vae_latents")
-        self.stream_timing: dict | None = None
         self.space: SpaceNeeds | None = None
         self.written = 0
 

@@ -431,6 +431,7 @@ def encode_stream(
     keep_crops: Callable[[int, list[int], np.ndarray], None] | None = None,
     in_flight: int | None = None,
     on_group: Callable[[int, GroupResult], None] | None = None,
+    image_hw: tuple[int, int] | None = None,
 ) -> StreamResult:
     """Crop ``tasks`` on ``workers`` processes while ``vae`` encodes the crops (see the module).
 
@@ -455,6 +456,8 @@ def encode_stream(
     encoded, in order, while the workers already crop the next group (to write each class as it is
     done); the returned groups then keep their ``ok`` and ``failed`` but not their posteriors
     (``None``), so memory holds one class's posteriors at a time instead of all of them.
+    ``image_hw``: the crops' (height, width), which gives a group without images its latents' shape
+    (0, C, h, w); by default read from the ``crop_task`` tuples, so needed only when there are none.
     """
     tasks = list(tasks)
     sizes = [len(tasks)] if groups is None else [int(n) for n in groups]
@@ -481,7 +484,7 @@ def encode_stream(
             results.append(result)
             report = (lambda n, g=group, r=result: progress(g, n + len(r.failed))) if progress else None
             # an empty group's (0, C, h, w) latents get the crop size of the other groups' tasks
-            hw = _image_hw(tasks[lo] if size else tasks[0]) if tasks else None
+            hw = image_hw or (_image_hw(tasks[lo] if size else tasks[0]) if tasks else None)
 
             def encoder_for(flipped: bool, report=None, hw=hw) -> PosteriorEncoder:
                 return PosteriorEncoder(
