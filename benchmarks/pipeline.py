@@ -62,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import load_average, orchestration_facts, work_folder
+from benchmarks.simulated_gpu import SECONDS_PER_IMAGE_ENV, seconds_per_image
+from benchmarks.simulated_gpu import install as install_simulated_gpu
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # where `imagenet-int8` is installed
@@ -444,6 +446,7 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
 def reference_main(config_path: str, result_path: str) -> int:
     """The reference subprocess: read the config, build, write the phase timings."""
     cfg = json.loads(Path(config_path).read_text())
+    install_simulated_gpu()  # the same simulated encode time as the CLI's (when the env asks for it)
     started = time.perf_counter()
     result = reference_build(Path(cfg["source"]), Path(cfg["output"]), cfg["settings"])
     result["inside_seconds"] = round(time.perf_counter() - started, 3)
@@ -489,7 +492,9 @@ def cli_env(source: Path, output: Path, common: dict[str, str]) -> dict[str, str
 
 
 def run_cli(env: dict[str, str], per_run: int) -> dict[str, Any]:
-    args = [str(BIN / "imagenet-int8"), "build", "--max-partitions-per-run", str(per_run)]
+    """`imagenet-int8 build`; with a simulated GPU, the same command through ``benchmarks.simulated_gpu``."""
+    command = [sys.executable, "-m", "benchmarks.simulated_gpu"] if env.get(SECONDS_PER_IMAGE_ENV) else [str(BIN / "imagenet-int8")]
+    args = [*command, "build", "--max-partitions-per-run", str(per_run)]
     proc, timing = timed_subprocess(args, env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
@@ -722,7 +727,7 @@ def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats
 
 def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] | None, poll_s: dict[str, Any] | None,
             rates: list[float], per_runs: list[int], images: int = GPU_IMAGES, classes: int = GPU_CLASSES,
-            budget: float = 0.03) -> dict[str, Any]:
+            budget: float = 0.03, overlapped: bool = False) -> dict[str, Any]:
     """The overhead of a GPU build of ``classes`` classes for each classes-per-run value.
 
     The fit, plus per run the SDXL VAE's load (against tiny-random's); with ``manifest``, the extra
@@ -732,11 +737,20 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
     class), whatever the run size. Shares are of the build's
     wall time = encode (``images`` / rate) + overhead. ``run_bound_per_run``: the smallest classes per
     run whose run-dependent part is within ``budget`` of the encode at the fastest rate; ``best_per_run``:
-    the value with the least overhead at the slowest and at the fastest rate."""
+    the value with the least overhead at the slowest and at the fastest rate.
+
+    ``overlapped`` (a fit measured with ``--simulate-gpu``, where a run's manifest reads happen while
+    another run encodes): the ImageNet-size manifest passes count once per build (the first run's,
+    before any encode, and the last run's, after every encode), not per run."""
     per_run_cost = fit["c_per_run_s"] + sdxl_per_run
     per_class_cost = fit["b_per_class_s"]
+    fixed = fit["a_fixed_s"]
     if manifest:
-        per_run_cost += EXTRA_MANIFEST_PASSES_PER_RUN * (manifest["read_parquet_s"] + manifest["groupby_once_s"])
+        passes = EXTRA_MANIFEST_PASSES_PER_RUN * (manifest["read_parquet_s"] + manifest["groupby_once_s"])
+        if overlapped:
+            fixed += passes
+        else:
+            per_run_cost += passes
     encode = {str(r): images / r for r in rates}
     rows = []
     for p in per_runs:
@@ -746,7 +760,7 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
             # one poll a second during the encode, each new materialization read once (3 per class)
             poll = (poll_s["empty_poll_s"] * enc + poll_s["per_materialization_s"] * 3 * classes) if poll_s else 0.0
             run_part = per_run_cost * runs + poll
-            overhead = fit["a_fixed_s"] + per_class_cost * classes + run_part
+            overhead = fixed + per_class_cost * classes + run_part
             row[f"overhead_at_{r}"] = round(overhead, 1)
             row[f"run_part_at_{r}"] = round(run_part, 1)
             row[f"poll_at_{r}"] = round(poll, 1)
@@ -759,7 +773,7 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
     return {
         "images": images, "classes": classes, "budget": budget,
         "encode_s": {k: round(v, 1) for k, v in encode.items()},
-        "fixed_s": fit["a_fixed_s"], "per_class_s": round(per_class_cost, 4), "per_run_s": round(per_run_cost, 3),
+        "fixed_s": round(fixed, 3), "per_class_s": round(per_class_cost, 4), "per_run_s": round(per_run_cost, 3),
         "sdxl_per_run_s": sdxl_per_run, "imagenet_manifest_terms": bool(manifest), "poll": poll_s,
         "rows": rows,
         "run_bound_per_run": min(bound) if bound else None,
@@ -774,6 +788,10 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
 
 def print_report(res: dict[str, Any]) -> None:
     print("Machine: " + ", ".join(f"{k}={v}" for k, v in res["machine"].items()))
+    if res.get("simulated_gpu"):
+        g = res["simulated_gpu"]
+        print(f"Simulated GPU (both sides): an ImageNet class at {g['rate']:.0f} images/s, {g['seconds_per_class']:.3f} s of "
+              f"encode per class ({g['seconds_per_image'] * 1e3:.2f} ms per image), the CPU idle meanwhile")
     print(f"Source: {res['source']['classes']} classes x {res['source']['images_per_class']} JPEGs, generated in "
           f"{res['source']['seconds']:.1f} s; settings: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
     print(f"\n{'classes':>7} {'per run':>7} {'runs':>4} {'CLI s':>8} {'ref s':>8} {'overhead s':>10} {'overhead':>8} "
@@ -908,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="SDXL encode images/s on the GPU for the projection (default 1700 2900)")
     parser.add_argument("--project-per-run", type=int, nargs="+", default=[10, 25, 50, 100, 125, 200, 250, 500, 1000],
                         help="classes per run to project for 1,000 classes")
+    parser.add_argument("--simulate-gpu", type=float, default=0.0, metavar="RATE",
+                        help="make each class's encode last as long as an ImageNet class's at RATE images/s on a GPU, "
+                             "the CPU idle meanwhile, on both sides (benchmarks/simulated_gpu.py; default 0: off)")
     parser.add_argument("--vae-load-repeats", type=int, default=3, help="fresh processes per load_vae timing (default 3)")
     parser.add_argument("--skip-vae-load", action="store_true", help="leave out the SDXL load timing")
     parser.add_argument("--out", help="work folder (default: a temporary folder, removed afterwards)")
@@ -925,8 +946,14 @@ def main(argv: list[str] | None = None) -> int:
     total_start = time.perf_counter()
     SETTINGS["crop_size"] = args.crop_size
     common = settings_env(work, args.torch_threads)
+    if args.simulate_gpu > 0:
+        per_image = seconds_per_image(args.simulate_gpu, GPU_IMAGES / GPU_CLASSES, args.images_per_class)
+        common[SECONDS_PER_IMAGE_ENV] = repr(per_image)
     res: dict[str, Any] = {"machine": orchestration_facts(), "settings": SETTINGS, "torch_threads": args.torch_threads or "default",
                            "sizes": [], "points": []}
+    if args.simulate_gpu > 0:
+        res["simulated_gpu"] = {"rate": args.simulate_gpu, "seconds_per_image": per_image,
+                                "seconds_per_class": per_image * args.images_per_class}
     try:
         # warm the page cache for the interpreter's imports, so that the first timed build does not pay it
         subprocess.run([sys.executable, "-c", "import dagster, torch, streaming, sklearn, imagenet_int8_assets as m; m.defs"],
@@ -947,9 +974,16 @@ def main(argv: list[str] | None = None) -> int:
         polls = [b["breakdown"]["progress_poll"] for size in res["sizes"] for b in size["cli"]]
         biggest = max(polls, key=lambda q: q["materializations"])
         res["progress_poll"] = biggest
-        res["projection_fit"] = project(res["fit"], extra, None, None, args.gpu_rates, args.project_per_run)
-        res["projection"] = project(res["fit"], extra, res["manifest"], biggest,
-                                    args.gpu_rates, args.project_per_run)
+        if args.simulate_gpu > 0:  # the encode is in the builds: the fit is what shows beside a GPU's encode
+            # the progress poll runs in the CLI's process, not in a run's: it no longer stalls an encode
+            rates = [args.simulate_gpu]
+            res["projection_fit"] = project(res["fit"], extra, None, None, rates, args.project_per_run, overlapped=True)
+            res["projection"] = project(res["fit"], extra, res["manifest"], None, rates, args.project_per_run,
+                                        overlapped=True)
+        else:
+            res["projection_fit"] = project(res["fit"], extra, None, None, args.gpu_rates, args.project_per_run)
+            res["projection"] = project(res["fit"], extra, res["manifest"], biggest,
+                                        args.gpu_rates, args.project_per_run)
     finally:
         if cleanup:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 ``imagenet-int8 build`` materializes every asset for every partition with the same assets the UI
 runs, in batched runs (one for the manifest, one per ``max partitions per run`` classes, one for
-the statistics and the merged dataset), showing a progress bar. ``imagenet-int8 demo`` does the
+the statistics and the merged dataset), showing a progress bar. The class runs go several at once,
+each in a process of its own (``class_runs``): one per device encodes while one more gets ready. ``imagenet-int8 demo`` does the
 same on the bundled sample data and says where the result is and how to read it. ``imagenet-int8
 publish`` builds what is missing, then runs ``hub_upload`` (the Hugging Face Hub repository).
 
@@ -20,7 +21,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-PARTITIONED_STEPS = ("preprocessed_crops", "vae_latents", "mds_shards")
 FINAL_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
 PUBLISH_STEPS = ("hub_upload",)
 
@@ -84,9 +84,11 @@ def error_text(error) -> str:
     return error.message.strip().removeprefix("dagster._core.definitions.events.Failure: ")
 
 
-def _failures(result) -> list[str]:
+def failure_lines(events) -> list[str]:
+    """What went wrong in a run, one line each: failed steps (their innermost error) and failed
+    checks, from its DagsterEvents."""
     lines = []
-    for event in result.all_events:
+    for event in events:
         if event.event_type_value == "STEP_FAILURE":
             lines.append(f"{event.step_key}: {error_text(event.event_specific_data.error)}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.event_specific_data.passed:
@@ -95,8 +97,17 @@ def _failures(result) -> list[str]:
     return lines
 
 
+def _failures(result) -> list[str]:
+    return failure_lines(result.all_events)
+
+
 def build(
-    settings, partitions_per_run: int | None, verbose: bool = False, force: bool = False, publish: bool = False
+    settings,
+    partitions_per_run: int | None,
+    verbose: bool = False,
+    force: bool = False,
+    publish: bool = False,
+    runs_at_once: int | None = None,
 ) -> int:
     """Materialize what is missing or stale under the output's build lock; returns an exit code.
 
@@ -108,19 +119,22 @@ def build(
 
     try:
         with hold_build_lock(settings.output_path):
-            return _build_locked(settings, partitions_per_run, verbose, force, publish)
+            return _build_locked(settings, partitions_per_run, verbose, force, publish, runs_at_once)
     except (BuildLockBusy, BuildLockError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
 
 
-def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force: bool, publish: bool) -> int:
+def _build_locked(
+    settings, partitions_per_run: int | None, verbose: bool, force: bool, publish: bool, runs_at_once: int | None
+) -> int:
     from dagster import AssetKey, DagsterInstance
     from dagster._core.utils import make_new_run_id
     from tqdm import tqdm
 
     from imagenet_int8_assets.assets.manifest import read_source_classes
-    from imagenet_int8_assets.build_plan import plan_build
+    from imagenet_int8_assets.build_plan import CLASS_STEPS, plan_build
+    from imagenet_int8_assets.class_runs import ClassRuns, default_runs_at_once, warm_imports
     from imagenet_int8_assets.dead_runs import fail_dead_build_runs, process_run_tags
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.instance import prepare_dagster_home
@@ -172,18 +186,22 @@ def _build_locked(settings, partitions_per_run: int | None, verbose: bool, force
         if run(["raw_manifest"]) and _usable_images(settings, failures):
             plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
             batches = _chunks(plan.classes, per_run)
-            bar.total = 1 + len(PARTITIONED_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
+            bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
             bar.refresh()
             tqdm.write(plan.describe(per_run))
-            for n, batch in enumerate(batches, 1):
-                bar.set_description(f"classes {n}/{len(batches)}")
-                run(
-                    PARTITIONED_STEPS,
-                    {
-                        "dagster/asset_partition_range_start": batch[0],
-                        "dagster/asset_partition_range_end": batch[-1],
-                    },
-                )
+            if batches:
+                at_once = min(runs_at_once or default_runs_at_once(settings), len(batches))
+                tqdm.write(f"Class runs: up to {at_once} at once, each in its own process.")
+
+                def describe(done: int, running: int, total: int) -> None:
+                    bar.set_description(f"class runs {done}/{total} done, {running} running")
+
+                warming = warm_imports()  # the dataset run's imports, while the class runs encode
+                failures += ClassRuns(
+                    instance, settings, per_run, at_once, run_config, own_tags,
+                    progress=lambda run_id: _RunProgress(instance, run_id, bar), describe=describe,
+                ).run(batches)
+                warming.join()
             if not failures and plan.dataset:
                 bar.set_description("dataset")
                 run(FINAL_STEPS)
@@ -372,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--max-partitions-per-run", type=int, help="classes per batched run (IMAGENET_INT8_MAX_PARTITIONS_PER_RUN)"
         )
         p.add_argument(
+            "--runs-at-once", type=int,
+            help="class runs executed at once, each in its own process (default: the number of devices + 1)",
+        )
+        p.add_argument(
             "--force", action="store_true",
             help="rebuild every class and the dataset, and record the current settings for the output",
         )
@@ -431,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes."
             )
         max_partitions_per_run()
+        if args.runs_at_once is not None and args.runs_at_once <= 0:
+            raise SettingsError(f"--runs-at-once={args.runs_at_once}: use a positive number of runs.")
         if args.command == "publish" and not settings.hub_repo:
             raise SettingsError(
                 "imagenet-int8 publish needs a Hub dataset repository: --repo owner/name or IMAGENET_INT8_HUB_REPO "
@@ -442,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Flags become the environment: loading the definitions module (which builds its default
         # Definitions from IMAGENET_INT8_*) then sees this build's source and output, not others.
         os.environ.update(_settings_env(settings))
-        code = build(settings, args.max_partitions_per_run, args.verbose, args.force, args.command == "publish")
+        code = build(
+            settings, args.max_partitions_per_run, args.verbose, args.force, args.command == "publish", args.runs_at_once
+        )
     except (SettingsError, SourceError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2

@@ -70,11 +70,16 @@ def fail_dead_build_runs(instance: DagsterInstance) -> list[str]:
         current = instance.get_run_by_id(run.run_id)
         if current is None or current.status not in UNFINISHED:  # finished meanwhile
             continue
-        instance.report_run_failed(current, dead_run_message(current.tags))
-        if instance.event_log_storage.supports_global_concurrency_limits:
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        fail_run(instance, current, dead_run_message(current.tags))
         failed.append(run.run_id)
     return failed
+
+
+def fail_run(instance: DagsterInstance, run, message: str) -> None:
+    """Mark an unfinished run FAILURE with ``message`` and free the concurrency slots it holds."""
+    instance.report_run_failed(run, message)
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
 
 @sensor(

@@ -1,4 +1,5 @@
-"""Test support: a real `imagenet-int8 build` killed with SIGKILL while a run holds the gpu pool."""
+"""Test support: a real `imagenet-int8 build` killed with SIGKILL while a run holds the gpu pool, and
+the run processes of a build."""
 
 from __future__ import annotations
 
@@ -15,6 +16,31 @@ from imagenet_int8_assets.instance import GPU_POOL
 
 # Printed by the CLI once its DAGSTER_HOME is initialized (under the CLI's own locks).
 INSTANCE_READY_LINE = "Dagster instance: DAGSTER_HOME="
+
+
+def run_processes(pid: int) -> list[int]:
+    """The run processes of the `imagenet-int8 build` ``pid``: its children running multiprocessing's
+    ``spawn_main`` (Linux /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _output(log: Path) -> str:
@@ -46,8 +72,14 @@ def kill_build_during_gpu_run(
                     if run.run_op_concurrency and GPU_POOL in run.run_op_concurrency.all_pools
                 ]
                 if runs:
+                    children = run_processes(proc.pid)
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=60)
+                    # its run processes die with it: nothing of the build goes on writing or leasing
+                    gone = time.monotonic() + 30
+                    while any(_alive(c) for c in children) and time.monotonic() < gone:
+                        time.sleep(0.1)
+                    assert not any(_alive(c) for c in children), f"run processes outlived the build: {children}"
                     return runs[0]
                 assert proc.poll() is None, (
                     f"the build ended (code {proc.returncode}) before a run holding the {GPU_POOL!r} pool "

@@ -88,10 +88,15 @@ def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> N
     # choosing and leasing the device raise these two errors
     try:
         devices = visible_devices(settings.devices or None, settings.device)
+        # the model is loaded (torch and diffusers imported, weights read) before the lease, so a run
+        # waiting for a device starts encoding the moment it gets one; it goes to the device after
+        started = time.monotonic()
+        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
+        load_s = time.monotonic() - started
         with lease_device(
             settings.output_path, devices, timeout_s=settings.device_wait, purpose=context.run_id, log=context.log.info
         ) as leased:
-            encoding = _Encoding(context, settings, leased)
+            encoding = _Encoding(context, settings, leased, vae, load_s)
             if source is not None:
                 _crop_and_encode(context, settings, encoding, *source)
             else:
@@ -278,18 +283,19 @@ def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: 
 
 
 class _Encoding:
-    """One step's encoder: the VAE loaded once on the leased device, its batch size and FLOPs, the
-    provenance every class records; ``write`` stores a class's latents with their metadata."""
+    """One step's encoder: the VAE (loaded once, ``load_s`` seconds) moved to the leased device, its
+    batch size and FLOPs, the provenance every class records; ``write`` stores a class's latents
+    with their metadata."""
 
-    def __init__(self, context, settings: ImagenetInt8Settings, leased: str):
+    def __init__(self, context, settings: ImagenetInt8Settings, leased: str, vae, load_s: float):
         from imagenet_int8_assets.core.devices import select_device
 
         self.context, self.settings, self.leased = context, settings, leased
         self.device = select_device(leased)
         started = time.monotonic()
-        self.vae = load_vae(settings.vae, fallback=settings.vae_fallback or None).to(self.device)
+        self.vae = vae.to(self.device)
         info = self.info = self.vae.info
-        load_s = time.monotonic() - started
+        to_device_s = time.monotonic() - started
         self.batch_size, self.batch_choice, self.flops = _batch_size_and_flops(context, settings, self.vae, self.device)
         self.banner = (
             FALLBACK_BANNER.format(requested=info.requested, source=settings.vae_fallback, reason=info.fallback_reason)
@@ -299,7 +305,8 @@ class _Encoding:
         if self.banner:
             context.log.warning(self.banner)
         context.log.info(
-            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) on {self.device} in {load_s:.1f}s for "
+            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) in {load_s:.1f}s, on {self.device} in "
+            f"{to_device_s:.1f}s, for "
             f"{len(context.partition_keys)} partition(s), precision {settings.precision}, device {leased}, "
             f"{self.batch_size} images per pass ({self.batch_choice.get('source', 'setting')})"
         )

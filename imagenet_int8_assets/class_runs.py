@@ -1,0 +1,241 @@
+"""The batched class runs of ``imagenet-int8 build``: several at once, each in a process of its own.
+
+A class run is one partition-range run of crops, latents and shards. The build keeps up to
+``runs_at_once`` of them going (default: the number of devices + 1). Each encode leases one device
+(``core.devices.lease_device``), so with N devices N runs encode at once, one per device, and the
+extra run gets ready meanwhile: its process starts, its run is created (Dagster writes the planned
+events of its classes), it reads the manifest and waits for the first device to come free. When a
+run's encode ends, the waiting one starts encoding at once, while the finished one writes its
+materializations, shards and checks on the CPU. On one GPU that hides the per-run and per-class
+bookkeeping behind the next run's encode; on N GPUs it uses them all (before, the CLI ran its
+batches one after another; a UI backfill already spread them over the devices).
+
+Why processes: Dagster captures a step's output at the file-descriptor level, so two runs executed
+in one process would mix their logs. Each run process dies with the build (``PR_SET_PDEATHSIG``):
+a build killed with SIGKILL leaves no run going on, and its unfinished runs, tagged with the
+build's process, are failed by the next build or the daemon's sensor (``dead_runs``). A run
+process that dies on its own (out of host memory, say) has its run failed by the build at once.
+
+The encode of a run waiting for a device its sibling holds waits for as long as that encode takes
+(at least ``SIBLING_DEVICE_WAIT_S``): a run of a CPU build with a full-size VAE can encode for
+hours, longer than ``IMAGENET_INT8_DEVICE_WAIT``'s default, which is meant for UI and automation
+runs queued behind someone else's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from imagenet_int8_assets.build_plan import CLASS_STEPS
+
+SIBLING_DEVICE_WAIT_S = 7 * 24 * 3600
+_PR_SET_PDEATHSIG = 1
+
+
+# What the build's last run (statistics, dataset, report, probe: executed in the build's own
+# process) imports; imported in the background while the class runs encode, so that the build does
+# not pay them after the last encode.
+DATASET_RUN_IMPORTS = (
+    "torch",
+    "diffusers",
+    "imagenet_int8_assets.reader",
+    "imagenet_int8_assets.core.reconstruct",
+    "imagenet_int8_assets.core.probe_report",
+    "sklearn.decomposition",
+    "sklearn.ensemble",
+    "sklearn.linear_model",
+    "sklearn.metrics",
+    "sklearn.model_selection",
+    "sklearn.neighbors",
+    "sklearn.preprocessing",
+    "sklearn.svm",
+)
+
+
+def warm_imports(names: Sequence[str] = DATASET_RUN_IMPORTS) -> threading.Thread:
+    """Import ``names`` (and matplotlib on Agg) on a daemon thread; join it before the imports are
+    needed. A module that fails to import is left for its real import to report."""
+
+    def work() -> None:
+        import importlib
+
+        from imagenet_int8_assets.core.plotting import pyplot
+
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+        try:
+            pyplot()
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=work, name="imagenet-int8 warm imports", daemon=True)
+    thread.start()
+    return thread
+
+
+def default_runs_at_once(settings) -> int:
+    """One run per device plus one that gets ready while they encode."""
+    from imagenet_int8_assets.core.devices import DeviceSettingError, visible_devices
+
+    try:
+        return len(visible_devices(settings.devices or None, settings.device)) + 1
+    except DeviceSettingError:  # the runs fail with the message; one at a time is enough for that
+        return 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the build that started it dies (Linux); gone already: exit."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def execute_class_run(
+    parent_pid: int, per_run: int, selection: Sequence[str], tags: dict, run_id: str, run_config: dict, env: dict
+) -> None:
+    """A run process: execute one run of the build's job, then exit 0 if it succeeded, else 1.
+
+    It ends with ``os._exit`` after flushing, as the command does (``cli.run``: pyarrow can abort
+    in interpreter teardown)."""
+    _die_with_parent(parent_pid)
+    os.environ.update(env)
+    code = 1
+    try:
+        from dagster import AssetKey, DagsterInstance
+
+        from imagenet_int8_assets.definitions import build_definitions
+        from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+        job = build_definitions(ImagenetInt8Settings.from_env(), per_run).resolve_implicit_global_asset_job_def()
+        with DagsterInstance.get() as instance:
+            result = job.execute_in_process(
+                run_config=run_config,
+                instance=instance,
+                asset_selection=[AssetKey(k) for k in selection],
+                tags=tags,
+                run_id=run_id,
+                raise_on_error=False,
+            )
+        code = 0 if result.success else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+@dataclass
+class _Active:
+    batch: list[str]
+    run_id: str
+    process: multiprocessing.process.BaseProcess
+    progress: object
+
+
+class ClassRuns:
+    """Executes the class batches, ``runs_at_once`` at a time, in batch order; ``progress(run_id)``
+    is a context manager that follows one run (the CLI's bar), ``describe(done, running, total)``
+    is told the state after every change."""
+
+    def __init__(
+        self,
+        instance,
+        settings,
+        per_run: int,
+        runs_at_once: int,
+        run_config: dict,
+        tags: dict[str, str],
+        progress: Callable[[str], object],
+        describe: Callable[[int, int, int], None] = lambda done, running, total: None,
+    ):
+        self.instance, self.settings, self.per_run, self.runs_at_once = instance, settings, per_run, runs_at_once
+        self.run_config, self.tags, self.progress, self.describe = run_config, tags, progress, describe
+        self.env = {"IMAGENET_INT8_DEVICE_WAIT": str(max(settings.device_wait, SIBLING_DEVICE_WAIT_S))}
+
+    def _start(self, context, batch: list[str]) -> _Active:
+        from dagster._core.utils import make_new_run_id
+
+        run_id = make_new_run_id()
+        tags = {
+            **self.tags,
+            "dagster/asset_partition_range_start": batch[0],
+            "dagster/asset_partition_range_end": batch[-1],
+        }
+        process = context.Process(
+            target=execute_class_run,
+            args=(os.getpid(), self.per_run, CLASS_STEPS, tags, run_id, self.run_config, self.env),
+            name=f"imagenet-int8 run {run_id[:8]}",
+        )
+        process.start()  # from this (the main) thread: the death signal follows the thread that forked
+        progress = self.progress(run_id)
+        progress.__enter__()
+        return _Active(batch, run_id, process, progress)
+
+    def _finish(self, active: _Active) -> list[str]:
+        from dagster import DagsterEventType, DagsterRunStatus
+
+        from imagenet_int8_assets.cli import failure_lines
+        from imagenet_int8_assets.dead_runs import fail_run
+
+        active.process.join()
+        active.progress.__exit__(None, None, None)
+        code = active.process.exitcode
+        run = self.instance.get_run_by_id(active.run_id)
+        if run is None:
+            return [f"run {active.run_id}:", f"  its process exited with code {code} before the run was created"]
+        problems = []
+        if run.status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            message = (
+                f"The process that executed this run (classes {active.batch[0]} .. {active.batch[-1]}) ended with "
+                f"{how} before the run finished (out of host memory?); run the build again to redo its classes."
+            )
+            fail_run(self.instance, run, message)
+            problems.append(message)
+        logs = self.instance.all_logs(
+            active.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.ASSET_CHECK_EVALUATION}
+        )
+        problems += failure_lines(entry.dagster_event for entry in logs)
+        succeeded = self.instance.get_run_by_id(active.run_id).status == DagsterRunStatus.SUCCESS
+        if problems or not succeeded:
+            return [f"run {active.run_id}:"] + [f"  {p}" for p in problems or ["failed"]]
+        return []
+
+    def run(self, batches: Sequence[list[str]]) -> list[str]:
+        """Execute every batch; returns the failure lines (empty when every run succeeded)."""
+        context = multiprocessing.get_context("spawn")
+        pending, active, failures, done = list(batches), [], [], 0
+        try:
+            while pending or active:
+                while pending and len(active) < self.runs_at_once:
+                    active.append(self._start(context, pending.pop(0)))
+                self.describe(done, len(active), len(batches))
+                multiprocessing.connection.wait([a.process.sentinel for a in active])
+                for ended in [a for a in active if not a.process.is_alive()]:
+                    active.remove(ended)
+                    failures += self._finish(ended)
+                    done += 1
+        finally:
+            for left in active:  # interrupted: no run outlives the build
+                left.process.kill()
+                left.process.join()
+                left.progress.__exit__(None, None, None)
+        return failures

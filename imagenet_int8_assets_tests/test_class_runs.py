@@ -1,0 +1,116 @@
+"""`imagenet-int8 build` executes its class runs several at once, each in a process of its own:
+real CLI subprocesses, a real instance, devices simulated by name (cpu:0, cpu:1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.killed_build import run_processes
+
+CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
+
+
+def _shards(out: Path) -> list[tuple]:
+    index = json.loads((out / "mds" / "index.json").read_text())
+    return [
+        (s["raw_data"]["basename"], s["samples"], s["raw_data"]["bytes"], s["raw_data"]["hashes"].get("sha1"))
+        for s in index["shards"]
+    ]
+
+
+def _class_runs(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
+    return [
+        r
+        for r in instance.get_run_records()
+        if "dagster/asset_partition_range_start" in r.dagster_run.tags
+    ]
+
+
+def test_two_devices_encode_at_once_each_class_once_with_the_serial_bytes(tmp_path):
+    source = make_image_folder(tmp_path / "src", {c: 3 for c in CLASSES})
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+
+    serial = cli_env(tmp_path / "serial")
+    proc = run_cli([*command, "--runs-at-once", "1"], serial, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Class runs: up to 1 at once" in proc.stdout
+
+    both = cli_env(tmp_path / "both", IMAGENET_INT8_DEVICES="cpu:0,cpu:1")
+    proc = run_cli(command, both, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Class runs: up to 3 at once" in proc.stdout  # one per device, one getting ready
+
+    assert _shards(tmp_path / "both" / "out") == _shards(tmp_path / "serial" / "out")
+    with dg.DagsterInstance.from_config(str(tmp_path / "both" / "out" / "dagster_home")) as instance:
+        records = _class_runs(instance)
+        assert len(records) == 4 and all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
+        spans = sorted((r.start_time, r.end_time) for r in records)
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
+        leases = {}
+        for key in CLASSES:  # every class encoded exactly once, by one run, on one of the two devices
+            events = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("vae_latents"), asset_partitions=[key]), limit=10
+            ).records
+            assert len(events) == 1, key
+            leases[key] = events[0].asset_materialization.metadata["device_lease"].value
+        assert set(leases.values()) <= {"cpu:0", "cpu:1"}
+        assert len(set(leases.values())) == 2, f"one device did all the work: {leases}"
+
+
+def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
+    # the first class is big enough that its run is still encoding when the test kills it
+    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 40, CLASSES[1]: 2, CLASSES[2]: 2})
+    env = cli_env(tmp_path)
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    log = tmp_path / "build.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*command, "--runs-at-once", "1"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    home = tmp_path / "out" / "dagster_home"
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None:
+            assert proc.poll() is None, f"the build ended ({proc.returncode}) first:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            if "Class runs: up to 1 at once" in log.read_text(errors="replace"):
+                with dg.DagsterInstance.from_config(str(home)) as instance:
+                    started = [
+                        r for r in _class_runs(instance)
+                        if r.dagster_run.status == dg.DagsterRunStatus.STARTED
+                        and r.dagster_run.tags["dagster/asset_partition_range_start"] == CLASSES[0]
+                    ]
+                workers = run_processes(proc.pid)
+                if started and len(workers) == 1:  # one run at a time: this process is that run's
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = started[0].dagster_run.run_id
+            time.sleep(0.05)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 1, text[-4000:]
+    assert f"run {killed}:" in text
+    assert "ended with signal SIGKILL before the run finished" in text, text[-4000:]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        run = instance.get_run_by_id(killed)
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        failure = instance.all_logs(killed, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert "ended with signal SIGKILL" in failure[0].message
+        # the other batches still ran; the dataset waits for a build without failures
+        assert instance.get_materialized_partitions(dg.AssetKey("mds_shards")) == {CLASSES[1], CLASSES[2]}
+    assert not (tmp_path / "out" / "mds" / "index.json").exists()
+
+    again = run_cli(command, env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "1 of 3 class(es) to build" in again.stdout
+    assert "44 samples in 3 classes" in again.stdout
