@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -754,7 +753,7 @@ def project(fit: dict[str, Any], sdxl_per_run: float, manifest: dict[str, Any] |
     encode = {str(r): images / r for r in rates}
     rows = []
     for p in per_runs:
-        runs = math.ceil(classes / p)
+        runs = class_runs(classes, p)
         row: dict[str, Any] = {"per_run": p, "class_runs": runs}
         for r, enc in encode.items():
             # one poll a second during the encode, each new materialization read once (3 per class)
@@ -856,12 +855,19 @@ def print_report(res: dict[str, Any]) -> None:
               + ", ".join(f"{v} at {k} img/s" for k, v in proj["best_per_run"].items()))
 
 
+def class_runs(classes: int, per_run: int) -> int:
+    """The class runs `imagenet-int8 build` makes of ``classes`` classes (``class_runs.class_batches``)."""
+    from imagenet_int8_assets.class_runs import class_batches
+
+    return len(class_batches(range(classes), per_run))
+
+
 def distinct_per_runs(size: int, per_runs: list[int]) -> list[int]:
     """The values of ``per_runs`` that give ``size`` classes different numbers of class runs."""
     out, seen = [], set()
     for p in per_runs:
-        if math.ceil(size / p) not in seen:
-            seen.add(math.ceil(size / p))
+        if class_runs(size, p) not in seen:
+            seen.add(class_runs(size, p))
             out.append(p)
     return out
 
@@ -896,7 +902,7 @@ def measure_size(work: Path, source: Path, size: int, per_class: int, per_runs: 
             "classes": size,
             "images": size * per_class,
             "per_run": b["per_run"],
-            "class_runs": math.ceil(size / b["per_run"]),
+            "class_runs": class_runs(size, b["per_run"]),
             "cli_s": b["seconds"],
             "reference_s": round(reference, 3),
             "overhead_s": round(b["seconds"] - reference, 3),

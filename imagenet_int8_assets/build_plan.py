@@ -28,9 +28,8 @@ class BuildPlan:
     total_classes: int
     reasons: Counter = field(default_factory=Counter)  # why classes are rebuilt: reason -> count
 
-    def describe(self, per_run: int) -> str:
+    def describe(self, per_run: int, runs: int) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items())) or "none"
-        runs = -(-len(self.classes) // per_run) if self.classes else 0
         dataset = "then the dataset assets" if self.dataset else "the dataset assets are up to date"
         return (
             f"{len(self.classes)} of {self.total_classes} class(es) to build ({why}) in {runs} batched run(s) of up to "

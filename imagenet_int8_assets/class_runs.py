@@ -84,6 +84,26 @@ def warm_imports(names: Sequence[str] = DATASET_RUN_IMPORTS) -> threading.Thread
     return thread
 
 
+def class_batches(classes: Sequence[str], per_run: int) -> list[list[str]]:
+    """The build's class runs, in order: at most ``per_run`` classes each; in a build of more than two
+    full runs the first and the last ones are small (``edge_size``). Runs overlap only in the middle: before the first encode nothing
+    else runs (its run's planned events, 3 per class, are written first) and after the last encode
+    its bookkeeping (materializations, shards, checks) is all that is left. Small edge runs keep
+    both short; every class is still in exactly one run, in sorted order."""
+    classes = list(classes)
+    if len(classes) <= 2 * per_run:  # a small build: plain batches (the edges would only add runs)
+        return [classes[i : i + per_run] for i in range(0, len(classes), per_run)]
+    edge = edge_size(per_run)
+    middle = classes[edge:-edge]
+    return [classes[:edge], *(middle[i : i + per_run] for i in range(0, len(middle), per_run)), classes[-edge:]]
+
+
+def edge_size(per_run: int) -> int:
+    """Classes in the first and the last class run: an eighth of a full run (16 of 125), long
+    enough on a GPU for the next run to get ready while it encodes."""
+    return max(1, -(-per_run // 8))
+
+
 def default_runs_at_once(settings) -> int:
     """One run per device plus one that gets ready while they encode."""
     from imagenet_int8_assets.core.devices import DeviceSettingError, visible_devices

@@ -25,10 +25,6 @@ FINAL_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "pr
 PUBLISH_STEPS = ("hub_upload",)
 
 
-def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
 class _RunProgress:
     """Advances a tqdm bar for every asset materialization recorded for one run.
 
@@ -134,7 +130,7 @@ def _build_locked(
 
     from imagenet_int8_assets.assets.manifest import read_source_classes
     from imagenet_int8_assets.build_plan import CLASS_STEPS, plan_build
-    from imagenet_int8_assets.class_runs import ClassRuns, default_runs_at_once, warm_imports
+    from imagenet_int8_assets.class_runs import ClassRuns, class_batches, default_runs_at_once, warm_imports
     from imagenet_int8_assets.dead_runs import fail_dead_build_runs, process_run_tags
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.instance import prepare_dagster_home
@@ -185,10 +181,10 @@ def _build_locked(
         bar.set_description("manifest")
         if run(["raw_manifest"]) and _usable_images(settings, failures):
             plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
-            batches = _chunks(plan.classes, per_run)
+            batches = class_batches(plan.classes, per_run)
             bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
             bar.refresh()
-            tqdm.write(plan.describe(per_run))
+            tqdm.write(plan.describe(per_run, len(batches)))
             if batches:
                 at_once = min(runs_at_once or default_runs_at_once(settings), len(batches))
                 tqdm.write(f"Class runs: up to {at_once} at once, each in its own process.")

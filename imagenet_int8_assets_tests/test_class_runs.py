@@ -114,3 +114,18 @@ def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "1 of 3 class(es) to build" in again.stdout
     assert "44 samples in 3 classes" in again.stdout
+
+
+def test_class_batches_every_class_once_in_order_with_small_edges_in_big_builds():
+    from imagenet_int8_assets.class_runs import class_batches, edge_size
+
+    classes = [f"c{i:04d}" for i in range(1000)]
+    batches = class_batches(classes, 125)
+    assert [c for b in batches for c in b] == classes
+    assert edge_size(125) == 16 and len(batches[0]) == len(batches[-1]) == 16
+    assert max(len(b) for b in batches) == 125 and len(batches) == 10
+    # a build of at most two full runs is cut plainly: edges would only add runs
+    assert [len(b) for b in class_batches(classes[:250], 125)] == [125, 125]
+    assert [len(b) for b in class_batches(classes[:3], 2)] == [2, 1]
+    assert class_batches(classes[:5], 1) == [[c] for c in classes[:5]]
+    assert class_batches([], 125) == []

@@ -261,7 +261,7 @@ def test_converting_a_class_to_another_storage_marks_nothing_stale(builds):
         assert job.execute_in_process(instance=instance, partition_key="a", asset_selection=steps[:1]).success
         assert sorted(p.name for p in crops_dir(settings.output_path, "a").iterdir()) == ["meta.json"]
         plan = plan_build(instance, builds["raw"]["defs"], settings, list(CLASSES), force=False)
-        assert plan.classes == [], plan.describe(10)
+        assert plan.classes == [], plan.describe(10, 0)
 
         assert job.execute_in_process(instance=instance, partition_key="a", asset_selection=steps[1:]).success
         assert set(read_latents(settings.output_path, "a")[1]) == {"latent"}

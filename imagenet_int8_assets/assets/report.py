@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
+from imagenet_int8_assets.assets.metadata import progress_logger
 from imagenet_int8_assets.assets.manifest import dataset_classes
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.crop_store import CropVerificationError
@@ -84,7 +85,11 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
     offsets = dict(zip(published, np.cumsum([0, *published.values()])[:-1].tolist()))
 
     samples, channel_values, skipped = [], [], {}
-    for key in keys:
+    # one line every 10 s and at the end, not one per class (at ImageNet size a log event per class
+    # is about 10 s of a build's SQLite writes, after the last encode)
+    progress = progress_logger(context.log.info, "classes decoded", total=len(keys))
+    for done, key in enumerate(keys, 1):
+        progress(done - 1)
         if key not in published:  # built since the dataset was published (automation may run the
             # report on a new stats materialization before mds_dataset publishes the class)
             skipped[key] = "not in the published dataset yet: materialize mds_dataset, then the report"
@@ -122,7 +127,7 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
         ]
         samples.append(ClassSamples(key, originals, from_float, from_uint8, rows))
         channel_values.append(np.moveaxis(z_float, 1, 0).reshape(z_float.shape[1], -1))
-        context.log.info(f"{key}: decoded {len(pick)} images")
+    progress(len(keys))
     del dataset
     if not any(s.rows for s in samples):
         raise MissingArtifact("The dataset has no images to report on.")
