@@ -1,12 +1,12 @@
 """Runs of a killed ``imagenet-int8`` build: detect them and fail them, so nothing waits on them.
 
-The CLI executes its runs in its own process (``execute_in_process``). When that process is
-killed, its run stays STARTED forever, and with the ``gpu`` pool at run granularity the queue
+The CLI executes its runs in its own process (``execute_in_process``), its class runs in run
+processes that die with it (``class_runs``). When it is killed, its runs stay STARTED forever, and with the ``gpu`` pool at run granularity the queue
 coordinator counts every active run that uses the pool against the limit: a backfill launched
 later from the UI waits in QUEUED. Dagster's run monitoring cannot help: it asks the run launcher
 about the run's worker, and no launcher started these runs.
 
-So the CLI tags each of its runs with its host, pid and process start token
+So the CLI tags each of its runs (class runs included) with its host, pid and process start token
 (``process_run_tags``), and ``fail_dead_build_runs`` marks every unfinished run so tagged whose
 process is gone as FAILURE and frees any concurrency slots it holds. The CLI calls it on every
 start; ``dead_build_runs_sensor`` (running by default) calls it from the Dagster daemon, so with
