@@ -194,3 +194,20 @@ def test_report_before_a_new_class_is_published_reports_on_the_published_dataset
     assert meta["images"].value == 4  # 2 per class of the published a and b
     assert set(meta["skipped_classes"].value) == {"ab"}
     assert "not in the published dataset yet" in meta["skipped_classes"].value["ab"]
+
+
+def test_the_scan_observes_each_class_with_its_file_counts(tmp_path):
+    settings, defs, instance = _setup(tmp_path, {"a": 3, "b": 1})
+    (tmp_path / "src" / "a" / "broken.JPEG").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (tmp_path / "src" / "empty").mkdir()
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    seen = {}
+    for key in ("a", "b", "empty"):
+        records = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("source_class_files"), asset_partitions=[key]), limit=5
+        ).records
+        assert len(records) == 1, key
+        meta = records[0].asset_observation.metadata
+        seen[key] = (meta["files"].value, meta["ok"].value)
+    assert seen == {"a": (4, 3), "b": (1, 1), "empty": (0, 0)}

@@ -261,14 +261,17 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     )
     observed = _observed_versions(context.instance)
     changed = [k for k in root_classes if observed.get(k) != versions[k]]
+    # counted once for all classes: a mask over every row per class costs about 0.12 s at ImageNet
+    # size, 2 minutes for a first build's 1,000 classes
+    files = frame["class_folder"].value_counts()
+    ok = frame.loc[frame["status"] == "ok", "class_folder"].value_counts()
     for key in changed:
-        rows = frame[frame["class_folder"] == key]
         context.log_event(
             AssetObservation(
                 asset_key=source_class_files.key,
                 partition=key,
                 tags={DATA_VERSION_TAG: versions[key]},
-                metadata={"files": len(rows), "ok": int((rows["status"] == "ok").sum()), "label": labels.index[key]},
+                metadata={"files": int(files.get(key, 0)), "ok": int(ok.get(key, 0)), "label": labels.index[key]},
             )
         )
 
