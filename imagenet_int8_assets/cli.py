@@ -185,8 +185,8 @@ def _build_locked(
             bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
             bar.refresh()
             tqdm.write(plan.describe(per_run, len(batches)))
-            if batches:
-                at_once = min(runs_at_once or default_runs_at_once(settings), len(batches))
+            at_once = min(runs_at_once or default_runs_at_once(settings), len(batches))
+            if at_once > 1:
                 tqdm.write(f"Class runs: up to {at_once} at once, each in its own process.")
 
                 def describe(done: int, running: int, total: int) -> None:
@@ -198,6 +198,13 @@ def _build_locked(
                     progress=lambda run_id: _RunProgress(instance, run_id, bar), describe=describe,
                 ).run(batches)
                 warming.join()
+            else:  # one at a time: in this process, as the other runs (no process start per run)
+                for n, batch in enumerate(batches, 1):
+                    bar.set_description(f"classes {n}/{len(batches)}")
+                    run(
+                        CLASS_STEPS,
+                        {"dagster/asset_partition_range_start": batch[0], "dagster/asset_partition_range_end": batch[-1]},
+                    )
             if not failures and plan.dataset:
                 bar.set_description("dataset")
                 run(FINAL_STEPS)

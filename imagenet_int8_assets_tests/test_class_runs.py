@@ -13,7 +13,8 @@ from pathlib import Path
 import dagster as dg
 
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
-from imagenet_int8_assets_tests.killed_build import run_processes
+from imagenet_int8_assets.core.devices import lock_path
+from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run, run_processes
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
@@ -41,7 +42,7 @@ def test_two_devices_encode_at_once_each_class_once_with_the_serial_bytes(tmp_pa
     serial = cli_env(tmp_path / "serial")
     proc = run_cli([*command, "--runs-at-once", "1"], serial, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Class runs: up to 1 at once" in proc.stdout
+    assert "Class runs:" not in proc.stdout  # one at a time, in the build's own process
 
     both = cli_env(tmp_path / "both", IMAGENET_INT8_DEVICES="cpu:0,cpu:1")
     proc = run_cli(command, both, cwd=tmp_path)
@@ -72,24 +73,29 @@ def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
     command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
     log = tmp_path / "build.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([*command, "--runs-at-once", "1"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*command, "--runs-at-once", "2"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
     home = tmp_path / "out" / "dagster_home"
+    lease = lock_path(tmp_path / "out", "cpu")
     killed = None
     try:
         deadline = time.monotonic() + 300
         while killed is None:
             assert proc.poll() is None, f"the build ended ({proc.returncode}) first:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, log.read_text()[-4000:]
-            if "Class runs: up to 1 at once" in log.read_text(errors="replace"):
+            if "Class runs: up to 2 at once" in log.read_text(errors="replace"):
                 with dg.DagsterInstance.from_config(str(home)) as instance:
                     started = [
                         r for r in _class_runs(instance)
                         if r.dagster_run.status == dg.DagsterRunStatus.STARTED
                         and r.dagster_run.tags["dagster/asset_partition_range_start"] == CLASSES[0]
                     ]
+                try:  # the device's holder: the run process of the first class, while it encodes
+                    holder = json.loads(lease.read_text())
+                except (OSError, ValueError):
+                    holder = {}
                 workers = run_processes(proc.pid)
-                if started and len(workers) == 1:  # one run at a time: this process is that run's
-                    os.kill(workers[0], signal.SIGKILL)
+                if started and holder.get("purpose") == started[0].dagster_run.run_id and holder.get("pid") in workers:
+                    os.kill(holder["pid"], signal.SIGKILL)
                     killed = started[0].dagster_run.run_id
             time.sleep(0.05)
         proc.wait(timeout=300)
@@ -129,3 +135,16 @@ def test_class_batches_every_class_once_in_order_with_small_edges_in_big_builds(
     assert [len(b) for b in class_batches(classes[:3], 2)] == [2, 1]
     assert class_batches(classes[:5], 1) == [[c] for c in classes[:5]]
     assert class_batches([], 125) == []
+
+
+def test_a_killed_build_leaves_no_run_process_and_the_next_build_fails_its_runs(tmp_path):
+    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 12, CLASSES[1]: 12})
+    env, home = cli_env(tmp_path), tmp_path / "out" / "dagster_home"
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    # kill -9 while a class run is STARTED; the helper also asserts the run processes died with it
+    killed = kill_build_during_gpu_run([*command, "--runs-at-once", "2"], env, tmp_path, home, tmp_path / "killed.log")
+    again = run_cli(command, env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "left unfinished by imagenet-int8 builds whose process died as failed" in again.stdout
+    assert killed.run_id in again.stdout
+    assert "24 samples in 2 classes" in again.stdout
