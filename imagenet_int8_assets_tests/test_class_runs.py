@@ -35,7 +35,7 @@ def _class_runs(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
     ]
 
 
-def test_two_devices_encode_at_once_each_class_once_with_the_serial_bytes(tmp_path):
+def test_runs_at_once_over_two_devices_encode_each_class_once_with_the_serial_bytes(tmp_path):
     source = make_image_folder(tmp_path / "src", {c: 3 for c in CLASSES})
     command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
 
@@ -62,8 +62,9 @@ def test_two_devices_encode_at_once_each_class_once_with_the_serial_bytes(tmp_pa
             ).records
             assert len(events) == 1, key
             leases[key] = events[0].asset_materialization.metadata["device_lease"].value
-        assert set(leases.values()) <= {"cpu:0", "cpu:1"}
-        assert len(set(leases.values())) == 2, f"one device did all the work: {leases}"
+        # which device each run got depends on timing (a run whose encode ends before the next one
+        # leases frees cpu:0 again); two encodes at once on two devices: test_core_devices
+        assert set(leases.values()) <= {"cpu:0", "cpu:1"}, leases
 
 
 def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
