@@ -7,7 +7,9 @@ import re
 import pytest
 
 from imagenet_int8_assets.core.sources import (
+    ClassLabels,
     SourceError,
+    class_data_versions,
     class_labels,
     imagenet_classes,
     list_class_folders,
@@ -103,3 +105,43 @@ def test_probe_hidden_and_unreadable(tmp_path):
     hidden.write_bytes(b"\0\1")
     assert probe_image(hidden)["status"] == "skipped"
     assert probe_image(tmp_path / "missing.JPEG")["status"] == "bad"
+
+
+def _version_frame():
+    import pandas as pd
+
+    from imagenet_int8_assets.core.sources import MANIFEST_COLUMNS
+
+    rows = [
+        ("a/x.jpg", "a", 10, 5, "ok", ""),
+        ("a/b\udcff.jpg", "a", 11, 6, "bad", "truncated"),
+        ("a/Z.jpg", "a", 12, 7, "skipped", "too small"),
+        ("b/1.png", "b", 0, -1, "bad", "empty file"),
+        ("junk.txt", "", 3, 1, "skipped", "not a class"),
+        ("c/é.jpg", "c", 2**40, 1700000000123456789, "ok", ""),
+    ]
+    records = [
+        {c: 0 if c in ("label", "width", "height") else "" for c in MANIFEST_COLUMNS}
+        | dict(zip(["id", "class_folder", "bytes", "mtime_ns", "status", "reason"], row))
+        for row in rows
+    ]
+    frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS).astype({"bytes": "int64", "mtime_ns": "int64"})
+    labels = ClassLabels("folder-order", {"a": 0, "b": 1, "c": 2, "d": 3}, {"a": "A", "b": "B", "c": "C", "d": "D"}, "")
+    return frame, labels
+
+
+def test_class_data_versions_follow_each_class_files_and_label_only():
+    frame, labels = _version_frame()
+    versions = class_data_versions(frame, labels)
+    # the versions earlier releases recorded for these files: an upgrade must not mark classes changed
+    assert versions == {"a": "511cbf2957cf7001ff8cc1e2", "b": "f4da05e99d24c2f862ddb0fa", "c": "d90426a40327fd40335cdb1c", "d": "efc438b740240c1a48432179"}
+    assert class_data_versions(frame.sample(frac=1, random_state=1), labels) == versions  # row order is not a change
+    for column, value in (("bytes", 99), ("mtime_ns", 99), ("status", "bad"), ("reason", "x"), ("id", "a/y.jpg")):
+        changed = frame.copy()
+        changed.loc[changed["id"] == "a/x.jpg", column] = value
+        assert class_data_versions(changed, labels) == versions | {"a": class_data_versions(changed, labels)["a"]}
+        assert class_data_versions(changed, labels)["a"] != versions["a"], column
+    relabeled = ClassLabels("folder-order", {**labels.index, "b": 7}, labels.text, "")
+    assert class_data_versions(frame, relabeled) == versions | {"b": class_data_versions(frame, relabeled)["b"]} != versions
+    emptied = class_data_versions(frame[frame["id"] != "c/é.jpg"], labels)
+    assert emptied["c"] != versions["c"] and emptied["c"] == class_data_versions(frame.iloc[0:0], labels)["c"]

@@ -224,11 +224,15 @@ def find_class_folders(source: str | os.PathLike) -> ClassFolders:
         (links if is_link else real).append((name, _identity(st), target))
     accepted: dict[tuple[int, int], str] = {}
     targets: dict[str, str] = {}
+    by_target: dict[str, str] = {}  # an accepted class's folder -> the class
     links.sort(key=lambda item: (len(Path(item[2]).parts), item[0]))
     for name, ident, target in real + links:
         owner = accepted.get(ident)
         if owner is None:
-            owner = next((c for c, t in targets.items() if _is_inside(target, t)), None)
+            # a folder above the target that is an accepted class's (the first accepted, if several):
+            # a lookup per level, not a comparison with every class (quadratic: seconds at 1,000 classes)
+            inside = [by_target[str(up)] for up in Path(target).parents if str(up) in by_target]
+            owner = min(inside, key=list(targets).index) if inside else None
             where = f"points inside class {owner}'s folder"
         else:
             where = f"is the same folder as class {owner}"
@@ -244,6 +248,7 @@ def find_class_folders(source: str | os.PathLike) -> ClassFolders:
             continue
         accepted[ident] = name
         targets[name] = target
+        by_target[target] = name
     rejected.sort(key=lambda row: row["id"])
     return ClassFolders(root=root, names=sorted(targets), rejected=rejected)
 
@@ -609,14 +614,21 @@ def class_data_versions(frame: pd.DataFrame, labels: ClassLabels) -> dict[str, s
     a version too (their folder exists)."""
     import hashlib
 
-    versions = {}
+    import numpy as np
+
     columns = ["id", "bytes", "mtime_ns", "status", "reason"]
-    groups = {key: group for key, group in frame[frame["class_folder"] != ""].groupby("class_folder", sort=False)}
+    rows = frame.loc[frame["class_folder"] != "", ["class_folder", *columns]].sort_values(["class_folder", "id"])
+    # one line per file, "id\0bytes\0mtime_ns\0status\0reason\n", the classes' lines consecutive: one
+    # pass over plain lists (a sort and a loop over rows per class took 3.5 s at ImageNet size)
+    lines = ["\0".join(map(str, row)) + "\n" for row in zip(*(rows[c].tolist() for c in columns))]
+    folders = rows["class_folder"].to_numpy()
+    bounds = np.concatenate([[0], np.flatnonzero(folders[1:] != folders[:-1]) + 1, [len(folders)]]).tolist()
+    spans = {folders[a]: (a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
+    versions = {}
     for name in labels.index:
         digest = hashlib.sha256(f"{labels.index[name]}\0{labels.text[name]}\0".encode("utf-8", "surrogateescape"))
-        group = groups.get(name)
-        if group is not None:
-            for row in group.sort_values("id")[columns].itertuples(index=False):
-                digest.update("\0".join(map(str, row)).encode("utf-8", "surrogateescape") + b"\n")
+        if name in spans:
+            a, b = spans[name]
+            digest.update("".join(lines[a:b]).encode("utf-8", "surrogateescape"))
         versions[name] = digest.hexdigest()[:24]
     return versions
