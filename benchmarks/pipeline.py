@@ -268,8 +268,7 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     held: dict = {}
 
     def keep(group: int, indices: list[int], crops) -> None:
-        if group not in held:
-            held.clear()
+        if group not in held:  # popped by write, on encode_stream's writer thread
             held[group] = np.empty((sizes[group], size, size, 3), dtype=np.uint8)
         held[group][indices] = crops
 
@@ -516,10 +515,16 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
             events = instance.all_logs(run_id)
             starts, steps = {}, {}
             kinds: dict[str, int] = {}
+            device: dict[str, float] = {}  # when the encode step got its device, and when its stream ended
             for entry in events:
                 event = entry.dagster_event
                 kind = event.event_type_value if event is not None else "LOG"
                 kinds[kind] = kinds.get(kind, 0) + 1
+                message = entry.user_message or ""
+                if event is None and message.startswith("Loaded VAE"):  # assets/latents._Encoding, after the lease
+                    device["leased"] = entry.timestamp
+                elif event is None and "streamed into the encoder" in message:  # assets/latents._stream's end
+                    device["encoded"] = entry.timestamp
                 if event is None or not entry.step_key:
                     continue
                 if kind == "STEP_START":
@@ -539,6 +544,7 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
                     "steps": steps,
                     "events": len(events),
                     "event_kinds": kinds,
+                    **device,
                 }
             )
         # What the progress bar of `imagenet-int8 build` costs (cli._RunProgress, once a second, reads
@@ -573,7 +579,17 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
     for r in runs:
         for name, sec in r["steps"].items():
             step_totals[name] = round(step_totals.get(name, 0.0) + sec, 3)
+    encodes = sorted((r["leased"], r["encoded"]) for r in runs if "leased" in r and "encoded" in r)
+    timeline = {}
+    if encodes:
+        timeline = {
+            "first_lease": round(encodes[0][0] - wall_start, 3),
+            "handoffs": [round(max(0.0, b[0] - a[1]), 3) for a, b in zip(encodes, encodes[1:])],
+            "encoding": round(sum(e - s for s, e in encodes), 3),
+            "after_last_encode": round(wall_end - encodes[-1][1], 3),
+        }
     return {
+        "device_timeline": timeline,
         "startup_to_first_run": round(first["created"] - wall_start, 3),
         "after_last_run": round(wall_end - (last["end"] or last["created"]), 3),
         "between_runs": gaps,
@@ -684,8 +700,9 @@ EXTRA_MANIFEST_PASSES_PER_RUN = 3
 def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats: int = 10) -> dict[str, Any]:
     """An ImageNet-size manifest (the real columns): selecting one class's good rows with a boolean mask
     over every row (what the assets did per class before), one ``groupby`` for all classes (what
-    ``ok_rows_by_class`` does per step now), and reading the
-    parquet file (``read_manifest``), which cost nothing measurable at the benchmark's size."""
+    ``ok_rows_by_class`` does per step now), reading the
+    parquet file (``read_manifest``), which cost nothing measurable at the benchmark's size, listing
+    as many class folders (``find_class_folders``) and the classes' data versions."""
     import io
 
     import numpy as np
@@ -716,7 +733,26 @@ def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats
         pd.read_parquet(io.BytesIO(buffer.getvalue()))
         reads.append(time.perf_counter() - t)
     filter_s = sorted(times)[len(times) // 2]
+    # what every scan does once per build whatever changed: listing the class folders (three times:
+    # settings check, manifest step, scan; it compared every folder with every other before: 2.4 s
+    # a call at 1,000 classes) and the classes' data versions
+    import tempfile
+
+    from imagenet_int8_assets.core.sources import ClassLabels, class_data_versions, find_class_folders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            os.mkdir(os.path.join(tmp, name))
+        t = time.perf_counter()
+        found = find_class_folders(tmp)
+        folders_s = time.perf_counter() - t
+        assert len(found.names) == classes
+    labels = ClassLabels("imagenet", {n: i for i, n in enumerate(names)}, {n: "tench" for n in names}, "")
+    t = time.perf_counter()
+    class_data_versions(frame, labels)
+    versions_s = time.perf_counter() - t
     return {"rows": rows, "classes": classes, "filter_per_class_s": round(filter_s, 4),
+            "find_class_folders_s": round(folders_s, 3), "class_data_versions_s": round(versions_s, 3),
             "filter_pass_over_all_classes_s": round(filter_s * classes, 1), "groupby_once_s": round(grouped, 3),
             "parquet_bytes": len(buffer.getvalue()), "read_parquet_s": round(min(reads), 3), "load": load_average()}
 
@@ -812,6 +848,14 @@ def print_report(res: dict[str, Any]) -> None:
                   f"{d['events']} events; raw_manifest step {manifest:.2f} s ({manifest / b['seconds']:.1%} of the build), "
                   f"crops_and_latents steps {encode:.2f} s")
             print("    steps: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["step_totals"].items())))
+            t = d.get("device_timeline")
+            if t:  # the device's view: when it started, how long it sat idle between runs, what followed
+                ref_start = sum(phases.get(k, 0.0) for k in ("imports", "scan", "vae_load"))
+                ref_after = sum(v for k, v in phases.items() if k not in ("imports", "scan", "vae_load", "crops_encode"))
+                print(f"    device: first lease at {t['first_lease']:.2f} s (the reference's encode starts at {ref_start:.2f} s); "
+                      f"idle between runs {sum(t['handoffs']):.2f} s ({', '.join(f'{h:.2f}' for h in t['handoffs'])}); "
+                      f"leased and encoding {t['encoding']:.2f} s (the reference's crops_encode {phases['crops_encode']:.2f} s); "
+                      f"after the last encode {t['after_last_encode']:.2f} s (the reference: {ref_after:.2f} s)")
     for name, label in (("fit", "wall"), ("fit_cpu", "CPU")):
         fit = res[name]
         print(f"\nFit over {fit['points']} builds, {label}: overhead s = {fit['a_fixed_s']:.2f} + {fit['b_per_class_s']:.4f} "
@@ -829,7 +873,8 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"ImageNet-size manifest ({mf['rows']:,} rows, {mf['parquet_bytes'] / 1e6:.0f} MB parquet): one class's rows "
           f"selected as the assets do {mf['filter_per_class_s'] * 1e3:.0f} ms = {mf['filter_pass_over_all_classes_s']:.0f} s "
           f"per pass over {mf['classes']} classes (one groupby for all: {mf['groupby_once_s']:.2f} s); read_parquet "
-          f"{mf['read_parquet_s']:.2f} s (load {mf['load']})")
+          f"{mf['read_parquet_s']:.2f} s; class folders listed {mf['find_class_folders_s']:.3f} s, data versions "
+          f"{mf['class_data_versions_s']:.2f} s (load {mf['load']})")
     if res.get("simulated_gpu"):
         print("\nNo projection from the fit with a simulated GPU (it does not model overlapping runs): see "
               "docs/BENCHMARKS.md, 'Class runs at once'.")

@@ -4,8 +4,11 @@ A class run is one partition-range run of crops, latents and shards. The build k
 ``runs_at_once`` of them going (default: the number of devices + 1; with only the CPU, 1: the runs
 then go one after another in the build's own process, as before). Each encode leases one device
 (``core.devices.lease_device``), so with N devices N runs encode at once, one per device, and the
-extra run gets ready meanwhile: its process starts, its run is created (Dagster writes the planned
-events of its classes), it reads the manifest and waits for the first device to come free. When a
+extra run gets ready meanwhile: its process starts (imports, the VAE loaded into host memory), its
+run is created (Dagster writes the planned events of its classes), it reads the manifest and waits
+for the first device to come free. The first ``runs_at_once`` processes start before the build's
+manifest run and get ready while it scans (``ClassRuns.prestart``): the first encode does not wait
+for their imports. When a
 run's encode ends, the waiting one starts encoding at once, while the finished one writes its
 materializations, shards and checks on the CPU. On one GPU that hides the per-run and per-class
 bookkeeping behind the next run's encode; on N GPUs it uses them all (before, the CLI ran its
@@ -129,23 +132,36 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def execute_class_run(
-    parent_pid: int, per_run: int, selection: Sequence[str], tags: dict, run_id: str, run_config: dict, env: dict
-) -> None:
-    """A run process: execute one run of the build's job, then exit 0 if it succeeded, else 1.
+def run_process(parent_pid: int, per_run: int, env: dict, work: multiprocessing.connection.Connection) -> None:
+    """A run process: get ready (imports, the build's job, the instance, the VAE loaded into host
+    memory), then execute the one run it is given on ``work`` (selection, tags, run id, run config)
+    and exit 0 if it succeeded, else 1. Given nothing (the pipe closed or ``None``: the build needs
+    no more runs) it exits 0 without a run.
 
-    It ends with ``os._exit`` after flushing, as the command does (``cli.run``: pyarrow can abort
-    in interpreter teardown)."""
+    The build starts its first run processes before its manifest run, so that they get ready while
+    the source is scanned; the later ones are handed their run at once. It ends with ``os._exit``
+    after flushing, as the command does (``cli.run``: pyarrow can abort in interpreter teardown)."""
     _die_with_parent(parent_pid)
     os.environ.update(env)
     code = 1
     try:
         from dagster import AssetKey, DagsterInstance
 
+        from imagenet_int8_assets.assets.latents import preload_vae
         from imagenet_int8_assets.definitions import build_definitions
         from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-        job = build_definitions(ImagenetInt8Settings.from_env(), per_run).resolve_implicit_global_asset_job_def()
+        settings = ImagenetInt8Settings.from_env()
+        job = build_definitions(settings, per_run).resolve_implicit_global_asset_job_def()
+        preload_vae(settings)
+        try:
+            given = work.recv()
+        except EOFError:
+            given = None
+        if given is None:
+            code = 0
+            return
+        selection, tags, run_id, run_config = given
         with DagsterInstance.get() as instance:
             result = job.execute_in_process(
                 run_config=run_config,
@@ -165,6 +181,14 @@ def execute_class_run(
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+@dataclass
+class _Ready:
+    """A run process started before it has a run: it gets ready meanwhile."""
+
+    process: multiprocessing.process.BaseProcess
+    work: multiprocessing.connection.Connection
 
 
 @dataclass
@@ -194,8 +218,35 @@ class ClassRuns:
         self.instance, self.settings, self.per_run, self.runs_at_once = instance, settings, per_run, runs_at_once
         self.run_config, self.tags, self.progress, self.describe = run_config, tags, progress, describe
         self.env = {"IMAGENET_INT8_DEVICE_WAIT": str(max(settings.device_wait, SIBLING_DEVICE_WAIT_S))}
+        self.context = multiprocessing.get_context("spawn")
+        self.ready: list[_Ready] = []
 
-    def _start(self, context, batch: list[str]) -> _Active:
+    def _spawn(self) -> _Ready:
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=run_process, args=(os.getpid(), self.per_run, self.env, receive), name="imagenet-int8 run process"
+        )
+        process.start()  # from this (the main) thread: the death signal follows the thread that forked
+        receive.close()
+        return _Ready(process, send)
+
+    def prestart(self, count: int) -> None:
+        """Start ``count`` run processes now, before the runs are known (the build calls this before
+        its manifest run): their imports and VAE load overlap with the scan. ``run`` uses them first;
+        ``close`` ends those it did not use."""
+        while len(self.ready) < count:
+            self.ready.append(self._spawn())
+
+    def close(self) -> None:
+        """End the started run processes that were given no run (they hold no run, lease or file
+        being written: only imports and a VAE in memory)."""
+        for ready in self.ready:
+            ready.work.close()
+            ready.process.kill()
+            ready.process.join()
+        self.ready = []
+
+    def _start(self, batch: list[str]) -> _Active:
         from dagster._core.utils import make_new_run_id
 
         run_id = make_new_run_id()
@@ -204,15 +255,15 @@ class ClassRuns:
             "dagster/asset_partition_range_start": batch[0],
             "dagster/asset_partition_range_end": batch[-1],
         }
-        process = context.Process(
-            target=execute_class_run,
-            args=(os.getpid(), self.per_run, CLASS_STEPS, tags, run_id, self.run_config, self.env),
-            name=f"imagenet-int8 run {run_id[:8]}",
-        )
-        process.start()  # from this (the main) thread: the death signal follows the thread that forked
+        ready = self.ready.pop(0) if self.ready else self._spawn()
+        try:
+            ready.work.send((CLASS_STEPS, tags, run_id, self.run_config))
+        except OSError:  # the process died getting ready: _finish reports it (no run was created)
+            pass
+        ready.work.close()
         progress = self.progress(run_id)
         progress.__enter__()
-        return _Active(batch, run_id, process, progress)
+        return _Active(batch, run_id, ready.process, progress)
 
     def _finish(self, active: _Active) -> list[str]:
         from dagster import DagsterEventType, DagsterRunStatus
@@ -246,12 +297,11 @@ class ClassRuns:
 
     def run(self, batches: Sequence[list[str]]) -> list[str]:
         """Execute every batch; returns the failure lines (empty when every run succeeded)."""
-        context = multiprocessing.get_context("spawn")
         pending, active, failures, done = list(batches), [], [], 0
         try:
             while pending or active:
                 while pending and len(active) < self.runs_at_once:
-                    active.append(self._start(context, pending.pop(0)))
+                    active.append(self._start(pending.pop(0)))
                 self.describe(done, len(active), len(batches))
                 multiprocessing.connection.wait([a.process.sentinel for a in active])
                 for ended in [a for a in active if not a.process.is_alive()]:

@@ -178,41 +178,54 @@ def _build_locked(
                 failures.extend([f"run {run_id}:"] + [f"  {p}" for p in problems or ["failed"]])
             return result.success
 
-        bar.set_description("manifest")
-        if run(["raw_manifest"]) and _usable_images(settings, failures):
-            plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
-            batches = class_batches(plan.classes, per_run)
-            bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
-            bar.refresh()
-            tqdm.write(plan.describe(per_run, len(batches)))
-            at_once = min(runs_at_once or default_runs_at_once(settings), len(batches))
-            if at_once > 1:
-                tqdm.write(f"Class runs: up to {at_once} at once, each in its own process.")
+        # class runs in processes of their own (a GPU node: devices + 1 at once), the first ones
+        # started now, so that their imports and VAE load overlap with the manifest run's scan
+        at_once = runs_at_once or default_runs_at_once(settings)
+        class_runs = None
+        if at_once > 1:
 
-                def describe(done: int, running: int, total: int) -> None:
-                    bar.set_description(f"class runs {done}/{total} done, {running} running")
+            def describe(done: int, running: int, total: int) -> None:
+                bar.set_description(f"class runs {done}/{total} done, {running} running")
 
-                warming = warm_imports()  # the dataset run's imports, while the class runs encode
-                failures += ClassRuns(
-                    instance, settings, per_run, at_once, run_config, own_tags,
-                    progress=lambda run_id: _RunProgress(instance, run_id, bar), describe=describe,
-                ).run(batches)
-                warming.join()
-            else:  # one at a time: in this process, as the other runs (no process start per run)
-                for n, batch in enumerate(batches, 1):
-                    bar.set_description(f"classes {n}/{len(batches)}")
-                    run(
-                        CLASS_STEPS,
-                        {"dagster/asset_partition_range_start": batch[0], "dagster/asset_partition_range_end": batch[-1]},
-                    )
-            if not failures and plan.dataset:
-                bar.set_description("dataset")
-                run(FINAL_STEPS)
-            if publish and failures:
-                failures.append("hub_upload: not run, nothing was published (the build above did not finish)")
-            elif publish:
-                bar.set_description("publish")
-                run(PUBLISH_STEPS)
+            class_runs = ClassRuns(
+                instance, settings, per_run, at_once, run_config, own_tags,
+                progress=lambda run_id: _RunProgress(instance, run_id, bar), describe=describe,
+            )
+            class_runs.prestart(at_once)
+        try:
+            bar.set_description("manifest")
+            if run(["raw_manifest"]) and _usable_images(settings, failures):
+                plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
+                batches = class_batches(plan.classes, per_run)
+                bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
+                bar.refresh()
+                tqdm.write(plan.describe(per_run, len(batches)))
+                if class_runs is not None and batches:
+                    class_runs.runs_at_once = min(at_once, len(batches))
+                    tqdm.write(f"Class runs: up to {class_runs.runs_at_once} at once, each in its own process.")
+                    warming = warm_imports()  # the dataset run's imports, while the class runs encode
+                    failures += class_runs.run(batches)
+                    warming.join()
+                else:  # one at a time: in this process, as the other runs (no process start per run)
+                    for n, batch in enumerate(batches, 1):
+                        bar.set_description(f"classes {n}/{len(batches)}")
+                        run(
+                            CLASS_STEPS,
+                            {"dagster/asset_partition_range_start": batch[0], "dagster/asset_partition_range_end": batch[-1]},
+                        )
+                if class_runs is not None:
+                    class_runs.close()  # those started for runs this build did not need
+                if not failures and plan.dataset:
+                    bar.set_description("dataset")
+                    run(FINAL_STEPS)
+                if publish and failures:
+                    failures.append("hub_upload: not run, nothing was published (the build above did not finish)")
+                elif publish:
+                    bar.set_description("publish")
+                    run(PUBLISH_STEPS)
+        finally:
+            if class_runs is not None:
+                class_runs.close()
     if failures:
         print("\nThe build did not finish:\n" + "\n".join(failures), file=sys.stderr)
         print(

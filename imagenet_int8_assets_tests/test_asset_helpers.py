@@ -66,3 +66,25 @@ def test_partition_metadata_is_refused_outside_a_partitioned_step():
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize([plain], instance=instance, raise_on_error=False)
         assert not result.success
+
+
+def test_a_preloaded_vae_is_used_once_and_a_failed_preload_leaves_the_error_to_the_step(tmp_path):
+    from imagenet_int8_assets.assets.latents import _load_vae, preload_vae
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    settings = ImagenetInt8Settings(output=str(tmp_path / "out"), vae="tiny-random", device="cpu")
+    preload_vae(settings)
+    first, how = _load_vae(settings)
+    assert "before the run started" in how
+    again, how_again = _load_vae(settings)  # used once: the next step loads its own
+    assert again is not first and "before the run started" not in how_again
+    assert first.info.requested == again.info.requested == "tiny-random"
+
+    missing = ImagenetInt8Settings(output=str(tmp_path / "out"), vae=str(tmp_path / "no-such-vae"), device="cpu")
+    preload_vae(missing)  # does not raise: the step's own load reports the problem
+    try:
+        _load_vae(missing)
+    except Exception as exc:
+        assert "no-such-vae" in str(exc)
+    else:
+        raise AssertionError("a VAE folder that does not exist loaded")

@@ -65,6 +65,16 @@ def test_runs_at_once_over_two_devices_encode_each_class_once_with_the_serial_by
         # which device each run got depends on timing (a run whose encode ends before the next one
         # leases frees cpu:0 again); two encodes at once on two devices: test_core_devices
         assert set(leases.values()) <= {"cpu:0", "cpu:1"}, leases
+        for record in records:  # each run process loaded its VAE before it was given its run
+            loaded = [e.user_message for e in instance.all_logs(record.dagster_run.run_id) if "Loaded VAE" in (e.user_message or "")]
+            assert len(loaded) == 1 and "before the run started" in loaded[0], loaded
+
+    # nothing left to build: the run processes started before the manifest run are ended unused
+    proc = run_cli(command, both, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Class runs:" not in proc.stdout
+    with dg.DagsterInstance.from_config(str(tmp_path / "both" / "out" / "dagster_home")) as instance:
+        assert len(_class_runs(instance)) == 4
 
 
 def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):

@@ -252,6 +252,47 @@ def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tas
 
 
 @pytest.mark.timeout(120)
+def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_the_stream(vae, tasks):
+    import threading
+
+    from imagenet_int8_assets.core.pipeline import encode_stream
+
+    sizes = [8, 8, len(tasks) - 16]
+    next_encoding = threading.Event()
+    handed, overlapped = [], []
+
+    def progress(group: int, done: int) -> None:  # the encoding thread
+        if group == 1 and done > 0:
+            next_encoding.set()
+
+    def write(group: int, result) -> None:  # the writer thread: class 0 waits for class 1's encode
+        if group == 0:
+            overlapped.append(next_encoding.wait(timeout=30))
+        handed.append((group, list(result.ok), result.posterior.mean.copy()))
+
+    streamed = encode_stream(
+        vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, progress=progress, on_group=write
+    )
+    assert overlapped == [True], "class 1 was not encoded while class 0 was being written"
+    assert [g for g, *_ in handed] == [0, 1, 2]
+    for (group, ok, mean), kept, part in zip(handed, streamed.groups, (tasks[:8], tasks[8:16], tasks[16:])):
+        e_ok, _, _, e_post, _ = serial(vae, part, batch_size=4)
+        assert ok == e_ok == kept.ok
+        np.testing.assert_array_equal(mean, e_post.mean)
+
+    written = []
+
+    def failing(group: int, result) -> None:
+        if group == 1:
+            raise OSError(28, "No space left on device")
+        written.append(group)
+
+    with pytest.raises(OSError, match="No space left"):
+        encode_stream(vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, on_group=failing)
+    assert written == [0]  # the class before the error is written, none after it
+
+
+@pytest.mark.timeout(120)
 def test_a_class_without_images_gets_latents_of_the_crop_size(vae, tasks):
     """An empty class between others takes the shape from their tasks; with no task at all the
     shape comes from ``image_hw`` (0, C, S/8, S/8) as encode_posterior gives it, never (0, C, 0, 0)."""

@@ -71,6 +71,33 @@ LATENTS_DESCRIPTION = (
 )
 
 
+# A VAE loaded by a class run process of `imagenet-int8 build` before its run was given to it
+# (class_runs: while the manifest run scans): the run's encode step takes it instead of loading.
+_preloaded: dict[tuple[str, str], tuple[object, float]] = {}
+
+
+def preload_vae(settings: ImagenetInt8Settings) -> None:
+    """Load the settings' VAE now (torch and diffusers imported, weights read into host memory) for
+    this process's next encode step. A failure is left for that step's own load to report."""
+    started = time.monotonic()
+    try:
+        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
+    except Exception:
+        return
+    _preloaded[(settings.vae, settings.vae_fallback or "")] = (vae, time.monotonic() - started)
+
+
+def _load_vae(settings: ImagenetInt8Settings) -> tuple[object, str]:
+    """The step's VAE: the one preloaded for these settings (used once), else loaded now; and how
+    long loading took, as the log says it."""
+    preloaded = _preloaded.pop((settings.vae, settings.vae_fallback or ""), None)
+    if preloaded is not None:
+        return preloaded[0], f"in {preloaded[1]:.1f}s before the run started"
+    started = time.monotonic()
+    vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
+    return vae, f"in {time.monotonic() - started:.1f}s"
+
+
 def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> None:
     """Encode the step's classes on a leased device: with ``crop_too`` cropping them from the
     source on the way (``preprocessed_crops`` in the same step, written class by class), else from
@@ -90,13 +117,11 @@ def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> N
         devices = visible_devices(settings.devices or None, settings.device)
         # the model is loaded (torch and diffusers imported, weights read) before the lease, so a run
         # waiting for a device starts encoding the moment it gets one; it goes to the device after
-        started = time.monotonic()
-        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
-        load_s = time.monotonic() - started
+        vae, loaded = _load_vae(settings)
         with lease_device(
             settings.output_path, devices, timeout_s=settings.device_wait, purpose=context.run_id, log=context.log.info
         ) as leased:
-            encoding = _Encoding(context, settings, leased, vae, load_s)
+            encoding = _Encoding(context, settings, leased, vae, loaded)
             if source is not None:
                 _crop_and_encode(context, settings, encoding, *source)
             else:
@@ -121,20 +146,22 @@ def _stream(
     from imagenet_int8_assets.core.pipeline import encode_stream
 
     samples: list = []
+    sampled: list[int] = []  # the group the samples come from: the first with good crops
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
     progress = progress_logger(context.log.info, f"cropped and encoded ({len(keys)} class(es))", total=sum(sizes))
     last = time.monotonic()
 
-    def kept(group: int, rows: list[int], chunk) -> None:
+    def kept(group: int, rows: list[int], chunk) -> None:  # the encoding thread
         if keep_crops is not None:
             keep_crops(group, rows, chunk)
-        if len(samples) < 8:  # the numerics report looks at the first crops, as unstreamed
+        sampled[:] = sampled or [group]
+        if group == sampled[0] and len(samples) < 8:  # the numerics report looks at the first crops, as unstreamed
             samples.extend(chunk[: 8 - len(samples)])
 
-    def done(group: int, result) -> None:
+    def done(group: int, result) -> None:  # the writer thread (core.pipeline), while the next class encodes
         nonlocal last
         now = time.monotonic()
-        if samples and encoding.run_checks is None:
+        if samples and encoding.run_checks is None and group >= sampled[0]:
             encoding.numerics(np.stack(samples))
         on_class(keys[group], result, now - last)
         last = time.monotonic()
@@ -161,11 +188,10 @@ def _crop_and_encode(context, settings: ImagenetInt8Settings, encoding: "_Encodi
     writer = CropWriter(context, settings, root, sum(sizes))
     encoding.start_writing(sum(sizes))
     size = settings.crop_size
-    held: dict = {}  # the class being cropped: its good crops, in order
+    held: dict = {}  # the classes cropped and not written yet: their good crops, in order
 
     def keep(group: int, indices: list[int], crops) -> None:
-        if group not in held:
-            held.clear()
+        if group not in held:  # popped by write (the writer thread) once the class is encoded
             held[group] = np.empty((sizes[group], size, size, 3), dtype=np.uint8)
         held[group][indices] = crops
 
@@ -283,11 +309,11 @@ def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: 
 
 
 class _Encoding:
-    """One step's encoder: the VAE (loaded once, ``load_s`` seconds) moved to the leased device, its
+    """One step's encoder: the VAE (loaded once; ``loaded`` says how long it took) moved to the leased device, its
     batch size and FLOPs, the provenance every class records; ``write`` stores a class's latents
     with their metadata."""
 
-    def __init__(self, context, settings: ImagenetInt8Settings, leased: str, vae, load_s: float):
+    def __init__(self, context, settings: ImagenetInt8Settings, leased: str, vae, loaded: str):
         from imagenet_int8_assets.core.devices import select_device
 
         self.context, self.settings, self.leased = context, settings, leased
@@ -305,7 +331,7 @@ class _Encoding:
         if self.banner:
             context.log.warning(self.banner)
         context.log.info(
-            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) in {load_s:.1f}s, on {self.device} in "
+            f"Loaded VAE {info.requested!r} ({info.source}, {info.family}) {loaded}, on {self.device} in "
             f"{to_device_s:.1f}s, for "
             f"{len(context.partition_keys)} partition(s), precision {settings.precision}, device {leased}, "
             f"{self.batch_size} images per pass ({self.batch_choice.get('source', 'setting')})"

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -413,6 +415,50 @@ def _image_hw(task) -> tuple[int, int] | None:
     return None
 
 
+class _GroupWriter:
+    """Calls ``on_group`` on a thread of its own, in group order, while the caller encodes the next
+    group: writing a class (files, metadata) no longer stalls the encoder between classes. At most
+    ``ahead`` encoded groups wait for it (the memory bound: their posteriors and whatever the
+    callback holds for them). The first error of ``on_group`` is raised in the caller at its next
+    ``put`` or at ``close``; groups after it are not written."""
+
+    def __init__(self, on_group: Callable[[int, GroupResult], None], ahead: int = 1):
+        self.on_group = on_group
+        self.waiting: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self.error: BaseException | None = None
+        self.raised = False
+        self.thread = threading.Thread(target=self._work, name="imagenet-int8 group writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.waiting.get()
+            if item is None:
+                return
+            group, result = item
+            if self.error is None:
+                try:
+                    self.on_group(group, result)
+                except BaseException as exc:  # raised in the caller's thread
+                    self.error = exc
+            result.posterior = result.flipped = None
+
+    def _raise(self) -> None:
+        if self.error is not None and not self.raised:
+            self.raised = True
+            raise self.error
+
+    def put(self, group: int, result: GroupResult) -> None:
+        self._raise()
+        self.waiting.put((group, result))
+
+    def close(self) -> None:
+        """Wait until every group put is written (or skipped after an error), then raise that error."""
+        self.waiting.put(None)
+        self.thread.join()
+        self._raise()
+
+
 def encode_stream(
     vae,
     tasks: Sequence,
@@ -452,10 +498,12 @@ def encode_stream(
     the host). ``log``: out-of-memory retries and crop worker deaths. ``keep_crops(group,
     indices, crops)``: each chunk's good crops (uint8 (k, S, S, 3), a fresh array the callback may
     keep) with their indices into the group's tasks, in order, before they are encoded: to store
-    the crops without a second pass. ``on_group(group, result)``: called as soon as a group is
-    encoded, in order, while the workers already crop the next group (to write each class as it is
-    done); the returned groups then keep their ``ok`` and ``failed`` but not their posteriors
-    (``None``), so memory holds one class's posteriors at a time instead of all of them.
+    the crops without a second pass. ``on_group(group, result)``: called for each group as soon as it is
+    encoded, in order, on a writer thread of its own (``_GroupWriter``): while it writes a class,
+    the workers crop and the encoder encodes the next one, and at most one more encoded group waits
+    for it; every call has returned when ``encode_stream`` returns, and an error it raises is raised
+    here. The returned groups then keep their ``ok`` and ``failed`` but not their posteriors
+    (``None``), so memory holds a few classes' posteriors at a time instead of all of them.
     ``image_hw``: the crops' (height, width), which gives a group without images its latents' shape
     (0, C, h, w); by default read from the ``crop_task`` tuples, so needed only when there are none.
     """
@@ -476,6 +524,7 @@ def encode_stream(
     started = time.monotonic()
     low = None if precision == "fp32" else vae.cast(torch_dtype(precision))  # shared by every encoder
     producer = _Producer(crop_fn, tasks, chunks, workers, queue_batches, timing, log)
+    writer = _GroupWriter(on_group) if on_group is not None else None
     results: list[GroupResult] = []
     try:
         next_chunk, lo = 0, 0
@@ -522,10 +571,17 @@ def encode_stream(
             result.flipped = flip_encoder.finish() if flip_encoder is not None else None
             timing.encode_s += time.monotonic() - t0
             lo += size
-            if on_group is not None:
-                on_group(group, result)
-                result.posterior = result.flipped = None
+            if writer is not None:
+                writer.put(group, result)
+        if writer is not None:
+            writer, closing = None, writer
+            closing.close()
     finally:
         producer.close()
+        if writer is not None:  # an error: the groups already encoded are still written
+            try:
+                writer.close()
+            except BaseException:
+                pass  # the first error is the one propagating
         timing.wall_s = time.monotonic() - started
     return StreamResult(results, timing)
