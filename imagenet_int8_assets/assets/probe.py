@@ -5,6 +5,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import (
+    COUNT_COLUMNS,
     dataset_classes,
     read_manifest,
     recorded_labels,
@@ -44,7 +45,7 @@ GROUP = "latent_probe"
     ),
 )
 def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    require_usable_images(read_manifest(settings))
+    require_usable_images(read_manifest(settings, COUNT_COLUMNS))
     settings.require_recorded_settings_or_fail()
     all_keys = dataset_classes(context.instance, settings).in_dataset
     labels = recorded_labels(settings, all_keys)

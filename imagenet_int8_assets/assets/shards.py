@@ -15,8 +15,9 @@ from dagster import (
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import (
+    COUNT_COLUMNS,
     dataset_classes,
-    ok_rows_by_class,
+    ok_counts_by_class,
     raw_manifest,
     read_manifest,
     recorded_labels,
@@ -49,10 +50,8 @@ The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(loca
 
 def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
-    manifest = read_manifest(settings)
-    return publish_checks.count_rows(
-        mds_root(settings.output_path), {k: len(rows) for k, rows in ok_rows_by_class(manifest, keys).items()}, keys
-    )
+    manifest = read_manifest(settings, COUNT_COLUMNS)
+    return publish_checks.count_rows(mds_root(settings.output_path), ok_counts_by_class(manifest, keys), keys)
 
 
 @asset(
@@ -77,10 +76,8 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
     require_classes_in_source(settings, context.partition_keys)
     labels = recorded_labels(settings, context.partition_keys)
     root = mds_root(settings.output_path)
-    manifest = read_manifest(settings)
-    space = SpaceNeeds(
-        "mds_shards", settings.output_path, sum(map(len, ok_rows_by_class(manifest, context.partition_keys).values()))
-    )
+    manifest = read_manifest(settings, COUNT_COLUMNS)
+    space = SpaceNeeds("mds_shards", settings.output_path, sum(ok_counts_by_class(manifest, context.partition_keys).values()))
     partition_metadata, samples = PartitionMetadata(context), 0
     for key in context.partition_keys:
         ids, arrays, meta = read_latents(settings.output_path, key)
@@ -165,7 +162,7 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
     classes = dataset_classes(context.instance, settings)
     keys = classes.in_dataset
     root = mds_root(settings.output_path)
-    manifest = read_manifest(settings)
+    manifest = read_manifest(settings, COUNT_COLUMNS)
     require_usable_images(manifest)
     if classes.vanished:
         context.log.warning(
@@ -179,9 +176,7 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             f"output sharing DAGSTER_HOME?), left out: {', '.join(classes.foreign[:20])}"
         )
     try:
-        infos = publish_checks.check_publishable(
-            root, keys, {k: len(rows) for k, rows in ok_rows_by_class(manifest, classes.present).items()}
-        )
+        infos = publish_checks.check_publishable(root, keys, ok_counts_by_class(manifest, classes.present))
     except publish_checks.NotPublishable as exc:
         raise Failure(str(exc)) from exc
     index, summary = mds_index.merged_index(root, keys)

@@ -42,7 +42,7 @@ from imagenet_int8_assets.core.build_lock import (
 
 DEVICES_DIR = ".devices"
 DEFAULT_LEASE_TIMEOUT_S = 3600.0
-POLL_S = 0.25
+POLL_S = 0.05  # a handoff between runs costs at most this (a poll is an open and a flock per device)
 WAIT_LOG_EVERY_S = 60.0
 _DEVICE = re.compile(r"cpu(:[0-9]+)?|cuda:[0-9]+")
 

@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from imagenet_int8_assets.core.encode import Posterior, PosteriorEncoder, torch_dtype
+from imagenet_int8_assets.core.parallel import worker_pool
 from imagenet_int8_assets.core.preprocess import crop_task
 
 DEFAULT_CHUNK_SIZE = 8
@@ -298,7 +299,7 @@ class _Producer:
         self.isolated = _Isolated(self.ctx)
 
     def _new_pool(self) -> None:
-        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx)
+        self.pool = worker_pool(self.workers)
         self.generation += 1
 
     def _fill(self) -> None:
