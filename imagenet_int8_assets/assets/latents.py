@@ -76,26 +76,33 @@ LATENTS_DESCRIPTION = (
 _preloaded: dict[tuple[str, str], tuple[object, float]] = {}
 
 
+def _timed_load(settings: ImagenetInt8Settings) -> tuple[object, float]:
+    started = time.monotonic()
+    vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
+    return vae, time.monotonic() - started
+
+
+def _vae_key(settings: ImagenetInt8Settings) -> tuple[str, str]:
+    return settings.vae, settings.vae_fallback or ""
+
+
 def preload_vae(settings: ImagenetInt8Settings) -> None:
     """Load the settings' VAE now (torch and diffusers imported, weights read into host memory) for
     this process's next encode step. A failure is left for that step's own load to report."""
-    started = time.monotonic()
     try:
-        vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
+        _preloaded[_vae_key(settings)] = _timed_load(settings)
     except Exception:
         return
-    _preloaded[(settings.vae, settings.vae_fallback or "")] = (vae, time.monotonic() - started)
 
 
 def _load_vae(settings: ImagenetInt8Settings) -> tuple[object, str]:
     """The step's VAE: the one preloaded for these settings (used once), else loaded now; and how
     long loading took, as the log says it."""
-    preloaded = _preloaded.pop((settings.vae, settings.vae_fallback or ""), None)
+    preloaded = _preloaded.pop(_vae_key(settings), None)
     if preloaded is not None:
         return preloaded[0], f"in {preloaded[1]:.1f}s before the run started"
-    started = time.monotonic()
-    vae = load_vae(settings.vae, fallback=settings.vae_fallback or None)
-    return vae, f"in {time.monotonic() - started:.1f}s"
+    vae, seconds = _timed_load(settings)
+    return vae, f"in {seconds:.1f}s"
 
 
 def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> None:

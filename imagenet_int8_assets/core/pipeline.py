@@ -419,13 +419,13 @@ def _image_hw(task) -> tuple[int, int] | None:
 class _GroupWriter:
     """Calls ``on_group`` on a thread of its own, in group order, while the caller encodes the next
     group: writing a class (files, metadata) no longer stalls the encoder between classes. At most
-    ``ahead`` encoded groups wait for it (the memory bound: their posteriors and whatever the
-    callback holds for them). The first error of ``on_group`` is raised in the caller at its next
-    ``put`` or at ``close``; groups after it are not written."""
+    one encoded group waits for it (the memory bound: its posteriors and whatever the callback
+    holds for it). The first error of ``on_group`` is raised in the caller at its next ``put`` or
+    at ``close``; groups after it are not written."""
 
-    def __init__(self, on_group: Callable[[int, GroupResult], None], ahead: int = 1):
+    def __init__(self, on_group: Callable[[int, GroupResult], None]):
         self.on_group = on_group
-        self.waiting: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self.waiting: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.raised = False
         self.thread = threading.Thread(target=self._work, name="imagenet-int8 group writer", daemon=True)
@@ -453,10 +453,15 @@ class _GroupWriter:
         self._raise()
         self.waiting.put((group, result))
 
+    def stop(self) -> None:
+        """Wait until every group put is written (or skipped after an error); again: nothing."""
+        if self.thread.is_alive():
+            self.waiting.put(None)
+            self.thread.join()
+
     def close(self) -> None:
-        """Wait until every group put is written (or skipped after an error), then raise that error."""
-        self.waiting.put(None)
-        self.thread.join()
+        """``stop``, then raise the error of ``on_group``, if any (once)."""
+        self.stop()
         self._raise()
 
 
@@ -575,14 +580,10 @@ def encode_stream(
             if writer is not None:
                 writer.put(group, result)
         if writer is not None:
-            writer, closing = None, writer
-            closing.close()
+            writer.close()
     finally:
         producer.close()
-        if writer is not None:  # an error: the groups already encoded are still written
-            try:
-                writer.close()
-            except BaseException:
-                pass  # the first error is the one propagating
+        if writer is not None:  # after an error too: the groups already encoded are still written
+            writer.stop()
         timing.wall_s = time.monotonic() - started
     return StreamResult(results, timing)

@@ -223,16 +223,15 @@ def find_class_folders(source: str | os.PathLike) -> ClassFolders:
             continue
         (links if is_link else real).append((name, _identity(st), target))
     accepted: dict[tuple[int, int], str] = {}
-    targets: dict[str, str] = {}
-    by_target: dict[str, str] = {}  # an accepted class's folder -> the class
+    targets: dict[str, str] = {}  # an accepted class's folder -> the class
     links.sort(key=lambda item: (len(Path(item[2]).parts), item[0]))
     for name, ident, target in real + links:
         owner = accepted.get(ident)
         if owner is None:
-            # a folder above the target that is an accepted class's (the first accepted, if several):
-            # a lookup per level, not a comparison with every class (quadratic: seconds at 1,000 classes)
-            inside = [by_target[str(up)] for up in Path(target).parents if str(up) in by_target]
-            owner = min(inside, key=list(targets).index) if inside else None
+            # an accepted class's folder above the target (accepted folders never nest: real ones are
+            # siblings, and links come shortest first): a lookup per level, not a comparison with
+            # every class (that was quadratic: seconds at 1,000 classes)
+            owner = next((targets[str(up)] for up in Path(target).parents if str(up) in targets), None)
             where = f"points inside class {owner}'s folder"
         else:
             where = f"is the same folder as class {owner}"
@@ -247,10 +246,9 @@ def find_class_folders(source: str | os.PathLike) -> ClassFolders:
             )
             continue
         accepted[ident] = name
-        targets[name] = target
-        by_target[target] = name
+        targets[target] = name
     rejected.sort(key=lambda row: row["id"])
-    return ClassFolders(root=root, names=sorted(targets), rejected=rejected)
+    return ClassFolders(root=root, names=sorted(targets.values()), rejected=rejected)
 
 
 def list_class_folders(source: str | os.PathLike) -> list[str]:
