@@ -112,11 +112,12 @@ def build(
     blocks the next one. Nothing touches the Dagster instance before the lock is held.
     """
     from imagenet_int8_assets.core.build_lock import BuildLockBusy, BuildLockError, hold_build_lock
+    from imagenet_int8_assets.instance import InstanceSettingError
 
     try:
         with hold_build_lock(settings.output_path):
             return _build_locked(settings, partitions_per_run, verbose, force, publish, runs_at_once)
-    except (BuildLockBusy, BuildLockError) as exc:
+    except (BuildLockBusy, BuildLockError, InstanceSettingError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
 
@@ -266,7 +267,7 @@ def _summary(settings) -> str:
     vae = info["vae"]
     lines = [
         "",
-        f"Dataset: {root}",
+        f"Dataset: {root}" + (f" (published to {settings.mds_remote} too)" if settings.mds_remote else ""),
         f"  {info['samples']} samples in {len(info['per_class'])} classes; manifest: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "bad", "skipped")),
         f"  VAE {vae['requested']} ({vae['source']}), latents {tuple(info['latent_shape'])} "

@@ -11,6 +11,9 @@ from pathlib import Path
 from imagenet_int8_assets.core.build_lock import hold_init_lock
 
 SHIPPED_DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")
+# the same settings with the instance's storage in PostgreSQL (connection from DAGSTER_PG_*)
+SHIPPED_POSTGRES_YAML = Path(__file__).with_name("dagster-postgres.yaml")
+POSTGRES_VARS = ("DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_HOST", "DAGSTER_PG_DB", "DAGSTER_PG_PORT")
 GPU_POOL = "gpu"
 # the gpu pool limit this code last wrote into the instance: a different limit was set by the user
 GPU_POOL_RECORD = ".imagenet-int8-gpu-pool.json"
@@ -34,6 +37,25 @@ def default_gpu_pool_limit() -> int:
     return gpu_pool_limit(devices)
 
 
+class InstanceSettingError(ValueError):
+    """The environment asks for an instance it does not fully describe."""
+
+
+def shipped_instance_yaml() -> Path:
+    """The dagster.yaml to write into a new DAGSTER_HOME: the PostgreSQL variant when
+    DAGSTER_PG_HOST is set (every DAGSTER_PG_* variable is then required), else SQLite."""
+    if not os.environ.get("DAGSTER_PG_HOST"):
+        return SHIPPED_DAGSTER_YAML
+    missing = [name for name in POSTGRES_VARS if name not in os.environ]
+    if missing:
+        raise InstanceSettingError(
+            f"DAGSTER_PG_HOST is set, so the instance is PostgreSQL, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: set all of {', '.join(POSTGRES_VARS)} "
+            "(DAGSTER_PG_PASSWORD may be empty), or unset DAGSTER_PG_HOST for the SQLite instance."
+        )
+    return SHIPPED_POSTGRES_YAML
+
+
 def _recorded_limit(home: Path) -> int | None:
     try:
         value = json.loads((home / GPU_POOL_RECORD).read_text()).get("limit")
@@ -45,7 +67,8 @@ def _recorded_limit(home: Path) -> int | None:
 def prepare_dagster_home(default_home: str | os.PathLike, devices: Sequence[str] | None = None) -> Path:
     """Use DAGSTER_HOME (or ``default_home``), with the shipped dagster.yaml and the gpu pool.
 
-    Sets DAGSTER_HOME for this process. The ``gpu`` pool's limit is written into the instance
+    Sets DAGSTER_HOME for this process. A home without dagster.yaml gets the shipped one
+    (``shipped_instance_yaml``: PostgreSQL when DAGSTER_PG_HOST is set). The ``gpu`` pool's limit is written into the instance
     explicitly: one run per device (``devices``, default ``default_gpu_pool_limit()``: every GPU,
     1 on a CPU-only machine), since each encode run leases one device (``core.devices``). It is
     explicit because Dagster 1.13.27 only applies ``pools.default_limit`` to a pool after its
@@ -69,7 +92,7 @@ def prepare_dagster_home(default_home: str | os.PathLike, devices: Sequence[str]
     limit = gpu_pool_limit(devices) if devices is not None else default_gpu_pool_limit()
     with hold_init_lock(home):
         if not (home / "dagster.yaml").exists():
-            shutil.copyfile(SHIPPED_DAGSTER_YAML, home / "dagster.yaml")
+            shutil.copyfile(shipped_instance_yaml(), home / "dagster.yaml")
         with DagsterInstance.get() as instance:
             storage = instance.event_log_storage
             if GPU_POOL not in storage.get_concurrency_keys():

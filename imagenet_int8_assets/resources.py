@@ -150,6 +150,7 @@ class ImagenetInt8Settings(ConfigurableResource):
     automation: bool = Field(default=False, description="Start the build_automation sensor (materializes new, changed and missing classes, on the GPU) when the code location loads; else turn it on in the UI.")
     sensor_interval: int = Field(default=30, description="Seconds between evaluations of the class_folders sensor and the build_automation sensor.")
     refresh_cron: str = Field(default=DEFAULT_REFRESH_CRON, description="Cron of the refresh_source schedule (rescan the source; stopped until turned on).")
+    mds_remote: str = Field(default="", description="Object storage the published dataset is mirrored to: s3://bucket/prefix (any S3-compatible store; endpoint from S3_ENDPOINT_URL). mds_shards uploads each class version, mds_dataset publishes index.json there last; empty = the local folder only.")
     hub_repo: str = Field(default="", description="Hub dataset repository (owner/name) that hub_upload publishes to; empty = hub_upload does nothing and says how to enable it.")
     hub_private: bool = Field(default=True, description="Create the Hub repository as private (an existing repository keeps its visibility).")
     hub_revision: str = Field(default="main", description="Hub branch to publish to (created from main when missing).")
@@ -278,6 +279,13 @@ class ImagenetInt8Settings(ConfigurableResource):
             )
         if self.precision not in PRECISIONS:
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
+        if self.mds_remote:
+            from imagenet_int8_assets.core.mds_remote import check_remote_url
+
+            try:
+                check_remote_url(self.mds_remote)
+            except ValueError as exc:
+                raise _bad("mds_remote", self.mds_remote, str(exc).split(": ", 1)[-1].rstrip(".")) from exc
         if self.hub_repo and not HUB_REPO_ID.fullmatch(self.hub_repo):
             raise _bad("hub_repo", self.hub_repo, "use a Hub repository id owner/name (letters, digits, '-', '_', '.')")
         if not self.hub_revision.strip():

@@ -48,6 +48,22 @@ sample = ds[0]  # {{'latent': float32 (4, 32, 32), 'label': int, 'label_as_text'
 The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(local=..., remote="{root}")`) reads it unchanged."""
 
 
+def remote_mds(settings: ImagenetInt8Settings):
+    """The bucket the published dataset is mirrored to (IMAGENET_INT8_MDS_REMOTE), or None."""
+    from imagenet_int8_assets.core.mds_remote import RemoteMds
+
+    return RemoteMds(settings.mds_remote) if settings.mds_remote else None
+
+
+def _remote_or_fail(call):
+    from imagenet_int8_assets.core.mds_remote import RemoteError
+
+    try:
+        return call()
+    except RemoteError as exc:
+        raise Failure(str(exc)) from exc
+
+
 def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
     manifest = read_manifest(settings, COUNT_COLUMNS)
@@ -78,7 +94,7 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
     root = mds_root(settings.output_path)
     manifest = read_manifest(settings, COUNT_COLUMNS)
     space = SpaceNeeds("mds_shards", settings.output_path, sum(ok_counts_by_class(manifest, context.partition_keys).values()))
-    partition_metadata, samples = PartitionMetadata(context), 0
+    partition_metadata, samples, remote = PartitionMetadata(context), 0, remote_mds(settings)
     for key in context.partition_keys:
         ids, arrays, meta = read_latents(settings.output_path, key)
         latent = arrays["latent"]
@@ -105,6 +121,10 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
         mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
         index = mds_index.read_index(folder)
         count = mds_index.index_sample_count(index)
+        extra = {}
+        if remote is not None:  # the version's files, never replacing an object; mds_dataset publishes
+            mirrored = _remote_or_fail(lambda: remote.mirror_version(root, folder))
+            extra = {"remote": f"{remote.url}/{folder.relative_to(root).as_posix()}", "uploaded_files": len(mirrored.uploaded)}
         partition_metadata.add(
             key,
             {
@@ -116,11 +136,24 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
                 "label_as_text": labels.text[key],
                 "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
                 "bytes_per_image": bytes_per_image(folder_bytes(folder), count),  # shards + index.json + build.json
+                **extra,
             },
         )
         samples += count
     context.log.info(f"{samples} samples of {len(context.partition_keys)} class(es) written as MDS shards under {root}")
     return MaterializeResult()
+
+def _every_n_uploads(context: AssetExecutionContext, n: int):
+    count = 0
+
+    def progress(relative: str) -> None:
+        nonlocal count
+        count += 1
+        if count % n == 0:
+            context.log.info(f"{count} file(s) uploaded, latest {relative}")
+
+    return progress
+
 
 @asset_check(
     asset=mds_shards,
@@ -152,7 +185,9 @@ def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: Im
         "The published dataset: checks that every class's current version was built with the "
         "same settings and holds its manifest's good images, then atomically replaces "
         "mds/index.json (every class's shards in class order, so StreamingDataset and the "
-        "published readers read mds/ as one dataset) and removes versions no index refers to."
+        "published readers read mds/ as one dataset) and removes versions no index refers to. "
+        "With IMAGENET_INT8_MDS_REMOTE, then mirrors it to the bucket: missing class versions "
+        "first, every shard checked there, index.json last."
     ),
 )
 def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -190,6 +225,22 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
     removed = remove_leftovers(root) + mds_index.collect_garbage(root)
     strays = mds_index.stray_entries(root, keys)
+    remote, remote_metadata = remote_mds(settings), {}
+    if remote is not None:  # after the local sweep: the bucket keeps what the root keeps
+        context.log.info(f"Mirroring the dataset to {remote.url} (class versions first, index.json last)")
+        mirrored = _remote_or_fail(lambda: remote.publish(root, progress=_every_n_uploads(context, 50)))
+        remote_metadata = {
+            "remote": remote.url,
+            "remote_uploaded_files": len(mirrored.uploaded),
+            "remote_uploaded_bytes": mirrored.uploaded_bytes,
+            "remote_published": "new index" if mirrored.published else "unchanged",
+            "remote_removed_versions": len(mirrored.removed),
+        }
+        context.log.info(
+            f"{remote.url}: {len(mirrored.uploaded)} file(s) uploaded ({mirrored.uploaded_bytes} bytes), "
+            f"{mirrored.present} already there, index {'published' if mirrored.published else 'unchanged'}, "
+            f"{len(mirrored.removed)} unreferenced version(s) removed"
+        )
     fallback = bool(first.get("vae", {}).get("fallback_reason"))
     metadata = {
         "path": MetadataValue.path(str(root)),
@@ -211,7 +262,10 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         "per_class": MetadataValue.md(
             markdown_table([{"class": k, "samples": v} for k, v in summary["per_class"].items()])
         ),
-        "read_it": MetadataValue.md(READER_SNIPPET.format(root=root)),
+        "read_it": MetadataValue.md(
+            READER_SNIPPET.format(root=root)
+            + (f"\n\nFrom the bucket: `open_dataset(\"{remote.url}\", local=\"/tmp/cache\")`" if remote else "")
+        ),
         "stray_entries": ", ".join(strays),
         "published": "new version" if published else "unchanged (same content as the published index)",
         "versions": MetadataValue.md(
@@ -221,6 +275,7 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         "vanished_classes": ", ".join(classes.vanished),
         "vanished_count": len(classes.vanished),
         "foreign_classes": ", ".join(classes.foreign),
+        **remote_metadata,
     }
     if fallback:
         metadata["WARNING"] = "Built with RANDOM VAE weights (demo fallback): the latents are not meaningful."
