@@ -21,6 +21,7 @@ from imagenet_int8_assets.assets.crops import CROPS_DESCRIPTION, crop_classes
 from imagenet_int8_assets.assets.latents import LATENTS_DESCRIPTION, encode_classes
 from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
 from imagenet_int8_assets.assets.metadata import GROUP
+from imagenet_int8_assets.instance import GPU_POOL
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import DEFAULT_MAX_PARTITIONS_PER_RUN, ImagenetInt8Settings
 
@@ -43,7 +44,7 @@ CROPS, LATENTS = AssetKey("preprocessed_crops"), AssetKey("vae_latents")
     backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
     can_subset=True,
     # the run holds the gpu pool (one run per device) whichever of the two it materializes
-    pool="gpu",
+    pool=GPU_POOL,
 )
 def crops_and_latents(context: AssetExecutionContext, settings: ImagenetInt8Settings):
     selected = context.selected_asset_keys
