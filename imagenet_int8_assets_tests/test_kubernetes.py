@@ -530,8 +530,11 @@ def test_backfill_runs_launched_by_the_daemon_get_the_gpu_config(dagster_dev_k8s
 
     runs_by_backfill, jobs = {}, {}
     while True:
-        runs_by_backfill = {b: backfill_runs(b) for b in (mixed, shards)}
+        # the jobs first: a run is marked STARTING before its Job is built, so every run whose Job
+        # was read is STARTING in the runs read after it (read the other way round, a run
+        # launched in between shows QUEUED beside its Job)
         jobs = {r["job"]["metadata"]["labels"]["dagster/run-id"]: r for r in read_recorded_jobs(jobs_dir)}
+        runs_by_backfill = {b: backfill_runs(b) for b in (mixed, shards)}
         if complete(runs_by_backfill, jobs):
             break
         if time.monotonic() - started > BACKFILL_LAUNCH_DEADLINE_S or dev.proc.poll() is not None:
