@@ -590,6 +590,10 @@ class FakeHub:
         self._log: deque[tuple[str, str, int]] = deque(maxlen=LOG_SIZE)
         self._server_errors: deque[str] = deque(maxlen=100)
         self._requests = 0
+        # requests being handled: the log entry of a request is written after its response is
+        # sent, so readers of the log wait for them (a client may act on a response first)
+        self._in_flight = 0
+        self._settled = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -716,8 +720,10 @@ class FakeHub:
         """Counters of one repository (or {"repos": {"type:id": ...}, ...} of all): its client
         commits (id, parent, message, added/deleted counts and paths, empty), LFS objects and bytes
         uploaded (PUT bodies), regular file bytes received in commits, preupload and batch calls,
-        downloads."""
-        with self._lock:
+        downloads. Waits (at most 10 s) for the requests being handled, whose errors are counted
+        after their response is sent."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._in_flight == 0, timeout=10)
             if repo_id is not None:
                 return copy.deepcopy(self._repo_or_404(repo_type, repo_id).stats)
             return {
@@ -736,8 +742,10 @@ class FakeHub:
 
     @property
     def request_log(self) -> list[tuple[str, str, int]]:
-        """(method, path, status) of the last requests (no query strings, no headers)."""
-        with self._lock:
+        """(method, path, status) of the last requests (no query strings, no headers), once the
+        requests being handled are logged (at most 10 s)."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._in_flight == 0, timeout=10)
             return list(self._log)
 
     @property
@@ -889,6 +897,8 @@ class FakeHub:
 
     def _handle(self, handler: _Handler) -> None:
         status, req, repo_key, error = 500, None, None, ""
+        with self._lock:
+            self._in_flight += 1
         try:
             req = _Request(handler, self)
             with self._lock:
@@ -922,6 +932,8 @@ class FakeHub:
                     errors = self._repos[repo_key].stats["errors"]
                     errors.append([status, error])
                     del errors[:-50]
+                self._in_flight -= 1
+                self._settled.notify_all()
 
     def _take_fault(self, req: _Request) -> dict | None:
         if req.segs[:1] == ["_fake"] and req.segs[1:2] in (["reset"], ["fail"], ["stats"]):
