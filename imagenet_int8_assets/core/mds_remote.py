@@ -163,8 +163,8 @@ class RemoteMds:
         relative_folder = folder.relative_to(root).as_posix()
         if listed is None:
             listed = self.list_sizes(relative_folder + "/")
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        files.sort(key=lambda p: (p.name in LAST_IN_VERSION, LAST_IN_VERSION.index(p.name) if p.name in LAST_IN_VERSION else 0))
+        last = {name: rank for rank, name in enumerate(LAST_IN_VERSION, start=1)}
+        files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: (last.get(p.name, 0), p.name))
         result = MirrorResult()
         for path in files:
             relative, size = f"{relative_folder}/{path.name}", path.stat().st_size
