@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -147,3 +148,131 @@ def test_a_real_build_exports_with_its_image_ids(built_sample, tmp_path, hf_offl
     expected = [i for name in classes for i in read_latents(output, name)[0]]
     table = hf_offline(str(export_parquet(arrays, tmp_path / "sample.parquet", output=output)[0]))
     assert table["image_id"] == expected and table["label"] == arrays.labels.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Where an export may write: never over what it did not write
+
+
+def refusal(dest) -> str:
+    """The start of export_parquet's refusal of ``dest``, as a regular expression."""
+    return f"export_parquet: refusing to write to {re.escape(str(dest))}: it"
+
+
+def split_names(count: int) -> list[str]:
+    return [f"train-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
+
+
+def _tree(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes): to show that a refusal changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_destinations_holding_what_it_did_not_write(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    root, _ = _build_output(out, monkeypatch, flips=False)
+    (out / "dagster_home").mkdir()
+    (out / "dagster_home" / "dagster.yaml").write_text("telemetry: {enabled: false}\n")
+    before = _tree(out)
+    version = mds_index.current_version_dir(root, "n02676566")
+    (tmp_path / "link").symlink_to(root)  # a link to the dataset is the dataset
+
+    refused = [  # (source, dest, keywords, what the message says)
+        (root, root, {"rows_per_file": 4}, "is the dataset being exported"),
+        (root, tmp_path / "link", {"rows_per_file": 4}, "is the dataset being exported"),
+        (root, out, {"rows_per_file": 4}, "contains the dataset being exported"),
+        (root, out, {"rows_per_file": 4, "output": out}, "is the output folder"),
+        (root, out / "exports", {"rows_per_file": 4, "output": out}, "lies inside the output folder"),
+        (root, out / "data.parquet", {"output": out}, "lies inside the output folder"),
+        (root, root / "classes" / "parquet", {"rows_per_file": 4}, "lies inside the dataset being exported"),
+        (root, tmp_path / "link" / "export.parquet", {}, "lies inside the dataset being exported"),
+        (version, version / "x.parquet", {}, "lies inside the dataset being exported"),
+        (version, root, {"rows_per_file": 4}, "contains the dataset being exported"),
+    ]
+    for source, dest, kwargs, what in refused:
+        with pytest.raises(ValueError, match=f"{refusal(dest)} {what} .*choose a new path") as err:
+            export_parquet(source, dest, **kwargs)
+        assert "\n" not in str(err.value)
+    assert _tree(out) == before  # nothing deleted, nothing added
+    assert not list(out.glob(".t*")) and not list(root.glob(".t*"))
+
+    # a folder of the user's own files, a file in the way: refused, untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "train-00000-of-00001.parquet").write_bytes(parquet_bytes_of(root))  # one of ours, beside theirs
+    kept = _tree(mine)
+    notes = re.escape(str(mine / "notes.txt"))
+    with pytest.raises(ValueError, match=f"{refusal(mine)} already holds {notes}, which no export wrote.*choose a new or empty"):
+        export_parquet(root, mine, rows_per_file=4)
+    assert _tree(mine) == kept
+    theirs = tmp_path / "theirs.parquet"  # a parquet file, but not an export of a dataset
+    pq.write_table(pa.table({"x": [1, 2]}), theirs)
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes")
+    for path in (theirs, text):
+        data = path.read_bytes()
+        with pytest.raises(ValueError, match=f"{refusal(path)} is a file no export wrote"):
+            export_parquet(root, path)
+        assert path.read_bytes() == data
+    with pytest.raises(ValueError, match=f"{refusal(mine)} is a folder"):
+        export_parquet(root, mine)  # one file where a folder is
+    with pytest.raises(ValueError, match=f"{refusal(text)} is a file,"):
+        export_parquet(root, text, rows_per_file=4)  # a folder where a file is
+    assert text.read_text() == "my notes"
+
+
+def parquet_bytes_of(root) -> bytes:
+    from imagenet_int8_assets.core.parquet_export import parquet_bytes
+
+    return parquet_bytes(load_latents(root))
+
+
+def test_a_previous_export_is_replaced_and_a_fresh_path_is_created(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    root, _ = _build_output(out, monkeypatch, flips=False)
+    fresh = tmp_path / "new" / "nested" / "files"  # nothing there yet: created
+    assert [p.name for p in export_parquet(root, fresh, rows_per_file=4)] == split_names(4)
+    # a re-export with another split replaces the earlier files (all of them the export's own)
+    files = export_parquet(root, fresh, rows_per_file=8)
+    assert sorted(p.name for p in fresh.iterdir()) == [p.name for p in files] == split_names(2)
+    one = tmp_path / "one.parquet"
+    export_parquet(root, one, output=out)
+    first = one.read_bytes()
+    assert export_parquet(root, one) == [one] and one.read_bytes() != first  # replaced (now without ids)
+    # an empty folder is fine too
+    (tmp_path / "empty").mkdir()
+    assert len(export_parquet(root, tmp_path / "empty", rows_per_file=15)) == 1
+    # but one file the export did not write makes the folder the user's: refused, nothing removed
+    (fresh / "README.md").write_text("my split")
+    kept = _tree(fresh)
+    with pytest.raises(ValueError, match="which no export wrote"):
+        export_parquet(root, fresh, rows_per_file=4)
+    assert _tree(fresh) == kept
+    # a parquet file of ours under a name the folder export does not use is not one of its files
+    (fresh / "README.md").unlink()
+    (fresh / "train-00000-of-00002.parquet").rename(fresh / "mine.parquet")
+    with pytest.raises(ValueError, match="mine.parquet, which no export wrote"):
+        export_parquet(root, fresh, rows_per_file=4)
+
+
+def test_an_export_of_a_hub_snapshot_does_not_write_into_the_cache(tmp_path, monkeypatch, fake_hub):
+    out = tmp_path / "out"
+    root, _ = _build_output(out, monkeypatch, flips=False)
+    files = {"index.json": (root / "index.json").read_bytes()}
+    for shard in json.loads(files["index.json"])["shards"]:
+        files[shard["raw_data"]["basename"]] = (root / shard["raw_data"]["basename"]).read_bytes()
+    fake_hub.create_repo("someone/tiny")
+    fake_hub.commit_files("someone/tiny", files)
+    arrays = load_latents("someone/tiny")
+    cache = arrays.root.parent.parent  # <HF cache>/datasets--someone--tiny (snapshots/<commit>, blobs)
+    assert arrays.root.parent.name == "snapshots" and (cache / "blobs").is_dir()
+    before = _tree(cache)
+    for dest in (arrays.root / "data.parquet", cache / "blobs" / "data.parquet", cache):
+        with pytest.raises(ValueError, match=f"{refusal(dest)} .* the dataset being exported"):
+            export_parquet("someone/tiny", dest)
+    assert _tree(cache) == before
+    assert export_parquet(arrays, tmp_path / "tiny.parquet") == [tmp_path / "tiny.parquet"]

@@ -18,7 +18,7 @@ import pytest
 
 from imagenet_int8_assets.core.storage import mds_root
 from imagenet_int8_assets.definitions import build_definitions
-from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
+from imagenet_int8_assets.reader import DatasetDamaged, load_latents, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
 
@@ -198,3 +198,68 @@ def test_verify_none_and_bad_verify_values(copy):
     assert open_dataset(copy, verify="none").verified.startswith("nothing")
     with pytest.raises(ValueError, match="verify='sha'"):
         open_dataset(copy, verify="sha")
+
+
+def shard_samples(root: Path) -> list[int]:
+    return [s["samples"] for s in json.loads((root / "index.json").read_text())["shards"]]
+
+
+def set_first_count(root: Path, count: int) -> Path:
+    """Make index.json record ``count`` samples for the first shard; returns that shard's path."""
+    index = json.loads((root / "index.json").read_text())
+    index["shards"][0]["samples"] = count
+    (root / "index.json").write_text(json.dumps(index))
+    return root / index["shards"][0]["raw_data"]["basename"]
+
+
+@pytest.mark.parametrize("change", ["zero", "one less", "one more", "ten million"])
+def test_an_index_whose_sample_count_disagrees_with_its_shard_is_damage(copy, change):
+    """Streaming sizes the dataset by the index's counts and load_latents allocates with them: a
+    count that disagrees with the shard would drop or invent samples, or exhaust memory."""
+    n = shard_samples(copy)[0]
+    count = {"zero": 0, "one less": n - 1, "one more": n + 1, "ten million": 10_000_000}[change]
+    shard = set_first_count(copy, count)
+    expected = f"{shard} holds {n:,} samples (the count it starts with), index.json says {count:,}"
+    repair = f"To repair: rebuild class '{class_of(str(shard.relative_to(copy)))}'"
+    for verify in ("hash", "size"):
+        with pytest.raises(DatasetDamaged) as err:
+            open_dataset(copy, verify=verify)
+        assert expected in str(err.value) and repair in str(err.value) and "\n" not in str(err.value)
+    for verify in ("hash", "size", "none"):  # checked before anything is allocated, whatever verify says
+        with pytest.raises(DatasetDamaged) as err:
+            load_latents(copy, verify=verify)
+        assert expected in str(err.value) and repair in str(err.value)
+
+
+def test_a_count_that_the_shard_header_repeats_must_still_fit_the_file(copy):
+    """A shard whose first bytes were changed to the same wrong count as its index entry: the file
+    is far too short for that many samples, which is damage, not a 40 GB allocation."""
+    shard = set_first_count(copy, 10_000_000)
+    data = bytearray(shard.read_bytes())
+    data[:4] = (10_000_000).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    expected = rf"{shard.name} has {len(data):,} bytes, too few for the 10,000,000 samples"
+    for run in (lambda: open_dataset(copy, verify="size"), lambda: load_latents(copy, verify="none")):
+        with pytest.raises(DatasetDamaged, match=expected):
+            run()
+
+
+def test_a_published_style_dataset_with_a_wrong_count_is_damage(built, tmp_path):
+    """The published layout (flat shard names, no hashes): the count is checked all the same."""
+    name = shard_basenames(built["root"])[0]
+    flat = tmp_path / "imagenet.int8"
+    flat.mkdir()
+    version = (built["root"] / name).parent
+    index = json.loads((version / "index.json").read_text())
+    for shard in index["shards"]:
+        shutil.copy(version / shard["raw_data"]["basename"], flat / shard["raw_data"]["basename"])
+        shard["raw_data"]["hashes"] = {}
+    n = index["shards"][0]["samples"]
+    index["shards"][0]["samples"] = n + 1
+    (flat / "index.json").write_text(json.dumps({"version": 2, "shards": index["shards"]}))
+    shard = flat / index["shards"][0]["raw_data"]["basename"]
+    expected = rf"{shard.name} holds {n} samples .* says {n + 1}\..*re-download this shard"
+    for run in (lambda: open_dataset(flat, verify="hash"), lambda: load_latents(flat)):
+        with pytest.raises(DatasetDamaged, match=expected), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "verified their sizes only": tested above
+            run()

@@ -1,15 +1,19 @@
 """Checking a built dataset before it is read: damage is reported, never decoded into wrong latents.
 
 ``check_dataset(root)`` reads ``root/index.json`` and verifies every shard it names: the file
-exists, has the recorded size and (``verify="hash"``, the default) the recorded xxh3_64 hash (or
-another recorded hash when that one is absent). It also returns how to decode the codes: the
-latent shape and range from the index's ``imagenet_int8`` record, else ``build.json``, else the
-published defaults. Anything wrong raises ``DatasetDamaged``, one line naming the file, what is
-wrong with it and how to repair it. The published Imagenet.int8 records no hashes: then only sizes
-are verified, and the result says so.
+exists, has the recorded size, starts with the sample count the index records (and has room for
+that many samples), and (``verify="hash"``, the default) has the recorded xxh3_64 hash (or another
+recorded hash when that one is absent). Readers trust the index's counts (streaming sizes the
+dataset with them, ``load_latents`` allocates with them), so a count that disagrees with its shard
+would silently drop or invent samples, or exhaust memory: it is damage like any other. It also
+returns how to decode the codes: the latent shape and range from the index's ``imagenet_int8``
+record, else ``build.json``, else the published defaults. Anything wrong raises
+``DatasetDamaged``, one line naming the file, what is wrong with it and how to repair it. The
+published Imagenet.int8 records no hashes: then only sizes and sample counts are verified, and the
+result says so.
 
-Needs only ``json``, ``hashlib``, ``xxhash`` and the layout names of ``mds_index`` (no
-mosaicml-streaming, no Dagster).
+Needs only ``json``, ``hashlib``, ``xxhash`` and the layout names of ``mds_index`` (no Dagster;
+mosaicml-streaming only to decompress compressed shards, which this project never writes).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,6 +37,7 @@ VERIFY_MODES = ("hash", "size", "none")
 FAST_HASHES = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32")
 REBUILD_DATASET = "re-run the merged dataset step (materialize mds_dataset)"
 MAX_LISTED = 3
+COUNT_BYTES = 4  # an MDS shard starts with its sample count: uint32, little-endian
 
 
 class DatasetDamaged(Exception):
@@ -143,9 +149,13 @@ def _shard_entry_problem(shard) -> str | None:
         return f"no valid raw_data.bytes for {basename!r}"
     if not isinstance(shard.get("samples"), int) or shard["samples"] < 0:
         return f"no valid sample count for {basename!r}"
-    names, encodings = shard.get("column_names"), shard.get("column_encodings")
+    names, encodings, sizes = shard.get("column_names"), shard.get("column_encodings"), shard.get("column_sizes")
     if not isinstance(names, list) or not isinstance(encodings, list) or len(names) != len(encodings):
         return f"no matching column_names and column_encodings for {basename!r}"
+    if not isinstance(sizes, list) or len(sizes) != len(names) or not all(
+        s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0) for s in sizes
+    ):
+        return f"no column_sizes (a size or null per column) for {basename!r}"
     return None
 
 
@@ -251,6 +261,58 @@ def _repair(root: Path, basename: str) -> str:
     return f"rebuild class {name!r} (materialize mds_shards for that partition, then mds_dataset)"
 
 
+def sample_count(data) -> int | None:
+    """The sample count an MDS shard starts with (uint32 little-endian), from its first bytes
+    (``bytes``, a memoryview or a uint8 array); None when there are fewer than 4. The one reader of
+    that header: ``check_dataset`` and ``load_latents`` both use it."""
+    view = memoryview(data).cast("B")
+    return struct.unpack_from("<I", view)[0] if view.nbytes >= COUNT_BYTES else None
+
+
+def min_sample_bytes(shard: dict, latent_bytes: int) -> int:
+    """The fewest bytes one sample of ``shard`` can take: each fixed-size column's size, and for a
+    variable-size column its 4-byte size field, plus ``latent_bytes`` for a latent (``vae_output*``)."""
+    total = 0
+    for name, size in zip(shard["column_names"], shard["column_sizes"]):
+        total += size if size else COUNT_BYTES + (latent_bytes if str(name).startswith("vae_output") else 0)
+    return total
+
+
+def _count_problem(root: Path, shard: dict, latent_bytes: int) -> str | None:
+    """What is wrong with the sample count of ``shard``: its file must start with the count the
+    index records and be long enough for that many samples (their offsets table, and each sample's
+    smallest size). Reads the first 4 bytes (a compressed shard is decompressed first)."""
+    path = root / shard["raw_data"]["basename"]
+    packed = shard.get("zip_data")
+    try:
+        if not path.exists() and isinstance(packed, dict) and _file_entry_ok(packed) and shard.get("compression"):
+            from streaming.base.compression import decompress
+
+            path = root / packed["basename"]
+            compressed = path.read_bytes()
+            try:
+                data = decompress(shard["compression"], compressed)
+            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type for corrupt input
+                return f"{path} cannot be decompressed as {shard['compression']!r} ({type(exc).__name__})"
+            head, size = data[:COUNT_BYTES], len(data)
+        else:
+            with open(path, "rb") as fh:
+                head, size = fh.read(COUNT_BYTES), os.fstat(fh.fileno()).st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    count, recorded = sample_count(head), shard["samples"]
+    if count is None:
+        return f"{path} is too short to start with its sample count ({size:,} bytes)"
+    if count != recorded:
+        return f"{path} holds {count:,} samples (the count it starts with), {INDEX} says {recorded:,}"
+    need = COUNT_BYTES * (count + 2) + count * min_sample_bytes(shard, latent_bytes)
+    if size < need:
+        return f"{path} has {size:,} bytes, too few for the {count:,} samples it and {INDEX} record (at least {need:,})"
+    return None
+
+
 def _shard_problem(root: Path, shard: dict, verify: str, check: DatasetCheck) -> str | None:
     raw = shard["raw_data"]
     path = root / raw["basename"]
@@ -270,6 +332,9 @@ def _shard_problem(root: Path, shard: dict, verify: str, check: DatasetCheck) ->
     if size != raw["bytes"]:
         what = "truncated" if size < raw["bytes"] else "longer than recorded"
         return f"{path} is {what} ({size:,} bytes, {INDEX} says {raw['bytes']:,})"
+    problem = _count_problem(root, shard, math.prod(check.decode.latent_shape))
+    if problem:
+        return problem
     if verify == "hash":
         algo = _hash_to_check(raw.get("hashes"))
         if algo is not None:
@@ -286,9 +351,10 @@ def _shard_problem(root: Path, shard: dict, verify: str, check: DatasetCheck) ->
 def check_dataset(root: str | os.PathLike, verify: str = "hash") -> DatasetCheck:
     """Verify the dataset under ``root`` and return its index and decode parameters.
 
-    ``verify``: ``"hash"`` (existence, size and content hash of every shard), ``"size"``
-    (existence and size) or ``"none"`` (the index only). Raises ``DatasetDamaged`` naming every
-    damaged shard (the first few in the message) and how to repair it.
+    ``verify``: ``"hash"`` (existence, size, sample count and content hash of every shard),
+    ``"size"`` (existence, size and sample count: 4 bytes read per shard) or ``"none"`` (the index
+    only). Raises ``DatasetDamaged`` naming every damaged shard (the first few in the message) and
+    how to repair it.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify={verify!r}: use one of {', '.join(VERIFY_MODES)}")
@@ -300,18 +366,7 @@ def check_dataset(root: str | os.PathLike, verify: str = "hash") -> DatasetCheck
     check = DatasetCheck(root, index, decode, verify, shards=len(index["shards"]))
     check.bytes = int(sum(s["raw_data"]["bytes"] for s in index["shards"]))
     if verify != "none":
-        problems, repairs = [], []
-        for shard in index["shards"]:
-            problem = _shard_problem(root, shard, verify, check)
-            if problem:
-                problems.append(problem)
-                repair = _repair(root, shard["raw_data"]["basename"])
-                if repair not in repairs:
-                    repairs.append(repair)
-        if problems:
-            shown = "; ".join(problems[:MAX_LISTED])
-            more = f" (and {len(problems) - MAX_LISTED} more damaged shard(s))" if len(problems) > MAX_LISTED else ""
-            raise DatasetDamaged(f"Dataset damaged: {shown}{more}. To repair: {'; '.join(repairs)}.", problems)
+        _raise_damaged(root, [(shard, _shard_problem(root, shard, verify, check)) for shard in index["shards"]])
         if verify == "hash" and check.hashed < check.shards:
             check.notes.append(
                 f"{check.shards - check.hashed} shard(s) record no content hash in {root / INDEX} "
@@ -319,3 +374,28 @@ def check_dataset(root: str | os.PathLike, verify: str = "hash") -> DatasetCheck
             )
     check.seconds = time.perf_counter() - started
     return check
+
+
+def check_sample_counts(check: DatasetCheck) -> None:
+    """Verify every shard's sample count (as ``check_dataset`` does in modes "size" and "hash") for
+    a dataset checked with ``verify="none"``: for a reader that sizes its memory by the index's
+    counts. Raises ``DatasetDamaged`` like ``check_dataset``."""
+    latent_bytes = math.prod(check.decode.latent_shape)
+    root, shards = check.root, check.index["shards"]
+    _raise_damaged(root, [(shard, _count_problem(root, shard, latent_bytes)) for shard in shards])
+
+
+def _raise_damaged(root: Path, found: list[tuple[dict, str | None]]) -> None:
+    """``DatasetDamaged`` listing every (shard, problem) with a problem, the first few in the
+    message, with the repair of each shard's class; nothing when there is none."""
+    problems, repairs = [], []
+    for shard, problem in found:
+        if problem:
+            problems.append(problem)
+            repair = _repair(root, shard["raw_data"]["basename"])
+            if repair not in repairs:
+                repairs.append(repair)
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more damaged shard(s))" if len(problems) > MAX_LISTED else ""
+        raise DatasetDamaged(f"Dataset damaged: {shown}{more}. To repair: {'; '.join(repairs)}.", problems)

@@ -24,12 +24,20 @@ written is refused instead of mislabelled. Or pass the ids yourself.
 The same input gives byte-identical files (fixed row groups, sorted JSON, no timestamps, same
 pyarrow); files are written with ``storage.atomic_write_bytes``, a folder of files with
 ``storage.atomic_dir``. No Dagster, no streaming.
+
+``export_parquet`` writes where a user points it, so it never replaces what it did not write: a
+destination that is, contains or lies inside the dataset being exported (its folder; for a Hub
+snapshot, that repo's whole cache folder) or the ``output`` folder is refused, and so is one that
+holds anything but files an earlier export wrote (parquet files with the ``imagenet_int8``
+metadata; in a folder, named ``train-XXXXX-of-YYYYY.parquet``). ``write_parquet_file`` is the
+unchecked writer for places the product owns (hub_upload's per-class files inside the output).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +51,7 @@ from imagenet_int8_assets.core.storage import atomic_dir, atomic_write_bytes, re
 METADATA_KEY = b"imagenet_int8"
 ROW_GROUP_ROWS = 4096  # 16 MiB of 4x32x32 codes per row group
 FILE_PATTERN = "train-{index:05d}-of-{count:05d}.parquet"  # the Hub's split naming
+FILE_NAME = re.compile(r"train-\d{5}-of-\d{5}\.parquet")  # what FILE_PATTERN writes
 
 
 def image_ids_from_output(arrays: LatentArrays, output: str | os.PathLike) -> list[str]:
@@ -173,26 +182,131 @@ def export_parquet(
     output folder: read and checked by ``image_ids_from_output``), else null. With
     ``rows_per_file=None`` one file is written at ``dest``; with a number, ``dest`` becomes a
     folder of ``train-XXXXX-of-YYYYY.parquet`` files of at most that many rows, swapped in whole.
+
+    ``dest`` must be new, an empty folder, or what an earlier export wrote (which is replaced);
+    anything else, and any path that is, contains or lies inside the dataset or ``output``
+    (symlinks resolved), raises ``ValueError`` before anything is written (see the module docstring).
     """
-    arrays = source if isinstance(source, LatentArrays) else load_latents(source, revision, verify)
-    if image_ids is not None and output is not None:
-        raise ValueError("pass image_ids or output, not both")
-    if output is not None:
-        image_ids = image_ids_from_output(arrays, output)
-    dest = Path(dest)
-    if rows_per_file is None:
-        atomic_write_bytes(dest, parquet_bytes(arrays, image_ids))
-        return [dest]
-    if rows_per_file < 1:
+    if rows_per_file is not None and rows_per_file < 1:
         raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+    arrays, image_ids = _arrays_and_ids(source, image_ids, output, verify, revision)
+    target = _checked_destination(Path(dest), arrays, output, folder=rows_per_file is not None)
+    if rows_per_file is None:
+        atomic_write_bytes(target, parquet_bytes(arrays, image_ids))
+        return [Path(dest)]
     count = max(1, -(-len(arrays) // rows_per_file))
     names = []
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(target) as tmp:
         for i in range(count):
             name = FILE_PATTERN.format(index=i, count=count)
             (tmp / name).write_bytes(parquet_bytes(arrays, image_ids, slice(i * rows_per_file, (i + 1) * rows_per_file)))
             names.append(name)
-    return [dest / name for name in names]
+    return [Path(dest) / name for name in names]
 
 
-__all__ = ["export_parquet", "image_ids_from_output", "parquet_bytes", "parquet_metadata"]
+def write_parquet_file(
+    source: str | os.PathLike | LatentArrays,
+    path: str | os.PathLike,
+    *,
+    image_ids: Sequence[str | None] | None = None,
+    output: str | os.PathLike | None = None,
+    verify: str = "size",
+) -> Path:
+    """Write ``source`` (as ``export_parquet`` takes it) as one Parquet file at ``path``, replacing
+    whatever file is there, WITHOUT checking the destination.
+
+    Only for a ``path`` the product owns and may overwrite: hub_upload's per-class files under
+    ``<output>/hub/parquet/``, which lie inside the output by design. Anything a user points at goes
+    through ``export_parquet``, which refuses destinations it could damage.
+    """
+    arrays, image_ids = _arrays_and_ids(source, image_ids, output, verify, None)
+    atomic_write_bytes(path, parquet_bytes(arrays, image_ids))
+    return Path(path)
+
+
+def _arrays_and_ids(
+    source: str | os.PathLike | LatentArrays, image_ids: Sequence[str | None] | None,
+    output: str | os.PathLike | None, verify: str, revision: str | None,
+) -> tuple[LatentArrays, Sequence[str | None] | None]:
+    """The loaded dataset and the image id of each row (given, read from ``output``, or None)."""
+    if image_ids is not None and output is not None:
+        raise ValueError("pass image_ids or output, not both")
+    arrays = source if isinstance(source, LatentArrays) else load_latents(source, revision, verify)
+    if output is not None:
+        image_ids = image_ids_from_output(arrays, output)
+    return arrays, image_ids
+
+
+def _dataset_home(arrays: LatentArrays) -> Path:
+    """The folder ``arrays`` was read from, symlinks resolved; for a snapshot in the Hugging Face
+    cache (``datasets--<owner>--<name>/snapshots/<commit>``, whose files link into the repo's
+    ``blobs/``) the repo's whole cache folder."""
+    root = arrays.root.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("datasets--"):
+        return root.parent.parent
+    return root
+
+
+def is_export_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file that an export wrote: Parquet whose schema metadata has
+    the ``imagenet_int8`` key (only the footer is read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError):
+        return False
+    return METADATA_KEY in metadata
+
+
+def _checked_destination(dest: Path, arrays: LatentArrays, output: str | os.PathLike | None, folder: bool) -> Path:
+    """``dest`` with symlinks resolved (where the export writes), or ``ValueError`` when writing
+    there could replace or change anything the export did not write."""
+    target = dest.expanduser().resolve()
+    refuse = f"export_parquet: refusing to write to {dest}: it"
+    protected = [("the output folder", Path(output).expanduser().resolve())] if output is not None else []
+    protected.append(("the dataset being exported", _dataset_home(arrays)))
+    for what, home in protected:
+        relation = (
+            "is" if target == home
+            else "contains" if home.is_relative_to(target)
+            else "lies inside" if target.is_relative_to(home)
+            else None
+        )
+        if relation:
+            raise ValueError(
+                f"{refuse} {relation} {what} ({home}); an export never writes over or into the data it comes "
+                "from: choose a new path outside it."
+            )
+    if not folder:
+        if target.is_dir():
+            raise ValueError(
+                f"{refuse} is a folder; pass the path of the one file to write, or rows_per_file= to write a "
+                "folder of files (choose a new path)."
+            )
+        if target.exists() and not is_export_file(target):
+            raise ValueError(
+                f"{refuse} is a file no export wrote (not Parquet with the '{METADATA_KEY.decode()}' metadata), "
+                "and the export would replace it: choose a new path (or move that file away)."
+            )
+        return target
+    if target.exists() and not target.is_dir():
+        raise ValueError(
+            f"{refuse} is a file, and rows_per_file= writes a folder in its place: choose a new path for the folder."
+        )
+    for entry in sorted(target.iterdir()) if target.is_dir() else []:
+        if not (FILE_NAME.fullmatch(entry.name) and is_export_file(entry)):
+            raise ValueError(
+                f"{refuse} already holds {dest / entry.name}, which no export wrote, and the export replaces the "
+                "whole folder: choose a new or empty folder (or move that file away)."
+            )
+    return target
+
+
+__all__ = [
+    "export_parquet", "image_ids_from_output", "is_export_file", "parquet_bytes", "parquet_metadata",
+    "write_parquet_file",
+]
