@@ -4,16 +4,20 @@ started here, reached over HTTP by the real boto3 client and by streaming's read
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds, check_remote_url
-from imagenet_int8_assets.core.storage import mds_root
-from imagenet_int8_assets.reader import open_dataset
+from imagenet_int8_assets.core.storage import manifest_path, mds_root
+from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError
+from imagenet_int8_assets_tests.conftest import BIN, cli_env, run_cli
 from imagenet_int8_assets_tests.local_servers import s3_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -154,3 +158,235 @@ def test_a_bad_remote_is_named_with_what_to_do(s3_env, tmp_path):
     with pytest.raises(RemoteError, match=r"s3://no-such-bucket/x.*NoSuchBucket.*Check that the bucket exists"):
         RemoteMds("s3://no-such-bucket/x", client=s3_env.client()).list_sizes()
 
+
+
+# ---- the mirror holds exactly the local dataset: content, not size --------------------------------
+
+
+def _altered(body: bytes) -> bytes:
+    """The same length, one byte changed (in the middle of the last sample's data)."""
+    at = len(body) - 100
+    return body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1:]
+
+
+def _put_altered(s3, bucket: str, key: str) -> None:
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key=key, Body=_altered(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
+def _multipart(client, bucket: str, key: str, body: bytes) -> None:
+    """An object uploaded in one part of a multipart upload: its ETag is "<md5 of md5s>-1", not the MD5."""
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    part = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=body)
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]}
+    )
+
+
+def test_an_object_changed_in_the_bucket_with_the_same_length_is_never_accepted(root, s3_env):
+    bucket = s3_env.new_bucket()
+    remote = RemoteMds(f"s3://{bucket}/ds", client=s3_env.client())
+    remote.publish(root)
+    first_index = remote.read("index.json")
+    index = json.loads(first_index)
+    shard = index["shards"][0]["raw_data"]["basename"]
+    _put_altered(s3_env, bucket, f"ds/{shard}")
+    assert remote.list_sizes()[shard] == (root / shard).stat().st_size  # a size check cannot see it
+
+    message = rf"s3://{bucket}/ds/{re.escape(shard)} exists with the size of the local file .* but other content.*" \
+              r"delete that object and re-run"
+    with pytest.raises(RemoteError, match=message):  # the same index again
+        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+    other_class = next(c for c in sorted(index[mds_index.RECORD_KEY]["per_class"]) if not shard.startswith(
+        mds_index.current_version_dir(root, c).relative_to(root).as_posix()))
+    _new_version(root, other_class, 1)
+    with pytest.raises(RemoteError, match=message):  # a new index naming the changed shard is not published
+        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+    assert remote.read("index.json") == first_index
+
+    # create() meets it too (another run listed the bucket before it appeared): refused, not replaced
+    with pytest.raises(RemoteError, match=message):
+        remote.create(shard, root / shard, (root / shard).stat().st_size)
+    same = index["shards"][1]["raw_data"]["basename"]
+    assert remote.create(same, root / same, (root / same).stat().st_size) is False  # same content: kept
+
+
+def test_an_object_changed_after_its_upload_is_caught_by_the_check_before_the_index(root, s3_env):
+    bucket = s3_env.new_bucket()
+    client, puts = _recording_client(s3_env)
+    shard = json.loads((root / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    changed = []
+
+    def change_once(**_):  # before the listing that follows the uploads: someone rewrites the shard
+        if f"ds/{shard}" in puts and not changed:
+            changed.append(shard)
+            _put_altered(s3_env, bucket, f"ds/{shard}")
+
+    client.meta.events.register("before-call.s3.ListObjectsV2", change_once)
+    remote = RemoteMds(f"s3://{bucket}/ds", client=client)
+    with pytest.raises(RemoteError, match=rf"1 file\(s\) the index names are not in .* local content .*{re.escape(shard)}"):
+        remote.publish(root)
+    assert changed and remote.read("index.json") is None
+
+
+def test_objects_whose_etag_is_not_an_md5_are_compared_by_reading_them(root, s3_env):
+    bucket = s3_env.new_bucket()
+    client = s3_env.client()
+    shard = json.loads((root / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    body = (root / shard).read_bytes()
+    _multipart(client, bucket, f"ok/{shard}", body)
+    assert "-" in client.head_object(Bucket=bucket, Key=f"ok/{shard}")["ETag"]
+    result = RemoteMds(f"s3://{bucket}/ok", client=client).publish(root)
+    assert result.published and shard not in result.uploaded  # read back: the same bytes, kept
+
+    _multipart(client, bucket, f"bad/{shard}", _altered(body))
+    with pytest.raises(RemoteError, match=r"with the size of the local file .* but other content"):
+        RemoteMds(f"s3://{bucket}/bad", client=client).publish(root)
+
+
+# ---- reading from the bucket: each downloaded shard checked against its recorded hash -------------
+
+
+def test_reading_from_the_bucket_checks_each_downloaded_shard_against_its_hash(root, s3_env, tmp_path):
+    bucket = s3_env.new_bucket()
+    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+    url = f"s3://{bucket}/ds"
+    local = _samples(open_dataset(root))
+    intact = open_dataset(url, local=tmp_path / "intact")
+    assert intact.verified.startswith(f"each shard's xxh3_64 hash recorded in index.json, by streaming as the shard "
+                                      f"is downloaded from {url}")
+    assert _samples(intact) == local
+
+    index = json.loads((root / "index.json").read_text())
+    shard = index["shards"][1]["raw_data"]["basename"]
+    _put_altered(s3_env, bucket, f"ds/{shard}")
+    damaged = open_dataset(url, local=tmp_path / "damaged")
+    first = index["shards"][0]["samples"]  # the changed shard's first sample
+    for _ in range(2):  # and again: the bad download is not kept in the cache
+        with pytest.raises(DatasetDamaged, match=rf"shard {re.escape(shard)} downloaded from {url} does not match "
+                                                 r"the xxh3_64 hash its index.json records"):
+            damaged[first]
+    assert not (tmp_path / "damaged" / shard).exists()
+    assert _samples_of(damaged, range(first)) == local[:first]  # the other shards read as before
+
+    unchecked = open_dataset(url, local=tmp_path / "unchecked", verify="none")
+    assert unchecked.verified.startswith("nothing (verify='none'")
+
+
+def _samples_of(dataset, ids) -> list[tuple]:
+    return [(s["label"], s["label_as_text"], s["latent"].tobytes()) for s in (dataset[i] for i in ids)]
+
+
+# ---- a bucket set on a built output is published; the summary says "published" only when it is ----
+
+
+def test_a_bucket_set_on_a_built_output_gets_the_dataset_and_the_summary_tells_the_truth(
+    built_sample, s3_env, tmp_path, monkeypatch
+):
+    from imagenet_int8_assets.build_plan import plan_build
+    from imagenet_int8_assets.cli import _summary
+
+    built = built_sample["settings"]
+    url = f"s3://{s3_env.new_bucket()}/ds2"
+    settings = ImagenetInt8Settings(output=built.output, vae="tiny-random", device="cpu", workers=1, mds_remote=url)
+    root = mds_root(built.output_path)
+    classes = sorted(json.loads((root / "index.json").read_text())[mds_index.RECORD_KEY]["per_class"])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+
+    def plan(with_settings):
+        return plan_build(built_sample["instance"], built_sample["defs"], with_settings, classes, force=False)
+
+    assert (plan(built).classes, plan(built).dataset) == ([], False)  # the output is up to date
+    assert (plan(settings).classes, plan(settings).dataset) == ([], True)  # but the bucket is empty
+    assert f"(NOT published to {url}: " in _summary(settings) and "published to" not in _summary(built)
+
+    RemoteMds(url).publish(root)  # what mds_dataset does
+    assert plan(settings).dataset is False
+    assert f"Dataset: {root} (published to {url} too)" in _summary(settings)
+
+    RemoteMds(url).write("index.json", b"{}")  # the bucket serves something else
+    assert plan(settings).dataset is True and f"(NOT published to {url}: " in _summary(settings)
+
+
+# ---- credentials never inside the URL, never shown -----------------------------------------------
+
+
+def test_credentials_in_the_url_are_refused_and_never_shown(s3_env, tmp_path, monkeypatch):
+    url = "s3://AKIAEXAMPLE:se/cr+et@bucket/prefix"
+    with pytest.raises(ValueError) as refused:
+        check_remote_url(url)
+    assert "'s3://***@bucket/prefix'" in str(refused.value) and "AWS_ACCESS_KEY_ID" in str(refused.value)
+    with pytest.raises(SettingsError) as refused:
+        ImagenetInt8Settings(output=str(tmp_path), mds_remote=url).validate_values()
+    assert "IMAGENET_INT8_MDS_REMOTE='s3://***@bucket/prefix': credentials do not belong in the URL" in str(refused.value)
+    assert "se/cr+et" not in str(refused.value) and "AKIAEXAMPLE" not in str(refused.value)
+
+    # the endpoint may carry credentials too: errors show it redacted
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://user:pw-secret@127.0.0.1:{port}")
+    remote = RemoteMds("s3://bucket/x")
+    for call in (remote.list_sizes, remote.check_bucket):
+        with pytest.raises(RemoteError) as failed:
+            call()
+        assert f"http://***@127.0.0.1:{port}" in str(failed.value) and "pw-secret" not in str(failed.value)
+
+
+# ---- a missing or unreachable bucket is found before any work ------------------------------------
+
+
+def test_check_bucket_names_a_missing_bucket_and_fails_fast_on_a_silent_endpoint(s3_env, monkeypatch):
+    bucket = s3_env.new_bucket()
+    RemoteMds(f"s3://{bucket}/x").check_bucket()  # exists: nothing to say
+    with pytest.raises(RemoteError, match=rf"bucket 'no-such-bucket' does not exist at {s3_env.endpoint} .*create it"):
+        RemoteMds("s3://no-such-bucket/x").check_bucket()
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(RemoteError, match=r"bucket 'b' cannot be reached at .*check the endpoint"):
+            RemoteMds("s3://b/x").check_bucket()
+        assert time.monotonic() - start < 30
+
+
+def test_build_with_a_missing_bucket_stops_before_the_manifest_run(s3, tmp_path):
+    env = cli_env(tmp_path, **s3.env(), IMAGENET_INT8_MDS_REMOTE="s3://no-such-bucket/imagenet.int8")
+    proc = run_cli([str(BIN / "imagenet-int8"), "build"], env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("IMAGENET_INT8_MDS_REMOTE='s3://no-such-bucket/imagenet.int8': bucket 'no-such-bucket' does not exist "
+            f"at {s3.endpoint}") in proc.stderr
+    assert "Building from" not in proc.stdout and not manifest_path(tmp_path / "out").exists()
+
+    env["IMAGENET_INT8_MDS_REMOTE"] = "s3://AKIAEXAMPLE:se/cr+et@bucket/prefix"
+    proc = run_cli([str(BIN / "imagenet-int8"), "build"], env)
+    assert proc.returncode == 2 and "credentials do not belong in the URL" in proc.stderr, proc.stderr
+    assert "se/cr+et" not in proc.stdout + proc.stderr
+
+
+def test_a_remote_dataset_decodes_with_the_shape_and_range_it_records(s3_env, tmp_path):
+    """A dataset built with another layout and range (16x8x8 at +-5) read from the bucket: the codes
+    decode as its build record says, not with the published 4x32x32 at +-12."""
+    import numpy as np
+
+    from imagenet_int8_assets.core import mds
+    from imagenet_int8_assets.core.quantize import dequantize
+    from imagenet_int8_assets.reader import open_dataset
+
+    root = tmp_path / "mds"
+    codes = np.random.default_rng(5).integers(0, 256, (3, 16, 8, 8), dtype=np.uint8)
+    info = {"latent_shape": [16, 8, 8], "quant_range": 5.0, "seed": 0}
+    mds.write_class_shards(root, "a", codes, 0, "a", info, value_range=5.0)
+    index, summary = mds_index.merged_index(root, ["a"])
+    mds_index.publish(root, index, mds_index.dataset_record(info, summary))
+    bucket = s3_env.new_bucket()
+    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+
+    dataset = open_dataset(f"s3://{bucket}/ds", local=str(tmp_path / "cache"))
+    latents = [dataset[i]["latent"] for i in range(len(dataset))]
+    assert dataset.latent_shape == (16, 8, 8) and dataset.value_range == 5.0
+    assert all(z.shape == (16, 8, 8) for z in latents)
+    expected = sorted(dequantize(c, 5.0).astype(np.float32).tobytes() for c in codes)
+    assert sorted(z.tobytes() for z in latents) == expected
