@@ -23,6 +23,10 @@ Routes (checked against huggingface_hub 0.36.2's source)::
     GET/HEAD /{prefix}{ns}/{name}/resolve/{rev}/{path}      X-Repo-Commit, ETag, X-Linked-Etag/-Size, Range
     GET    /_fake/stats[?repo_id=&repo_type=]    counters as JSON; POST /_fake/reset, POST /_fake/fail (token)
 
+Faults for tests: ``fail`` (answer the next matching requests with an error), ``slow`` (answer them
+late) and ``hang`` (never answer them, until ``release`` or ``stop``: a Hub that accepted the
+connection and went silent, for the client's timeouts).
+
 Hub behaviours reproduced (the client relies on them):
 
 * a new repository gets the Hub's initial commit ("initial commit" by "system", holding the default
@@ -50,7 +54,13 @@ Hub behaviours reproduced (the client relies on them):
 
 Auth: write routes need ``Authorization: Bearer <token>`` (``read_token``, if given, may read
 only). The token is compared in memory and never written anywhere (no request logging to files or
-stderr; the request log keeps method, path and status only).
+stderr; the request log keeps method, path and status only). ``basic_auth=(user, password)`` also
+accepts ``Authorization: Basic`` with those credentials as write access: a Hub behind a proxy that
+authenticates users with basic auth, reached with ``HF_ENDPOINT=http://user:password@host`` (requests
+then sends the URL's user-info as basic auth in place of the Bearer token). Such requests are counted
+(``stats()["basic_auth_requests"]``) so that a test can tell the credentials were used. The signed
+LFS upload hrefs and the verify href are on the fake's address without credentials, as they would be
+outside such a proxy; they need no basic auth.
 
 In-process use: ``HF_ENDPOINT`` and other ``HF_*`` variables are read when huggingface_hub is
 imported, so setting them in a running process does nothing; pass ``endpoint=hub.endpoint`` to
@@ -97,6 +107,7 @@ MAX_LFS_OBJECT = 64 * 1024 * 1024 * 1024
 MAX_PREUPLOAD_FILES = 1000
 MAX_CONNECTIONS = 64
 SOCKET_TIMEOUT = 60.0
+HANG_LIMIT = 600.0  # a request held by hang() is dropped after this long even if never released
 DRAIN_LIMIT = 256 * 1024 * 1024  # unread request bodies up to this size are read before answering
 LOG_SIZE = 10_000
 TREE_PAGE = 1000
@@ -571,6 +582,7 @@ class FakeHub:
         gitattributes: str | None = DEFAULT_GITATTRIBUTES,
         lfs_threshold: int = LFS_THRESHOLD,
         public_url: str = "https://huggingface.co",
+        basic_auth: tuple[str, str] | None = None,
     ):
         if not token:
             raise ValueError("FakeHub needs a non-empty token")
@@ -582,6 +594,10 @@ class FakeHub:
         self.gitattributes = gitattributes
         self.lfs_threshold = lfs_threshold
         self.public_url = public_url.rstrip("/")
+        self.basic_auth = basic_auth  # (user, password) accepted as write access; compared in memory only
+        self._basic_requests = 0
+        self._hangs: list[tuple[str, str]] = []  # (method, path regex) of requests never answered
+        self._release = threading.Event()  # set by release()/stop(): the held requests are dropped
         self._secret = secrets.token_bytes(32)  # signs LFS upload hrefs (never the token)
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], _Repo] = {}
@@ -593,6 +609,7 @@ class FakeHub:
         # requests being handled: the log entry of a request is written after its response is
         # sent, so readers of the log wait for them (a client may act on a response first)
         self._in_flight = 0
+        self._holding = 0  # of which held by hang(): readers do not wait for these
         self._settled = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -613,6 +630,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.release()  # held requests end (their threads would otherwise wait HANG_LIMIT)
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -723,11 +741,12 @@ class FakeHub:
         downloads. Waits (at most 10 s) for the requests being handled, whose errors are counted
         after their response is sent."""
         with self._settled:
-            self._settled.wait_for(lambda: self._in_flight == 0, timeout=10)
+            self._settled.wait_for(lambda: self._in_flight == self._holding, timeout=10)
             if repo_id is not None:
                 return copy.deepcopy(self._repo_or_404(repo_type, repo_id).stats)
             return {
                 "requests": self._requests,
+                "basic_auth_requests": self._basic_requests,
                 "server_errors": list(self._server_errors),
                 "repos": {f"{t}:{i}": copy.deepcopy(r.stats) for (t, i), r in sorted(self._repos.items())},
             }
@@ -745,7 +764,7 @@ class FakeHub:
         """(method, path, status) of the last requests (no query strings, no headers), once the
         requests being handled are logged (at most 10 s)."""
         with self._settled:
-            self._settled.wait_for(lambda: self._in_flight == 0, timeout=10)
+            self._settled.wait_for(lambda: self._in_flight == self._holding, timeout=10)
             return list(self._log)
 
     @property
@@ -775,6 +794,34 @@ class FakeHub:
             else:
                 self._delays.pop((method.upper(), path_pattern), None)
 
+    def hang(self, method: str, path_pattern: str) -> None:
+        """Never answer the requests whose method and URL path (regex search) match: the server
+        accepts them, reads nothing more and sends nothing, until ``release()`` (or ``stop()``, or
+        HANG_LIMIT seconds) drops their connection without an answer. E.g. hang("POST", r"/commit/")
+        is a Hub that goes silent on a commit, for the client's timeouts."""
+        re.compile(path_pattern)
+        with self._lock:
+            self._hangs.append((method.upper(), path_pattern))
+
+    def release(self) -> None:
+        """Stop hanging: the requests held by ``hang`` are dropped unanswered (as if the connection
+        broke), and later ones are answered normally."""
+        with self._lock:
+            self._hangs.clear()
+            self._holding = 0  # the released requests are being handled again: readers wait for their log entry
+            released, self._release = self._release, threading.Event()
+        released.set()
+
+    def _hang_of(self, req: _Request) -> threading.Event | None:
+        """The event that releases ``req`` if it is to be held (then counted as held: a held request
+        is not "being handled", stats() and the log do not wait for it)."""
+        with self._lock:
+            if any(m in (req.method, "*") and re.search(p, req.raw_path) for m, p in self._hangs):
+                self._holding += 1
+                self._settled.notify_all()
+                return self._release
+        return None
+
     def _delay_of(self, req: _Request) -> float:
         with self._lock:
             return max(
@@ -789,6 +836,13 @@ class FakeHub:
             return None
         scheme, _, value = header.strip().partition(" ")
         value = value.strip().encode()
+        if scheme.lower() == "basic" and self.basic_auth is not None and value:
+            expected = base64.b64encode(":".join(self.basic_auth).encode())
+            if not hmac.compare_digest(value, expected):
+                return "invalid"
+            with self._lock:
+                self._basic_requests += 1
+            return "write"
         if scheme.lower() != "bearer" or not value:
             return "invalid"
         if hmac.compare_digest(value, self._token):
@@ -906,6 +960,15 @@ class FakeHub:
                 fault = self._take_fault(req)
             if fault is not None:
                 raise _HttpError(fault["status"], fault["message"])
+            released = self._hang_of(req)
+            if released is not None:
+                released.wait(HANG_LIMIT)
+                with self._lock:
+                    if not released.is_set():  # HANG_LIMIT passed (release() counts the ones it releases)
+                        self._holding -= 1
+                status = 499  # dropped without an answer
+                handler.close_connection = True
+                return
             delay = self._delay_of(req)
             if delay:
                 time.sleep(delay)

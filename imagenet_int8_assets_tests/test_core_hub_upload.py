@@ -115,3 +115,78 @@ def test_lfs_content_uploaded_before_a_failed_commit_is_not_sent_again(tmp_path,
     assert result.files_sent + result.files_resumed == len(layout)
     remote = fake_hub.files("me/ds")
     assert all(remote[p] == layout[p].read_bytes() for p in layout)
+
+
+def test_a_hub_that_stops_answering_a_commit_times_out_naming_the_step_and_a_rerun_completes(tmp_path, fake_hub):
+    """Every request is bounded by the timeout (seconds of silence): a commit the Hub never answers
+    fails within it, saying what was being done; the re-run, once the Hub answers, completes without
+    sending again the content that had gone up. The client's HTTP setup is restored afterwards."""
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    api = HfApi(endpoint=fake_hub.endpoint, token=fake_hub.env()["HF_TOKEN"])
+    root = tmp_path / "mds"
+    _publish(root, {"a": 2, "b": 3})
+    layout = _layout(tmp_path, root)
+    factory, endpoint = _http._GLOBAL_BACKEND_FACTORY, constants.ENDPOINT
+    fake_hub.hang("POST", r"/commit/")
+    started = time.monotonic()
+    with pytest.raises(hub.HubTimeout) as raised:
+        hub.upload_dataset(api, "me/ds", layout, files_per_commit=3, timeout=1)
+    assert time.monotonic() - started < 20  # 1 s of silence, not the fake's 600 s hang
+    batches = -(-(len(layout) - 3) // 3) + 1
+    assert str(raised.value) == (
+        f"the Hub at {fake_hub.endpoint} did not answer for 1 s while committing 1/{batches} "
+        "(3 file(s) added, 0 deleted)"
+    )
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert _http._GLOBAL_BACKEND_FACTORY is factory and constants.ENDPOINT == endpoint
+    uploaded = fake_hub.stats("me/ds")["lfs_uploads"]
+    assert uploaded >= 1
+
+    fake_hub.release()  # the held commit is dropped unanswered; the Hub answers again
+    assert ("POST", "/api/datasets/me/ds/commit/main", 499) in fake_hub.request_log
+    result = hub.upload_dataset(api, "me/ds", layout, files_per_commit=3, timeout=1)
+    assert result.files_resumed == uploaded and result.files_sent + result.files_resumed == len(layout)
+    assert all(fake_hub.files("me/ds")[p] == layout[p].read_bytes() for p in layout)
+    assert _http._GLOBAL_BACKEND_FACTORY is factory and constants.ENDPOINT == endpoint
+
+
+def test_credentials_in_the_endpoint_are_sent_as_basic_auth_and_appear_nowhere(tmp_path, fake_hub, monkeypatch):
+    """HF_ENDPOINT=http://user:password@host (a Hub behind basic auth): the upload works with the
+    credentials (huggingface_hub alone refuses such URLs when it parses its commit answers), sends
+    them as basic auth, and neither its result nor its errors carry them."""
+    from huggingface_hub import constants
+
+    fake_hub.basic_auth = ("user", "secretpw")
+    endpoint = fake_hub.endpoint.replace("http://", "http://user:secretpw@")
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # HF_ENDPOINT as a process started with it reads it
+    api = HfApi(token=False)  # no Bearer token: only the basic auth of the endpoint can authorize writes
+    assert api.endpoint == endpoint
+    root = tmp_path / "mds"
+    _publish(root, {"a": 1, "b": 1})
+    layout = _layout(tmp_path, root)
+
+    fake_hub.fail("POST", r"/preupload/", status=500, times=1)
+    with pytest.raises(Exception) as failed:
+        hub.upload_dataset(api, "me/ds", layout)
+    chain, error = [], failed.value
+    while error is not None:
+        chain.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    assert "500" in chain[0] and "secretpw" not in "\n".join(chain), chain
+
+    fake_hub.hang("POST", r"/commit/")
+    with pytest.raises(hub.HubTimeout) as raised:
+        hub.upload_dataset(api, "me/ds", layout, timeout=1)
+    shown = fake_hub.endpoint.replace("http://", "http://***@")
+    assert str(raised.value).startswith(f"the Hub at {shown} did not answer for 1 s while committing 1/")
+    fake_hub.release()
+
+    result = hub.upload_dataset(api, "me/ds", layout)
+    assert result.url == f"{fake_hub.endpoint}/datasets/me/ds" and "secretpw" not in result.summary()
+    assert all(fake_hub.files("me/ds")[p] == layout[p].read_bytes() for p in layout)
+    assert fake_hub.stats()["basic_auth_requests"] > 0
+    assert constants.ENDPOINT == endpoint  # restored after the upload

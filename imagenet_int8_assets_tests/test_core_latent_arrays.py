@@ -170,6 +170,15 @@ def test_compressed_shards_are_read(tmp_path):
     np.testing.assert_array_equal(arrays.codes, codes)
     assert arrays.labels.tolist() == [5] * 9 and arrays.label_texts == {5: "five"}
 
+    # the count a compressed shard starts with is read from its decompressed bytes
+    index = json.loads((tmp_path / "z" / "index.json").read_text())
+    n = index["shards"][0]["samples"]
+    index["shards"][0]["samples"] = 10_000_000
+    (tmp_path / "z" / "index.json").write_text(json.dumps(index))
+    for verify in ("size", "none"):
+        with pytest.raises(DatasetDamaged, match=rf"shard.00000.mds.zstd holds {n} samples .* says 10,000,000"):
+            load_latents(tmp_path / "z", verify=verify)
+
 
 def _first_shard(root):
     index = json.loads((root / "index.json").read_text())
@@ -200,10 +209,11 @@ def test_damaged_datasets_raise_dataset_damaged(tmp_path, monkeypatch):
         load_latents(root, verify="hash")
 
     bad = bytearray(good)
-    bad[0:4] = np.uint32(99).tobytes()  # the sample count
+    bad[0:4] = np.uint32(99).tobytes()  # the sample count: checked against the index before reading, in every mode
     shard.write_bytes(bytes(bad))
-    with pytest.raises(DatasetDamaged, match="does not start with its sample count"):
-        load_latents(root, verify="size")
+    for verify in ("size", "none"):
+        with pytest.raises(DatasetDamaged, match=r"holds 99 samples \(the count it starts with\), index.json says \d"):
+            load_latents(root, verify=verify)
 
     shard.unlink()
     with pytest.raises(DatasetDamaged, match="is missing"):
@@ -365,5 +375,23 @@ def test_load_from_a_hub_dataset_repo_and_from_the_offline_cache(tmp_path, monke
     finally:
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         reset_sessions()
+
+
+def test_a_failed_hub_download_never_shows_the_credentials_of_hf_endpoint(monkeypatch, fake_hub):
+    """HF_ENDPOINT=http://user:password@host: the error names the Hub redacted, and carries no chained
+    exception whose text (the URL the client called) would print the password in a traceback."""
+    import traceback
+
+    from huggingface_hub import constants
+
+    fake_hub.basic_auth = ("user", "secretpw")
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint.replace("http://", "http://user:secretpw@"))
+    with pytest.raises(FileNotFoundError) as raised:
+        load_latents("someone/missing")
+    message = str(raised.value)
+    shown = fake_hub.endpoint.replace("http://", "http://***@")
+    assert f"could not be fetched from {shown} (RepositoryNotFoundError" in message
+    assert fake_hub.stats()["basic_auth_requests"] > 0  # the Hub was asked, with the credentials
+    assert "secretpw" not in "".join(traceback.format_exception(raised.value)), message
 
 INDEX = "index.json"

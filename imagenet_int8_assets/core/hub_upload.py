@@ -17,21 +17,31 @@ killed upload re-run sends only what is missing) then committed with ``create_co
 first; the root ``index.json``, ``build.json``, the card and the deletion of files no longer named
 (older versions of a class) go in the last commit, so at every commit the repository's index names
 only shards that are there. Nothing changed means no commit at all.
+
+The HTTP requests of an upload (see ``hub_requests``) never wait forever: each one is given up after
+``timeout`` seconds of silence from the Hub (``HubTimeout`` says what was being done). Credentials in
+the endpoint (``HF_ENDPOINT=http://user:password@host``, a Hub behind basic auth) are sent as basic
+auth, as requests does with such URLs, but never appear in a URL the client builds, reports or
+raises: the upload works with them and nothing it prints or records carries them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.storage import atomic_write_json, file_sha256
+from imagenet_int8_assets.core.urls import redact_url
 
 REPO_TYPE = "dataset"
 MAX_FILES_PER_FOLDER = 10_000  # the Hub refuses more entries in one folder
@@ -46,10 +56,115 @@ FINAL_FILES = (mds_index.INDEX, mds_index.BUILD_INFO, CARD)  # committed last: t
 MANAGED_FOLDERS = (mds_index.CLASSES, REPORT_FOLDER, "stats", PARQUET_FOLDER)
 REPORT_SUFFIXES = (".json", ".csv", ".md", ".png", ".html")
 HASH_CACHE = ".hub-hashes.json"
+# Seconds of silence from the Hub after which a request is given up. A read timeout bounds the wait
+# for the next bytes, not a whole transfer, so large uploads are not cut; 300 s also covers the Hub
+# answering a commit of many large LFS files, which it verifies before it answers.
+DEFAULT_TIMEOUT = 300
 
 
 class PublishError(ValueError):
     """The dataset cannot be published as it is; the message says why and what to do."""
+
+
+class HubTimeout(Exception):
+    """The Hub did not answer a request of the upload for ``seconds`` while it was ``doing`` something.
+
+    ``endpoint`` is shown without credentials. What was committed before stays committed and LFS
+    content that reached the Hub is not sent again, so re-running the upload resumes it.
+    """
+
+    def __init__(self, endpoint: str, seconds: float, doing: str):
+        self.endpoint, self.seconds, self.doing = redact_url(endpoint), seconds, doing
+        super().__init__(f"the Hub at {self.endpoint} did not answer for {seconds:g} s while {doing}")
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without its user-info, and the (user, password) requests would send as basic auth
+    for it (None when it has none: requests sends nothing for a user without a password either)."""
+    from requests.utils import get_auth_from_url
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    auth = get_auth_from_url(url)
+    return clean, (auth if any(auth) else None)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@contextlib.contextmanager
+def hub_requests(endpoint: str, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[str]:
+    """huggingface_hub's HTTP requests in the block (every thread) never wait forever, and the
+    endpoint's credentials are sent without being in any URL; yields ``endpoint`` without them.
+
+    Through ``configure_http_backend`` (the client's hook for its sessions; the factory in place is
+    kept and wrapped): a request made without a timeout of its own gets ``timeout`` seconds, for
+    connecting and for each wait for the server's next bytes (None: no limit); a request to the
+    endpoint's origin gets the credentials of its user-info as basic auth, as requests does for a
+    URL holding them. huggingface_hub refuses URLs with "@" where it parses repository URLs (every
+    ``create_commit`` answer, against ``constants.ENDPOINT``), so ``constants.ENDPOINT`` is cleaned of
+    credentials for the block as well. Everything is restored when the block ends.
+    """
+    import requests
+    from huggingface_hub import configure_http_backend, constants
+    from huggingface_hub.utils import _http
+    from requests.auth import HTTPBasicAuth
+
+    clean, auth = split_credentials(endpoint)
+    credentials: dict[str, tuple[str, str]] = {}
+    if auth is not None:
+        credentials[_origin(clean)] = auth
+    default_endpoint = constants.ENDPOINT
+    clean_default, default_auth = split_credentials(default_endpoint)
+    if default_auth is not None:
+        credentials.setdefault(_origin(clean_default), default_auth)
+    previous = getattr(_http, "_GLOBAL_BACKEND_FACTORY", _http._default_backend_factory)
+
+    def factory() -> requests.Session:
+        session = previous()
+        send = session.send
+
+        def send_bounded(request, **kwargs):
+            if kwargs.get("timeout") is None and timeout is not None:
+                kwargs["timeout"] = timeout
+            auth = credentials.get(_origin(request.url))
+            if auth is not None:
+                HTTPBasicAuth(*auth)(request)
+            return send(request, **kwargs)
+
+        session.send = send_bounded  # also used for redirects, which requests re-authenticates
+        return session
+
+    configure_http_backend(backend_factory=factory)
+    constants.ENDPOINT = clean_default
+    try:
+        yield clean
+    finally:
+        constants.ENDPOINT = default_endpoint
+        configure_http_backend(backend_factory=previous)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a request timeout is the cause of ``exc``: requests' Timeout, or a socket timeout
+    wrapped by urllib3 and requests (a send that blocked) or by huggingface_hub (an LFS upload's
+    RuntimeError), anywhere in its chain."""
+    import requests
+
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (requests.Timeout, TimeoutError)):
+            return True
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo += [e for e in linked if isinstance(e, BaseException)]
+    return False
 
 
 def repository_layout(
@@ -250,6 +365,11 @@ def _batches(paths: list[str], size: int) -> list[list[str]]:
     return [paths[i : i + size] for i in range(0, len(paths), size)]
 
 
+@dataclass
+class _Step:
+    doing: str  # what the upload is doing, for HubTimeout's message
+
+
 def upload_dataset(
     api,
     repo_id: str,
@@ -261,25 +381,52 @@ def upload_dataset(
     files_per_commit: int = DEFAULT_FILES_PER_COMMIT,
     hash_cache: str | os.PathLike | None = None,
     log: Callable[[str], None] = lambda _: None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> UploadResult:
-    """Create the repository (and branch) when needed and bring it to ``layout``; see the module doc."""
+    """Create the repository (and branch) when needed and bring it to ``layout``; see the module doc.
+
+    Every request is bounded by ``timeout`` seconds of silence (``hub_requests``): a Hub that stops
+    answering raises ``HubTimeout`` naming what was being done. ``api`` is not modified.
+    """
+    if files_per_commit < 1:
+        raise PublishError(f"files_per_commit={files_per_commit}: use a positive number of files")
+    step = _Step(f"reading the repository {repo_id}")
+    try:
+        with hub_requests(api.endpoint, timeout) as endpoint:
+            client = copy.copy(api)
+            client.endpoint = endpoint  # the credentials, if any, go as basic auth, never in a URL
+            return _upload(
+                client, repo_id, layout, step, revision=revision, private=private, message=message,
+                files_per_commit=files_per_commit, hash_cache=hash_cache, log=log,
+            )
+    except Exception as exc:
+        if timeout is not None and timed_out(exc):
+            raise HubTimeout(api.endpoint, timeout, step.doing) from None
+        raise
+
+
+def _upload(
+    api, repo_id: str, layout: dict[str, Path], step: _Step, *, revision: str, private: bool, message: str,
+    files_per_commit: int, hash_cache: str | os.PathLike | None, log: Callable[[str], None],
+) -> UploadResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    if files_per_commit < 1:
-        raise PublishError(f"files_per_commit={files_per_commit}: use a positive number of files")
     try:
         info = api.repo_info(repo_id, repo_type=REPO_TYPE)
         created = False
     except RepositoryNotFoundError:
+        step.doing = f"creating the repository {repo_id}"
         api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
         info = api.repo_info(repo_id, repo_type=REPO_TYPE)
         created = True
     if revision != "main":
+        step.doing = f"creating the branch {revision} of {repo_id}"
         api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
     url = f"{api.endpoint}/datasets/{repo_id}" + ("" if revision == "main" else f"/tree/{revision}")
     result = UploadResult(repo_id, revision, url, created, getattr(info, "private", None))
     hashes = HashCache(hash_cache)
+    step.doing = f"listing the files of {repo_id}@{revision}"
     plan = plan_upload(layout, remote_files(api, repo_id, revision), hashes)
     hashes.save()
     result.files_skipped, result.bytes_skipped = len(plan.unchanged), plan.bytes_of(plan.unchanged)
@@ -304,8 +451,10 @@ def upload_dataset(
             operations = [*additions, *(CommitOperationDelete(path_in_repo=p) for p in deletes)]
             before = len(watcher.paths)
             if additions:
+                step.doing = f"uploading the {len(additions)} file(s) of commit {n}/{len(batches)}"
                 api.preupload_lfs_files(repo_id, additions, repo_type=REPO_TYPE, revision=revision)
             title = message if len(batches) == 1 else f"{message} ({n}/{len(batches)})"
+            step.doing = f"committing {n}/{len(batches)} ({len(batch)} file(s) added, {len(deletes)} deleted)"
             commit = api.create_commit(
                 repo_id, operations, commit_message=title, repo_type=REPO_TYPE, revision=revision
             )

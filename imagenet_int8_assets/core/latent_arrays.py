@@ -18,9 +18,10 @@ Columns are in the index's ``column_names`` order (the writer sorts them); a col
 and sizes are checked as arrays (a shard whose layout contradicts its index raises
 ``DatasetDamaged``), and the codes are copied into the preallocated output with one strided view
 per shard (or one gather over a sliding-window view when the shard's samples differ in size).
-Memory is the output (N x bytes per sample); one shard at a time is mapped. The labels (the ``str`` column, e.g.
-"402") are parsed as digit arrays; the text of each label is decoded once, and every sample's
-text is checked to equal it.
+Memory is the output (N x bytes per sample; N is the index's counts, checked against the count each
+shard file starts with, and its size, before anything is allocated); one shard at a time is
+mapped. The labels (the ``str`` column, e.g. "402") are parsed as digit arrays; the text of each
+label is decoded once, and every sample's text is checked to equal it.
 
 Needs numpy and ``dataset_check`` (no streaming, torch or Dagster; compressed shards, which this
 project never writes, import streaming's decompressor).
@@ -47,7 +48,9 @@ from imagenet_int8_assets.core.dataset_check import (
     DatasetDamaged,
     _repair,
     check_dataset,
+    check_sample_counts,
     load_index,
+    sample_count,
 )
 from imagenet_int8_assets.core.mds_index import BUILD_INFO, INDEX, RECORD_KEY, dequantize_formula
 from imagenet_int8_assets.core.quantize import dequantize
@@ -136,7 +139,10 @@ def load_latents(
     fetched with ``snapshot_download`` at ``revision`` (the offline cache works with
     ``HF_HUB_OFFLINE=1``). ``verify`` as in ``open_dataset``: ``"size"`` (default: every shard
     exists with its recorded size), ``"hash"`` (and its content hash) or ``"none"``; damage raises
-    ``DatasetDamaged``. ``flips=False`` skips a stored ``vae_output_flip`` column. ``threads``:
+    ``DatasetDamaged``. Every shard's sample count is checked against the count its file starts
+    with (and the file's size) before memory is allocated, also with ``"none"``, so an index that
+    disagrees with its shards raises ``DatasetDamaged`` instead of dropping, inventing or
+    over-allocating samples. ``flips=False`` skips a stored ``vae_output_flip`` column. ``threads``:
     shards read at once (default: the CPU count).
     """
     if verify not in VERIFY_MODES:
@@ -144,6 +150,8 @@ def load_latents(
     root, described = resolve_source(source, revision)
     try:
         check = check_dataset(root, verify)
+        if verify == "none":  # the arrays are sized by the index's counts: never trust them unchecked
+            check_sample_counts(check)
     except DatasetDamaged as exc:
         if described.startswith("Hub"):  # a partial or damaged download, not a build to redo
             raise DatasetDamaged(
@@ -230,8 +238,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """Download (or find in the offline cache) the files of the dataset repo ``repo_id`` that a
     reader needs: ``index.json`` and ``build.json`` first, then, at the same commit, the shards
     that index names. Returns the snapshot folder."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from imagenet_int8_assets.core.urls import redact_url, redact_urls
 
     def fetch(rev, patterns):
         try:
@@ -244,11 +254,13 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
                 if offline
                 else "check the repo id, the revision and your access (HF_TOKEN)"
             )
+            # the client's text quotes the URL it called, with the credentials of HF_ENDPOINT if any:
+            # shown redacted, and the original is not chained (a traceback would print it)
             raise FileNotFoundError(
                 f"No dataset at {repo_id!r}: not a local folder, and the Hugging Face Hub dataset repo "
-                f"{repo_id!r}{f' at {rev}' if rev else ''} could not be fetched ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); {hint}."
-            ) from exc
+                f"{repo_id!r}{f' at {rev}' if rev else ''} could not be fetched from {redact_url(constants.ENDPOINT)} "
+                f"({type(exc).__name__}: {redact_urls(str(exc).splitlines()[0]) if str(exc) else ''}); {hint}."
+            ) from None
 
     head = fetch(revision, [INDEX, BUILD_INFO])
     commit = head.name  # snapshots/<commit>: the second call reads the same commit
@@ -434,7 +446,7 @@ class _SampleTable:
         fixed = [int(s) if s else 0 for s in column_sizes]
         variable = [j for j, s in enumerate(fixed) if not s]
         head = 4 * len(variable)
-        if data.size < 4 * (n + 2) or int(data[:4].view("<u4")[0]) != n:
+        if data.size < 4 * (n + 2) or sample_count(data) != n:
             raise damaged(f"does not start with its sample count ({n}, from index.json)")
         offsets = data[4 : 4 * (n + 2)].view("<u4").astype(np.int64)
         first, length = int(offsets[0]), int(offsets[1] - offsets[0])
