@@ -342,9 +342,9 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     lap("stats")
 
     # mds_dataset
-    infos = publish_checks.check_publishable(mroot, keys, {key: len(ok_rows(key)) for key in keys})
-    index, summary = mds_index.merged_index(mroot, keys)
-    first = next(iter(infos.values()))
+    checked = publish_checks.check_publishable(mroot, keys, {key: len(ok_rows(key)) for key in keys})
+    index, summary = mds_index.merged_index(mroot, keys, checked.versions)
+    first = next(iter(checked.infos.values()))
     mds_index.publish(mroot, index, mds_index.dataset_record(first, summary))
     check = mds.verify_readable(mroot)
     if check["samples"] != summary["samples"]:
@@ -907,7 +907,7 @@ def class_runs(classes: int, per_run: int) -> int:
     """The class runs `imagenet-int8 build` makes of ``classes`` classes (``class_runs.class_batches``)."""
     from imagenet_int8_assets.class_runs import class_batches
 
-    return len(class_batches(range(classes), per_run))
+    return len(class_batches(range(classes), range(classes), per_run))
 
 
 def distinct_per_runs(size: int, per_runs: list[int]) -> list[int]:

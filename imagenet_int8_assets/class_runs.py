@@ -35,10 +35,10 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from imagenet_int8_assets.build_plan import CLASS_STEPS
+from imagenet_int8_assets.stages import CLASS_STEPS
 from imagenet_int8_assets.core.parallel import die_with_parent
 
 SIBLING_DEVICE_WAIT_S = 7 * 24 * 3600
@@ -88,18 +88,54 @@ def warm_imports(names: Sequence[str] = DATASET_RUN_IMPORTS) -> threading.Thread
     return thread
 
 
-def class_batches(classes: Sequence[str], per_run: int) -> list[list[str]]:
-    """The build's class runs, in order: at most ``per_run`` classes each; in a build of more than two
-    full runs the first and the last ones are small (``edge_size``). Runs overlap only in the middle: before the first encode nothing
-    else runs (its run's planned events, 3 per class, are written first) and after the last encode
-    its bookkeeping (materializations, shards, checks) is all that is left. Small edge runs keep
-    both short; every class is still in exactly one run, in sorted order."""
-    classes = list(classes)
-    if len(classes) <= 2 * per_run:  # a small build: plain batches (the edges would only add runs)
-        return [classes[i : i + per_run] for i in range(0, len(classes), per_run)]
-    edge = edge_size(per_run)
-    middle = classes[edge:-edge]
-    return [classes[:edge], *(middle[i : i + per_run] for i in range(0, len(middle), per_run)), classes[-edge:]]
+def class_batches(order: Sequence[str], todo: Iterable[str], per_run: int) -> list[list[str]]:
+    """The build's class runs: the classes of ``todo``, each in exactly one run, in the instance's
+    partition ``order`` (``partitions.partition_order``: registration order, not sorted).
+
+    A run selects its classes as a partition range, first .. last in ``order``, and that range
+    covers every class between them: so a run is a stretch of consecutive classes of ``order``
+    that are all in ``todo`` (a class that is up to date, vanished or another output's, sitting
+    between two to build, ends one stretch and starts the next) of at most ``per_run`` classes.
+    Classes of ``todo`` that are not in ``order`` (not registered) are left out. In a build of
+    more than two full runs the first and the last runs are small (``edge_size``): runs overlap
+    only in the middle (before the first encode nothing else runs, its run's planned events are
+    written first; after the last encode its bookkeeping is all that is left), so small edge runs
+    keep both short."""
+    wanted = set(todo)
+    stretches: list[list[str]] = [[]]
+    for key in order:
+        if key in wanted:
+            stretches[-1].append(key)
+        elif stretches[-1]:
+            stretches.append([])
+    stretches = [s for s in stretches if s]
+    total = sum(len(s) for s in stretches)
+    first: list[list[str]] = []
+    last: list[list[str]] = []
+    if total > 2 * per_run:  # the first and the last few classes become runs of their own
+        first = _take(stretches, edge_size(per_run), from_end=False)
+        last = _take(stretches, edge_size(per_run), from_end=True)
+    middle = [stretch[i : i + per_run] for stretch in stretches for i in range(0, len(stretch), per_run)]
+    return [*first, *middle, *last]
+
+
+def _take(stretches: list[list[str]], count: int, from_end: bool) -> list[list[str]]:
+    """Remove ``count`` classes from the start (or the end) of ``stretches``; returns them as runs
+    (one per stretch they came from, in order)."""
+    taken: list[list[str]] = []
+    while count and stretches:
+        stretch = stretches[-1] if from_end else stretches[0]
+        n = min(count, len(stretch))
+        part = stretch[len(stretch) - n :] if from_end else stretch[:n]
+        taken.append(part)
+        if n == len(stretch):
+            stretches.pop(-1 if from_end else 0)
+        elif from_end:
+            del stretch[len(stretch) - n :]
+        else:
+            del stretch[:n]
+        count -= n
+    return taken[::-1] if from_end else taken
 
 
 def edge_size(per_run: int) -> int:
@@ -120,6 +156,65 @@ def default_runs_at_once(settings) -> int:
     except DeviceSettingError:  # the runs fail with the message; one at a time is enough for that
         return 1
     return 1 if devices == ["cpu"] else len(devices) + 1
+
+
+# A run process once ready (dagster, torch, diffusers and streaming imported, the build's job built)
+# holds about 0.88 GiB with tiny-random and 1.19 GiB with sdxl-random: the VAE's fp32 weights come
+# on top of the rest (measured on this project's CPU machine, torch 2.13, dagster 1.13.27).
+RUN_PROCESS_BASE_BYTES = 900 * 2**20
+MEMORY_SHARE = 0.8  # of the memory available when the build starts, for its run processes
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_process_bytes(settings) -> int:
+    """About how much memory one ready run process holds: the imports and its VAE's weights."""
+    from imagenet_int8_assets.core.vae import weights_host_bytes
+
+    weights = weights_host_bytes(settings.vae)
+    if settings.vae_fallback:  # a fallback is loaded when the real weights are not there
+        weights = max(weights, weights_host_bytes(settings.vae_fallback))
+    return RUN_PROCESS_BASE_BYTES + weights
+
+
+def runs_at_once_limit(settings, requested: int, batches: int) -> tuple[int, str | None]:
+    """How many run processes to keep going: ``requested``, but no more than there are ``batches``
+    (a process without a run holds a VAE for nothing) and no more than the memory available holds
+    (each holds its VAE); at least 1. Returns it and, when memory lowered it, a line saying so."""
+    limit = max(1, min(requested, batches))
+    available, each = available_memory(), run_process_bytes(settings)
+    if available is None:
+        return limit, None
+    fits = max(1, int(available * MEMORY_SHARE // each))
+    if fits >= limit:
+        return limit, None
+    return fits, (
+        f"Class runs at once: {fits} instead of {limit}: each run process holds its VAE in memory (about "
+        f"{each / 2**30:.1f} GiB), and {available / 2**30:.1f} GiB are available. Free memory or lower "
+        "--runs-at-once to silence this."
+    )
+
+
+def expected_batches(settings, per_run: int) -> int:
+    """The class runs a build of every class folder of the source would make (before the scan:
+    how many run processes are worth starting early); 1 when the source cannot be listed yet."""
+    from imagenet_int8_assets.core.sources import SourceError, find_class_folders, resolve_source_root
+
+    try:
+        names = find_class_folders(resolve_source_root(settings.source_path())).names
+    except (SourceError, OSError):
+        return 1
+    return max(1, len(class_batches(names, names, per_run)))
 
 
 def run_process(parent_pid: int, per_run: int, env: dict, work: multiprocessing.connection.Connection) -> None:
@@ -227,14 +322,14 @@ class ClassRuns:
         while len(self.ready) < count:
             self.ready.append(self._spawn())
 
-    def close(self) -> None:
-        """End the started run processes that were given no run (they hold no run, lease or file
-        being written: only imports and a VAE in memory)."""
-        for ready in self.ready:
+    def close(self, keep: int = 0) -> None:
+        """End the started run processes that were given no run, but the first ``keep`` (they hold
+        no run, lease or file being written: only imports and a VAE in memory)."""
+        for ready in self.ready[keep:]:
             ready.work.close()
             ready.process.kill()
             ready.process.join()
-        self.ready = []
+        self.ready = self.ready[:keep]
 
     def _start(self, batch: list[str]) -> _Active:
         from dagster._core.utils import make_new_run_id
@@ -287,6 +382,7 @@ class ClassRuns:
 
     def run(self, batches: Sequence[list[str]]) -> list[str]:
         """Execute every batch; returns the failure lines (empty when every run succeeded)."""
+        self.close(keep=min(self.runs_at_once, len(batches)))  # no process waits for a run it will not get
         pending, active, failures, done = list(batches), [], [], 0
         try:
             while pending or active:

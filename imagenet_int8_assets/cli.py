@@ -21,8 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-FINAL_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
-PUBLISH_STEPS = ("hub_upload",)
+from imagenet_int8_assets.stages import CLASS_STEPS, DATASET_STEPS, MANIFEST_STEPS, PUBLISH_STEPS
 
 
 class _RunProgress:
@@ -111,12 +110,16 @@ def build(
     and a message naming the running one; the lock dies with its process, so a killed build never
     blocks the next one. Nothing touches the Dagster instance before the lock is held.
     """
-    from imagenet_int8_assets.core.build_lock import BuildLockBusy, BuildLockError, hold_build_lock
+    from imagenet_int8_assets.core.build_lock import BUILD_LOCK_VAR, BuildLockBusy, BuildLockError, hold_build_lock
     from imagenet_int8_assets.instance import InstanceSettingError
 
     try:
         with hold_build_lock(settings.output_path):
-            return _build_locked(settings, partitions_per_run, verbose, force, publish, runs_at_once)
+            os.environ[BUILD_LOCK_VAR] = str(settings.output_path)  # this build's runs: the lock is held
+            try:
+                return _build_locked(settings, partitions_per_run, verbose, force, publish, runs_at_once)
+            finally:
+                os.environ.pop(BUILD_LOCK_VAR, None)
     except (BuildLockBusy, BuildLockError, InstanceSettingError) as exc:
         print(f"imagenet-int8: {exc}", file=sys.stderr)
         return 2
@@ -130,11 +133,19 @@ def _build_locked(
     from tqdm import tqdm
 
     from imagenet_int8_assets.assets.manifest import read_source_classes
-    from imagenet_int8_assets.build_plan import CLASS_STEPS, plan_build
-    from imagenet_int8_assets.class_runs import ClassRuns, class_batches, default_runs_at_once, warm_imports
+    from imagenet_int8_assets.build_plan import plan_build
+    from imagenet_int8_assets.class_runs import (
+        ClassRuns,
+        class_batches,
+        default_runs_at_once,
+        expected_batches,
+        runs_at_once_limit,
+        warm_imports,
+    )
     from imagenet_int8_assets.dead_runs import fail_dead_build_runs, process_run_tags
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.instance import prepare_dagster_home
+    from imagenet_int8_assets.partitions import partition_order
     from imagenet_int8_assets.resources import max_partitions_per_run
 
     home = prepare_dagster_home(settings.output_path / "dagster_home")
@@ -188,21 +199,25 @@ def _build_locked(
             def describe(done: int, running: int, total: int) -> None:
                 bar.set_description(f"class runs {done}/{total} done, {running} running")
 
+            # started before the scan: no more than a build of every class folder needs, or memory holds
+            early, _ = runs_at_once_limit(settings, at_once, expected_batches(settings, per_run))
             class_runs = ClassRuns(
-                instance, settings, per_run, at_once, run_config, own_tags,
+                instance, settings, per_run, early, run_config, own_tags,
                 progress=lambda run_id: _RunProgress(instance, run_id, bar), describe=describe,
             )
-            class_runs.prestart(at_once)
+            class_runs.prestart(early)
         try:
             bar.set_description("manifest")
-            if run(["raw_manifest"]) and _usable_images(settings, failures):
+            if run(MANIFEST_STEPS) and _usable_images(settings, failures):
                 plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
-                batches = class_batches(plan.classes, per_run)
-                bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(FINAL_STEPS) if plan.dataset else 0) + publish
+                batches = class_batches(partition_order(instance), plan.classes, per_run)
+                bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(DATASET_STEPS) if plan.dataset else 0) + publish
                 bar.refresh()
                 tqdm.write(plan.describe(per_run, len(batches)))
                 if class_runs is not None and batches:
-                    class_runs.runs_at_once = min(at_once, len(batches))
+                    class_runs.runs_at_once, note = runs_at_once_limit(settings, at_once, len(batches))
+                    if note:
+                        tqdm.write(note)
                     tqdm.write(f"Class runs: up to {class_runs.runs_at_once} at once, each in its own process.")
                     warming = warm_imports()  # the dataset run's imports, while the class runs encode
                     failures += class_runs.run(batches)
@@ -218,7 +233,7 @@ def _build_locked(
                     class_runs.close()  # those started for runs this build did not need
                 if not failures and plan.dataset:
                     bar.set_description("dataset")
-                    run(FINAL_STEPS)
+                    run(DATASET_STEPS)
                 if publish and failures:
                     failures.append("hub_upload: not run, nothing was published (the build above did not finish)")
                 elif publish:
@@ -265,9 +280,21 @@ def _summary(settings) -> str:
     manifest = pd.read_parquet(manifest_path(settings.output_path))
     counts = manifest["status"].value_counts().to_dict()
     vae = info["vae"]
+    remote = ""
+    if settings.mds_remote:  # "published" only when the bucket serves this index (one GET)
+        from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds
+        from imagenet_int8_assets.core.urls import redact_url
+
+        shown = redact_url(settings.mds_remote)
+        try:
+            same = RemoteMds(settings.mds_remote).holds_index(root)
+            why = "the bucket's index.json is not this dataset's; run the same command again to publish it"
+        except RemoteError as exc:
+            same, why = False, str(exc)
+        remote = f" (published to {shown} too)" if same else f" (NOT published to {shown}: {why})"
     lines = [
         "",
-        f"Dataset: {root}" + (f" (published to {settings.mds_remote} too)" if settings.mds_remote else ""),
+        f"Dataset: {root}" + remote,
         f"  {info['samples']} samples in {len(info['per_class'])} classes; manifest: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "bad", "skipped")),
         f"  VAE {vae['requested']} ({vae['source']}), latents {tuple(info['latent_shape'])} "
@@ -503,13 +530,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _publish_summary() -> str:
-    """What the last hub_upload did, from its materialization's metadata."""
+    """What the last hub_upload did, from its materialization's metadata (its URLs without credentials,
+    also in metadata recorded by an older version)."""
     from dagster import AssetKey, DagsterInstance
+
+    from imagenet_int8_assets.core.urls import redact_urls
 
     with DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(AssetKey("hub_upload"))
     meta = event.asset_materialization.metadata
-    return f"Published: {meta['summary'].value}"
+    return f"Published: {redact_urls(meta['summary'].value)}"
 
 
 def run() -> None:

@@ -26,7 +26,12 @@ from imagenet_int8_assets.automation import (
     refresh_schedule,
 )
 from imagenet_int8_assets.dead_runs import dead_build_runs_sensor
-from imagenet_int8_assets.resources import ImagenetInt8Settings, max_partitions_per_run
+from imagenet_int8_assets.resources import (
+    ImagenetInt8Settings,
+    as_run_defaults,
+    max_partitions_per_run,
+    read_recorded_settings,
+)
 
 CLASS_ASSETS = (crops_and_latents, mds_shards)
 DATASET_ASSETS = (quantization_stats, mds_dataset, reconstruction_report, probe_features, latent_probe)
@@ -56,12 +61,15 @@ def build_definitions(
         source_class_files,
         *(configured(a, settings, policy, partition_condition(cron)) for a in CLASS_ASSETS),
         *(configured(a, settings, None, dataset_condition(cron)) for a in DATASET_ASSETS),
-        hub_upload,  # never automated: publishing is a deliberate act (UI, `imagenet-int8 publish`)
     ]
+    if settings.hub_repo:  # never automated: publishing is a deliberate act (UI, `imagenet-int8 publish`).
+        # Without a repository the asset is not in the graph at all: "Materialize all" then builds
+        # everything there is and ends green (an asset that records nothing fails a backfill).
+        assets.append(hub_upload)
     return Definitions(
         assets=assets,
         asset_checks=list(CHECKS),
-        resources={"settings": settings, "hub_token": hub_token_resource()},
+        resources={"settings": as_run_defaults(settings), "hub_token": hub_token_resource()},
         schedules=[refresh_schedule(settings)],
         sensors=[
             class_folders_sensor(settings),
@@ -75,4 +83,56 @@ def build_definitions(
     )
 
 
-defs = build_definitions()
+def refusing_definitions(defs: Definitions, message: str) -> Definitions:
+    """The graph of ``defs`` shown but not runnable: the code location's settings conflict with the
+    output's record (``message`` says how). Every asset is kept as a non-executable spec (same key,
+    lineage, partitions, group and code version, so nothing looks changed) whose description starts
+    with the message, so the UI offers no "Materialize" and a launch is refused up front, before any
+    run starts and without a traceback; the ``class_folders`` sensor skips with the message (the
+    Automation page shows it); nothing else is automated."""
+    from dagster import SkipReason, sensor
+
+    from dagster import AssetSpec, SourceAsset
+
+    banner = f"**Not materializable: this code location's settings conflict with the output.** {message}"
+
+    def specs_of(asset) -> list[AssetSpec]:
+        if isinstance(asset, SourceAsset):  # source_class_files: observed by raw_manifest, never run
+            return [
+                AssetSpec(
+                    asset.key, description=asset.description, partitions_def=asset.partitions_def,
+                    group_name=asset.group_name, metadata=asset.metadata,
+                )
+            ]
+        return list(asset.specs)
+
+    specs = [
+        spec.replace_attributes(description=f"{banner}\n\n{spec.description or ''}", automation_condition=None)
+        for asset in defs.assets
+        for spec in specs_of(asset)
+    ]
+
+    @sensor(name="class_folders", minimum_interval_seconds=3600, description=banner)
+    def refused(_context):
+        return SkipReason(message)
+
+    return Definitions(assets=specs, sensors=[refused, dead_build_runs_sensor])
+
+
+def location_definitions(settings: ImagenetInt8Settings | None = None) -> Definitions:
+    """The code location's definitions (``dagster dev``, ``dagster asset materialize``): those of
+    ``build_definitions``, or, when the settings conflict with the output's record, the same graph
+    refusing every launch (``refusing_definitions``, the message also printed to stderr), with code
+    versions of the recorded settings."""
+    import sys
+
+    settings = settings if settings is not None else ImagenetInt8Settings.from_env()
+    message = settings.conflict_message()
+    if message is None:
+        return build_definitions(settings)
+    print(f"imagenet-int8: {message}", file=sys.stderr, flush=True)
+    recorded = settings.model_copy(update=read_recorded_settings(settings.output_path) or {})
+    return refusing_definitions(build_definitions(recorded), message)
+
+
+defs = location_definitions()

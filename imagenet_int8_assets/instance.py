@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from imagenet_int8_assets.core.build_lock import hold_init_lock
@@ -53,7 +54,67 @@ def shipped_instance_yaml() -> Path:
             f"{'is' if len(missing) == 1 else 'are'} not: set all of {', '.join(POSTGRES_VARS)} "
             "(DAGSTER_PG_PASSWORD may be empty), or unset DAGSTER_PG_HOST for the SQLite instance."
         )
+    port = os.environ["DAGSTER_PG_PORT"].strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InstanceSettingError(
+            f"DAGSTER_PG_PORT={port!r}: use the PostgreSQL server's port, a number from 1 to 65535 (usually 5432)."
+        )
     return SHIPPED_POSTGRES_YAML
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def instance_error_message(exc: BaseException, home: Path) -> str:
+    """One line for an instance that cannot be opened: what is wrong and what to do (no traceback)."""
+    from dagster._config.errors import PostProcessingError
+    from dagster._core.errors import DagsterInvalidConfigError
+
+    inner = _innermost(exc)
+    where = f"the Dagster instance in DAGSTER_HOME={home} ({home / 'dagster.yaml'})"
+    config_errors = [e.message for e in getattr(exc, "errors", None) or []] if isinstance(exc, DagsterInvalidConfigError) else []
+    if isinstance(inner, PostProcessingError) or config_errors:  # a variable its dagster.yaml reads: unset, not a number
+        import re
+
+        text = " ".join(config_errors) + " " + str(inner)
+        names = sorted(set(re.findall(r"'env': '([A-Za-z_][A-Za-z0-9_]*)'", text) + re.findall(r'variable "([A-Za-z_][A-Za-z0-9_]*)"', text)))
+        bad = [f"{n} (not set)" if n not in os.environ else f"{n}={os.environ[n]!r} (not valid there)" for n in names]
+        return (
+            f"{where} cannot be loaded: it reads {', '.join(bad) or 'environment variables'} from the environment. "
+            f"Set {'them' if len(bad) > 1 else 'it'} (for PostgreSQL: all of {', '.join(POSTGRES_VARS)}; the port a "
+            "number), or point DAGSTER_HOME at another folder."
+        )
+    text = f"{type(exc).__name__} {type(inner).__name__} {exc} {inner}".lower()
+    if "postgres" in text or "psycopg" in text or "connection" in text:
+        target = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in POSTGRES_VARS if name != "DAGSTER_PG_PASSWORD")
+        return (
+            f"{where} is a PostgreSQL instance that cannot be reached ({target}): {_first_line(inner)} Start "
+            "PostgreSQL there or fix the DAGSTER_PG_* variables (the password in DAGSTER_PG_PASSWORD), then run this "
+            "command again."
+        )
+    return f"{where} cannot be opened: {type(inner).__name__}: {_first_line(inner)}"
+
+
+@contextmanager
+def open_instance(home: Path) -> Iterator:
+    """``DagsterInstance.get()`` for ``home``; an instance that cannot be opened (PostgreSQL
+    unreachable, a variable its dagster.yaml needs unset or not a number) raises
+    ``InstanceSettingError`` with one line saying what to do."""
+    from dagster import DagsterInstance
+
+    try:
+        instance = DagsterInstance.get()
+    except Exception as exc:
+        raise InstanceSettingError(instance_error_message(exc, home)) from None
+    with instance:
+        yield instance
 
 
 def _recorded_limit(home: Path) -> int | None:
@@ -82,8 +143,6 @@ def prepare_dagster_home(default_home: str | os.PathLike, devices: Sequence[str]
     migrating its SQLite storage is serialized by a lock file in it, because two processes
     initializing it at once leave two alembic heads and an instance that no longer opens.
     """
-    from dagster import DagsterInstance
-
     from imagenet_int8_assets.core.devices import gpu_pool_limit
 
     home = dagster_home_path(default_home)
@@ -93,7 +152,7 @@ def prepare_dagster_home(default_home: str | os.PathLike, devices: Sequence[str]
     with hold_init_lock(home):
         if not (home / "dagster.yaml").exists():
             shutil.copyfile(shipped_instance_yaml(), home / "dagster.yaml")
-        with DagsterInstance.get() as instance:
+        with open_instance(home) as instance:
             storage = instance.event_log_storage
             if GPU_POOL not in storage.get_concurrency_keys():
                 current, ours = None, None

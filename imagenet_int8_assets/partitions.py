@@ -22,6 +22,14 @@ def registered_classes(instance: DagsterInstance) -> list[str]:
     return sorted(instance.get_dynamic_partitions(CLASS_PARTITIONS))
 
 
+def partition_order(instance: DagsterInstance) -> list[str]:
+    """Every registered class in the instance's partition order: the order of registration, NOT
+    sorted (a class added later comes last, whatever its name). A run's partition range
+    (``dagster/asset_partition_range_start`` .. ``_end``) covers the classes between its two ends
+    in this order, so ranges must be built from it (``class_runs.class_batches``)."""
+    return list(instance.get_dynamic_partitions(CLASS_PARTITIONS))
+
+
 def register_classes(instance: DagsterInstance, names: Iterable[str]) -> list[str]:
     """Add the classes not registered yet; returns them (sorted). Existing ones are left alone."""
     known = set(instance.get_dynamic_partitions(CLASS_PARTITIONS))

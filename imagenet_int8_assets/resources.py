@@ -6,6 +6,7 @@ See the README's configuration table for meanings and defaults.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -157,6 +158,7 @@ class ImagenetInt8Settings(ConfigurableResource):
     hub_commit_message: str = Field(default="", description="Commit message of hub_upload's commits (empty = one naming the samples, classes and VAE).")
     hub_license: str = Field(default="", description="License id in the dataset card (empty = 'other', pointing at ImageNet's terms of access).")
     hub_files_per_commit: int = Field(default=100, description="Most files in one Hub commit (the Hub recommends a few hundred at most).")
+    hub_timeout: int = Field(default=300, description="Seconds of silence after which hub_upload gives up a request to the Hub (a wait for its next bytes, not a whole transfer).")
     parquet_export: bool = Field(default=True, description="hub_upload also exports the samples as parquet (data/*.parquet) so that `datasets` and the Hub viewer read them.")
     publish_random_weights: bool = Field(default=False, description="Let hub_upload publish a dataset encoded with random VAE weights (refused otherwise).")
 
@@ -189,9 +191,61 @@ class ImagenetInt8Settings(ConfigurableResource):
         for name, value in (recorded or {}).items():
             if name in RECORDED and name not in values:
                 values[name] = value
+        if recorded and "quant_range" in recorded and values.get("vae", recorded.get("vae")) == recorded.get("vae"):
+            # a range given as the value the recorded one stands for (12 for 0 with SDXL) is that
+            # same setting: take the recorded form, so code versions and the record stay the same
+            mine = {"quant_range": values.get("quant_range", 0.0), "vae": recorded.get("vae")}
+            if _effective("quant_range", mine) == _effective("quant_range", recorded):
+                values["quant_range"] = recorded["quant_range"]
         settings = cls(**values)
         settings.validate_values()
         return settings
+
+    # ---- runs ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context):
+        """For the length of a run: hold the output's build lock in shared mode (``build_lock.
+        share_build_lock``), so that no `imagenet-int8 build` writes the same files meanwhile (runs
+        from the UI, `dagster asset materialize` and automation go on side by side). A run of a
+        build holds nothing: the build holds the lock. Refused at once, naming the build, while one
+        runs. Sensors and schedules (no run) take no lock."""
+        from imagenet_int8_assets.core.build_lock import (
+            BUILD_LOCK_VAR,
+            BuildLockBusy,
+            BuildLockError,
+            share_build_lock,
+        )
+
+        if context.dagster_run is None or os.environ.get(BUILD_LOCK_VAR) == str(self.output_path) or not self._lockable():
+            yield self
+            return
+        lock = share_build_lock(self.output_path)
+        try:
+            lock.__enter__()
+        except BuildLockError:  # a filesystem without flock: no build can lock it either; the steps go on
+            yield self
+            return
+        except BuildLockBusy as exc:
+            from dagster import Failure
+
+            raise Failure(description=str(exc), allow_retries=False) from None
+        try:
+            yield self
+        finally:
+            lock.__exit__(None, None, None)
+
+    def _lockable(self) -> bool:
+        """Whether the run takes the output's lock: the output is an existing folder that the settings
+        accept (a missing output is created by the run itself; an output the settings refuse, e.g.
+        inside the source, gets no lock file: the first step refuses it with its own message)."""
+        if not self.output_path.is_dir():
+            return False
+        try:
+            self.check_source_and_output()
+        except (SettingsError, SourceError, OSError):
+            return False
+        return True
 
     # ---- one set of settings per output ---------------------------------------------------
 
@@ -211,20 +265,28 @@ class ImagenetInt8Settings(ConfigurableResource):
         return [
             f"{ENV[name]}: the output holds {recorded[name]!r}, this launch has {mine[name]!r}"
             for name in RECORDED
-            if name in recorded and recorded[name] != mine[name]
+            if name in recorded and _effective(name, recorded) != _effective(name, mine)
         ]
+
+    def conflict_message(self) -> str | None:
+        """The one message that refuses a launch whose settings differ from the output's record
+        (None when they agree): each difference, and the three ways out."""
+        conflicts = self.settings_conflicts()
+        if not conflicts:
+            return None
+        return (
+            f"IMAGENET_INT8_OUTPUT={str(self.output_path)!r} holds a dataset built with other settings "
+            f"({self.output_path / SETTINGS_RECORD}):\n  - " + "\n  - ".join(conflicts) + "\n"
+            "Launch with the recorded values (unset those variables or launchpad values: the recorded ones then "
+            "apply), choose another IMAGENET_INT8_OUTPUT, or rebuild this output with the new settings: "
+            "`imagenet-int8 build --force` (records them)."
+        )
 
     def require_recorded_settings(self) -> None:
         """Refuse (SettingsError) a launch whose settings differ from those the output was built with."""
-        conflicts = self.settings_conflicts()
-        if conflicts:
-            raise SettingsError(
-                f"IMAGENET_INT8_OUTPUT={str(self.output_path)!r} holds a dataset built with other settings "
-                f"({self.output_path / SETTINGS_RECORD}):\n  - " + "\n  - ".join(conflicts) + "\n"
-                "Launch with the recorded values (unset those variables or launchpad values: the recorded ones then "
-                "apply), choose another IMAGENET_INT8_OUTPUT, or rebuild this output with the new settings: "
-                "`imagenet-int8 build --force` (records them)."
-            )
+        message = self.conflict_message()
+        if message:
+            raise SettingsError(message)
 
     def record_settings(self, replace: bool = False) -> Path:
         """Write ``settings.json`` for the output when it has none (or ``replace``); returns its path."""
@@ -281,15 +343,18 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
         if self.mds_remote:
             from imagenet_int8_assets.core.mds_remote import check_remote_url
+            from imagenet_int8_assets.core.urls import redact_url
 
             try:
                 check_remote_url(self.mds_remote)
-            except ValueError as exc:
-                raise _bad("mds_remote", self.mds_remote, str(exc).split(": ", 1)[-1].rstrip(".")) from exc
+            except ValueError as exc:  # shown redacted: the URL may hold credentials (refused)
+                raise _bad("mds_remote", redact_url(self.mds_remote), str(exc).split(": ", 1)[-1].rstrip(".")) from None
         if self.hub_repo and not HUB_REPO_ID.fullmatch(self.hub_repo):
             raise _bad("hub_repo", self.hub_repo, "use a Hub repository id owner/name (letters, digits, '-', '_', '.')")
         if not self.hub_revision.strip():
             raise _bad("hub_revision", self.hub_revision, "empty; use a branch name such as main")
+        if self.hub_timeout <= 0:
+            raise _bad("hub_timeout", self.hub_timeout, "use a positive number of seconds (default 300)")
         if self.batch_size < 0:
             raise _bad("batch_size", self.batch_size, "use a positive number of images per pass, or 0 for the largest that fits")
         if self.devices.strip():
@@ -363,8 +428,9 @@ class ImagenetInt8Settings(ConfigurableResource):
 
         Values, source and output not nested, the output (a writable folder, or one that can be
         created; ``dagster_home`` too when given; nothing is created), the source's class folders,
-        the device (torch sees that GPU) and the VAE (resolvable without loading weights; see
-        ``core.vae.check_vae``).
+        the device (torch sees that GPU), the VAE (resolvable without loading weights; see
+        ``core.vae.check_vae``) and the bucket of ``mds_remote`` (exists and can be listed, in
+        seconds: ``RemoteMds.check_bucket``), so a missing bucket stops the build before any encoding.
         Returns the reason the demo's VAE fallback will be used, or None.
         """
         self.validate_values()
@@ -377,9 +443,21 @@ class ImagenetInt8Settings(ConfigurableResource):
             root = resolve_source_root(source)  # exists, or SourceError
             if find_cifar10_root(source) is None:
                 list_class_folders(root)
+        if self.mds_remote:
+            from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds
+
+            try:
+                RemoteMds(self.mds_remote).check_bucket()
+            except RemoteError as exc:
+                raise SettingsError(f"{ENV['mds_remote']}={self.mds_remote!r}: {exc}.") from None
+        from imagenet_int8_assets.core.devices import DeviceSettingError, visible_devices
+
         try:
             resolve_device(self.device)
+            visible_devices(self.devices or None, self.device)  # every device of IMAGENET_INT8_DEVICES exists
             return check_vae(self.vae, fallback=self.vae_fallback or None)
+        except DeviceSettingError as exc:
+            raise SettingsError(str(exc)) from None
         except VaeLoadError as exc:
             raise SettingsError(str(exc)) from None
 
@@ -394,10 +472,13 @@ class ImagenetInt8Settings(ConfigurableResource):
             raise Failure(description=str(exc), allow_retries=False) from None
 
     def require_recorded_settings_or_fail(self) -> None:
-        """``require_recorded_settings`` at the start of every asset step (a one-line ``Failure``)."""
+        """``require_recorded_settings`` at the start of every asset step (a one-line ``Failure``);
+        also checks every value, since values set per run (launchpad, ``--config-json``) were not
+        checked when the definitions loaded."""
         from dagster import Failure
 
         try:
+            self.validate_values()
             self.require_recorded_settings()
         except SettingsError as exc:
             raise Failure(description=str(exc), allow_retries=False) from None
@@ -457,6 +538,37 @@ class ImagenetInt8Settings(ConfigurableResource):
 
 ENV.update({name: f"IMAGENET_INT8_{name.upper()}" for name in ImagenetInt8Settings.model_fields})
 ENV["max_partitions_per_run"] = PARTITIONS_PER_RUN_VAR
+
+
+def as_run_defaults(settings: ImagenetInt8Settings) -> ImagenetInt8Settings:
+    """``settings`` as the code location's resource: each value becomes the DEFAULT of its field in
+    the resource's config schema, so that settings given per run (the launchpad's
+    ``resources.settings.config``, ``dagster asset materialize --config-json``) override the
+    environment's value by value. Dagster replaces a configured resource's config as a whole with
+    the run's: ``{"seed": 7}`` would otherwise put every other field back to its class default (the
+    output folder included). The type is a subclass of the same name (``isinstance`` holds)."""
+    from pydantic import create_model
+
+    fields = {
+        name: (info.annotation, Field(default=getattr(settings, name), description=info.description))
+        for name, info in ImagenetInt8Settings.model_fields.items()
+    }
+    subclass = create_model(
+        ImagenetInt8Settings.__name__, __base__=ImagenetInt8Settings, __module__=__name__, **fields
+    )
+    subclass.__doc__ = ImagenetInt8Settings.__doc__
+    return subclass()
+
+
+def _effective(name: str, values: dict):
+    """A recorded setting's value as it acts: a range of 0 is the VAE's default range, so 0 and
+    the VAE's default (12 for SDXL) are the same setting; everything else as it is."""
+    if name == "quant_range" and not values.get(name):
+        from imagenet_int8_assets.core.vae import vae_default_range
+
+        default = vae_default_range(str(values.get("vae", "")))
+        return float(default) if default is not None else 0.0
+    return values.get(name)
 
 
 def read_recorded_settings(output: Path) -> dict | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from imagenet_int8_assets.cli import FINAL_STEPS
+from imagenet_int8_assets.stages import DATASET_STEPS
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, partitio
     results.append(
         job.execute_in_process(
             instance=instance,
-            asset_selection=[dg.AssetKey(k) for k in FINAL_STEPS],
+            asset_selection=[dg.AssetKey(k) for k in DATASET_STEPS],
             raise_on_error=False,
         )
     )

@@ -48,6 +48,8 @@ ASSET_NODES_QUERY = """
 query AssetNodes {
   assetNodes {
     assetKey { path }
+    isMaterializable
+    description
     isPartitioned
     partitionKeys
     repository { name location { name } }
@@ -133,6 +135,30 @@ query AssetStatus {
 }
 """
 
+# What "Materialize unsynced" offers: every asset (and class partition) that is not FRESH.
+STALE_STATUS_QUERY = """
+query StaleStatus {
+  assetNodes { assetKey { path } isPartitioned isMaterializable staleStatus }
+}
+"""
+PARTITION_STALE_STATUS_QUERY = """
+query PartitionStaleStatus($keys: [AssetKeyInput!], $partitions: [String!]!) {
+  assetNodes(assetKeys: $keys) { assetKey { path } staleStatusByPartition(partitions: $partitions) }
+}
+"""
+
+
+def unsynced(dev: "DagsterDev", partitions: list[str]) -> list[tuple[str, str]]:
+    """(asset[partition], status) for everything "Materialize unsynced" would offer: not FRESH."""
+    nodes = [n for n in dev.graphql(STALE_STATUS_QUERY)["assetNodes"] if n["isMaterializable"]]
+    found = [(n["assetKey"]["path"][0], n["staleStatus"]) for n in nodes if not n["isPartitioned"]]
+    keys = [{"path": n["assetKey"]["path"]} for n in nodes if n["isPartitioned"]]
+    if keys:
+        data = dev.graphql(PARTITION_STALE_STATUS_QUERY, {"keys": keys, "partitions": partitions})
+        for node in data["assetNodes"]:
+            found += [(f"{node['assetKey']['path'][0]}[{p}]", s) for p, s in zip(partitions, node["staleStatusByPartition"])]
+    return [(name, status) for name, status in found if status != "FRESH"]
+
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -167,8 +193,11 @@ class DagsterDev:
         request = urllib.request.Request(
             f"{self.base}/graphql", data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # the server's own words: which field failed, and why
+            raise AssertionError(f"GraphQL HTTP {exc.code}: {exc.read().decode(errors='replace')[:4000]}") from None
         assert not payload.get("errors"), f"GraphQL errors: {json.dumps(payload['errors'], indent=2)}"
         return payload["data"]
 

@@ -35,7 +35,7 @@ def run_processes(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -77,9 +77,9 @@ def kill_build_during_gpu_run(
                     proc.wait(timeout=60)
                     # its run processes die with it: nothing of the build goes on writing or leasing
                     gone = time.monotonic() + 30
-                    while any(_alive(c) for c in children) and time.monotonic() < gone:
+                    while any(alive(c) for c in children) and time.monotonic() < gone:
                         time.sleep(0.1)
-                    assert not any(_alive(c) for c in children), f"run processes outlived the build: {children}"
+                    assert not any(alive(c) for c in children), f"run processes outlived the build: {children}"
                     return runs[0]
                 assert proc.poll() is None, (
                     f"the build ended (code {proc.returncode}) before a run holding the {GPU_POOL!r} pool "

@@ -47,10 +47,12 @@ with hold_build_lock(sys.argv[1]):
 """
 
 
-def _start_holder(output: Path) -> subprocess.Popen:
-    """A separate process that holds the build lock of ``output`` until it is killed."""
+def _start_holder(output: Path, shared: bool = False) -> subprocess.Popen:
+    """A separate process that holds the build lock of ``output`` until it is killed: as a build
+    does, or (``shared``) as a Dagster run that writes to the output does."""
+    code = HOLDER.replace("hold_build_lock", "share_build_lock") if shared else HOLDER
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(output), "--pretend-flag"], stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", code, str(output), "--pretend-flag"], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -304,3 +306,44 @@ def test_two_builds_at_once_then_a_killed_build_that_blocks_nothing(tmp_path):
         # the last build's (which redoes only what the kill left missing or stale)
         assert [r.run_id for r in runs if r.status != dg.DagsterRunStatus.SUCCESS] == [killed.run_id]
         assert sum(r.status == dg.DagsterRunStatus.SUCCESS for r in runs) >= 3 + 1 + 1
+
+
+def test_dagster_runs_and_builds_of_one_output_exclude_each_other(tmp_path):
+    """A run launched from the UI or `dagster asset materialize` while `imagenet-int8 build` builds the
+    same output is refused before it writes anything, naming the build; a build is refused while such
+    runs write; such runs go on side by side with one another."""
+    from imagenet_int8_assets.definitions import build_definitions
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    source = make_image_folder(tmp_path / "src", {"a": 1})
+    out = tmp_path / "out"
+    settings = ImagenetInt8Settings(source=str(source), output=str(out), vae="tiny-random", device="cpu", workers=1)
+    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    instance = dg.DagsterInstance.ephemeral()
+
+    build = _start_holder(out)  # what `imagenet-int8 build` holds
+    try:
+        refused = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("raw_manifest")], raise_on_error=False
+        )
+    finally:
+        _kill(build)
+    assert not refused.success
+    text = " ".join(str(e.event_specific_data) for e in refused.all_events if e.is_failure)
+    assert "`imagenet-int8 build` is building the output" in text and f"pid {build.pid}" in text, text
+    assert not (out / "manifest").exists(), "the refused run wrote to the output"
+
+    run = _start_holder(out, shared=True)  # what a Dagster run that writes to the output holds
+    try:
+        # another run goes on beside it ...
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+        # ... a build does not
+        proc = subprocess.run(
+            [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--output", str(out)],
+            env=_cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        _kill(run)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Dagster runs (launched from the UI, `dagster asset materialize` or automation) are writing" in proc.stderr
+    assert "Building from" not in proc.stdout

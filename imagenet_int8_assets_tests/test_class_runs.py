@@ -14,7 +14,7 @@ import dagster as dg
 
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets.core.devices import lock_path
-from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run, run_processes
+from imagenet_int8_assets_tests.killed_build import alive, kill_build_during_gpu_run, run_processes
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
@@ -137,15 +137,53 @@ def test_class_batches_every_class_once_in_order_with_small_edges_in_big_builds(
     from imagenet_int8_assets.class_runs import class_batches, edge_size
 
     classes = [f"c{i:04d}" for i in range(1000)]
-    batches = class_batches(classes, 125)
+    batches = class_batches(classes, classes, 125)
     assert [c for b in batches for c in b] == classes
     assert edge_size(125) == 16 and len(batches[0]) == len(batches[-1]) == 16
     assert max(len(b) for b in batches) == 125 and len(batches) == 10
     # a build of at most two full runs is cut plainly: edges would only add runs
-    assert [len(b) for b in class_batches(classes[:250], 125)] == [125, 125]
-    assert [len(b) for b in class_batches(classes[:3], 2)] == [2, 1]
-    assert class_batches(classes[:5], 1) == [[c] for c in classes[:5]]
-    assert class_batches([], 125) == []
+    assert [len(b) for b in class_batches(classes[:250], classes[:250], 125)] == [125, 125]
+    assert [len(b) for b in class_batches(classes[:3], classes[:3], 2)] == [2, 1]
+    assert class_batches(classes[:5], classes[:5], 1) == [[c] for c in classes[:5]]
+    assert class_batches(classes, [], 125) == []
+
+
+def _covered(instance: dg.DagsterInstance, run: list[str]) -> list[str]:
+    """What a run tagged with the partition range run[0] .. run[-1] materializes: Dagster's own
+    reading of the range over the class partitions registered in ``instance``."""
+    from dagster._core.definitions.partitions.context import partition_loading_context
+
+    from imagenet_int8_assets.partitions import class_partitions
+
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return class_partitions.get_partition_keys_in_range(dg.PartitionKeyRange(run[0], run[-1]))
+
+
+def test_class_batches_follow_the_registration_order_and_cover_exactly_the_classes_to_build():
+    """Dagster orders dynamic partitions by registration: a class added later ("a" after "b", "c")
+    comes last whatever its name. Every run's range must cover exactly its classes in that order
+    (sorted ranges made "a".."c" an empty range: the run built nothing)."""
+    from imagenet_int8_assets.class_runs import class_batches
+    from imagenet_int8_assets.partitions import partition_order, register_classes
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        register_classes(instance, ["b", "c"])  # the first scan
+        register_classes(instance, ["a", "b", "c"])  # "a" added later
+        order = partition_order(instance)
+        assert order == ["b", "c", "a"]
+        runs = class_batches(order, ["a", "b", "c"], 125)
+        assert runs == [["b", "c", "a"]]
+        assert [_covered(instance, run) for run in runs] == runs
+    # classes that are up to date, vanished or another output's break a run: never rebuilt or refused
+    with dg.DagsterInstance.ephemeral() as instance:
+        register_classes(instance, [f"k{i}" for i in range(10)])
+        register_classes(instance, ["a0"])
+        order = partition_order(instance)
+        todo = ["k1", "k2", "k5", "k9", "a0"]
+        runs = class_batches(order, todo, 3)
+        assert runs == [["k1", "k2"], ["k5"], ["k9", "a0"]]
+        assert [_covered(instance, run) for run in runs] == runs
+    assert class_batches(order, ["not-registered"], 3) == []
 
 
 def test_a_killed_build_leaves_no_run_process_and_the_next_build_fails_its_runs(tmp_path):
@@ -159,3 +197,77 @@ def test_a_killed_build_leaves_no_run_process_and_the_next_build_fails_its_runs(
     assert "left unfinished by imagenet-int8 builds whose process died as failed" in again.stdout
     assert killed.run_id in again.stdout
     assert "24 samples in 2 classes" in again.stdout
+
+
+def test_runs_at_once_never_starts_more_run_processes_than_batches_and_bounds_by_memory(tmp_path):
+    """--runs-at-once 1000 on a two-class source (one class per run): at most two run processes
+    ever exist (a user saw 636 start and the machine run out of memory)."""
+    from imagenet_int8_assets.class_runs import available_memory, run_process_bytes, runs_at_once_limit
+    from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 1, CLASSES[1]: 1})
+    env = cli_env(tmp_path)
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    log = tmp_path / "build.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*command, "--runs-at-once", "1000"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    most, deadline = 0, time.monotonic() + 300
+    try:
+        while proc.poll() is None:
+            most = max(most, len(run_processes(proc.pid)))
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert 1 <= most <= 2, f"{most} run processes for 2 class runs"
+    assert "Class runs: up to 2 at once" in log.read_text()
+
+    # memory: no more processes than 80 % of the available memory holds, each about its VAE + imports
+    settings = ImagenetInt8Settings(output=str(tmp_path / "m"), vae="sdxl-random")
+    each = run_process_bytes(settings)
+    assert each > run_process_bytes(ImagenetInt8Settings(output=str(tmp_path / "m"), vae="tiny-random"))
+    limit, note = runs_at_once_limit(settings, 10**6, 10**6)
+    available = available_memory()
+    assert available is not None and limit == max(1, int(available * 0.8 // each))
+    assert note is not None and "GiB" in note and "--runs-at-once" in note
+    assert runs_at_once_limit(settings, 3, 1) == (1, None)  # one batch: one process
+
+
+def test_a_run_process_can_die_with_the_build_before_its_heavy_imports():
+    """A run process sets its parent-death signal as its first act, before importing dagster or torch
+    (a spawned child imports the module of its target first): a build killed while its run processes
+    are still starting leaves none of them importing on (seen: hundreds alive minutes later)."""
+    import sys
+
+    code = (
+        "import sys, imagenet_int8_assets.class_runs as m; "
+        "heavy = [n for n in ('dagster', 'torch', 'diffusers', 'streaming', 'pandas') if n in sys.modules]; "
+        "assert not heavy, heavy; assert callable(m.run_process)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_build_killed_while_its_run_processes_start_leaves_none(tmp_path):
+    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 1, CLASSES[1]: 1})
+    env = cli_env(tmp_path)
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    log = tmp_path / "build.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*command, "--runs-at-once", "2"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while len(children := run_processes(proc.pid)) < 2:  # both started: still importing
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    gone = time.monotonic() + 30
+    while any(alive(c) for c in children) and time.monotonic() < gone:
+        time.sleep(0.05)
+    assert not any(alive(c) for c in children), f"run processes outlived the build: {children}"

@@ -23,8 +23,10 @@ def root(tmp_path):
 
 
 def test_consistent_classes_with_their_counts_pass_and_give_their_build_infos(root):
-    infos = check_publishable(root, ["a", "b"], {"a": 3, "b": 2})
+    checked = check_publishable(root, ["a", "b"], {"a": 3, "b": 2})
+    infos = checked.infos
     assert sorted(infos) == ["a", "b"] and infos["a"]["count"] == 3 and infos["b"]["seed"] == 0
+    assert checked.versions == {k: mds_index.current_version_dir(root, k) for k in ("a", "b")}
     assert count_rows(root, {"a": 3, "b": 5}, ["a", "b"]) == [
         {"partition": "a", "manifest_ok": 3, "mds_samples": 3},
         {"partition": "b", "manifest_ok": 5, "mds_samples": 2},
@@ -50,8 +52,7 @@ def test_count_mismatch_names_the_class_and_both_counts(root):
 
 def test_a_class_missing_from_the_manifest_counts_is_kept_without_comparison(root):
     """A class that vanished from the source has no manifest rows: its last build is kept as it is."""
-    infos = check_publishable(root, ["a", "b"], {"a": 3})
-    assert sorted(infos) == ["a", "b"]
+    assert sorted(check_publishable(root, ["a", "b"], {"a": 3}).infos) == ["a", "b"]
 
 
 def test_damaged_shards_stop_the_publication(root):
@@ -62,3 +63,15 @@ def test_damaged_shards_stop_the_publication(root):
         check_publishable(root, ["a", "b"], {"a": 3, "b": 2})
     assert "class b:" in str(info.value) and "class a:" not in str(info.value)
     assert "The published dataset is unchanged" in str(info.value)
+
+
+def test_the_merge_uses_the_versions_that_were_checked_not_those_current_later(root):
+    """Another run may move a class's current.json (a rebuild with another seed) between the check and
+    the merge: the dataset is merged from the checked versions, never a mix of checked and unchecked."""
+    checked = check_publishable(root, ["a", "b"], {"a": 3, "b": 2})
+    _write(root, "b", 2, seed=1)  # b re-made with another seed after the check
+    assert mds_index.current_version_dir(root, "b") != checked.versions["b"]
+    index, summary = mds_index.merged_index(root, ["a", "b"], checked.versions)
+    assert summary["versions"]["b"] == checked.versions["b"].relative_to(root).as_posix()
+    merged = {e["raw_data"]["basename"].rsplit("/", 1)[0] for e in index["shards"]}
+    assert merged == {v.relative_to(root).as_posix() for v in checked.versions.values()}

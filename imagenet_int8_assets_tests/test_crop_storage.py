@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.cli import FINAL_STEPS as FINAL
+from imagenet_int8_assets.stages import DATASET_STEPS as FINAL
 from imagenet_int8_assets.cli import _failures as failures
 from imagenet_int8_assets.core.crop_store import (
     CropArray,

@@ -80,6 +80,49 @@ def test_an_incomplete_postgres_connection_is_refused_with_what_to_set(tmp_path)
     assert "or unset DAGSTER_PG_HOST" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _refusal(home: Path, monkeypatch) -> str:
+    from imagenet_int8_assets.instance import InstanceSettingError
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with pytest.raises(InstanceSettingError) as refused:
+        prepare_dagster_home(home)
+    message = str(refused.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_an_instance_that_cannot_be_opened_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """PostgreSQL not answering, DAGSTER_PG_PORT not a number, a PostgreSQL dagster.yaml without its
+    variables: one line each, exit code 2 (they ended in raw tracebacks)."""
+    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "pg-home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(SHIPPED_POSTGRES_YAML.read_text())
+    message = _refusal(home, monkeypatch)  # the PostgreSQL dagster.yaml, none of its variables set
+    assert "DAGSTER_PG_HOST (not set)" in message and "point DAGSTER_HOME at another folder" in message, message
+
+    monkeypatch.setenv("DAGSTER_PG_HOST", "127.0.0.1")
+    for name, value in (("DAGSTER_PG_DB", "db"), ("DAGSTER_PG_USERNAME", "me"), ("DAGSTER_PG_PASSWORD", "pw")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DAGSTER_PG_PORT", "abc")
+    assert "DAGSTER_PG_PORT='abc' (not valid there)" in _refusal(home, monkeypatch)
+    assert "DAGSTER_PG_PORT='abc': use the PostgreSQL server's port" in _refusal(tmp_path / "new-home", monkeypatch)
+
+    from imagenet_int8_assets_tests.dagster_dev import free_port
+
+    monkeypatch.setenv("DAGSTER_PG_PORT", str(free_port()))  # nothing listens there
+    message = _refusal(home, monkeypatch)
+    assert "is a PostgreSQL instance that cannot be reached" in message and "Connection refused" in message, message
+    assert "pw" not in message.replace("DAGSTER_PG_PASSWORD", "")  # the password is never shown
+
+    env = cli_env(tmp_path, DAGSTER_HOME=str(home), DAGSTER_PG_HOST="127.0.0.1", DAGSTER_PG_PORT="abc",
+                  DAGSTER_PG_DB="db", DAGSTER_PG_USERNAME="me", DAGSTER_PG_PASSWORD="pw")
+    proc = run_cli([str(BIN / "imagenet-int8"), "build"], env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().count("\n") == 0 and "DAGSTER_PG_PORT='abc'" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.timeout(600)
 def test_two_concurrent_runs_on_postgres_publish_to_s3_the_dataset_of_one_run(postgres, s3, tmp_path, monkeypatch):
     source = make_image_folder(tmp_path / "src", {c: 3 for c in CLASSES})

@@ -216,19 +216,29 @@ def test_a_killed_upload_resumes_sending_only_the_rest(tmp_path, fake_hub):
     assert {p: remote[p] for p in expected} == expected
 
 
-def test_hub_upload_without_a_repository_records_nothing_and_says_how_to_enable_it(tmp_path):
+def test_without_a_repository_hub_upload_is_not_in_the_graph_and_an_empty_one_says_how_to_enable_it(tmp_path):
+    """No repository configured: hub_upload is not in the graph, so "Materialize all" builds what there is
+    and ends green (an asset recording nothing failed the backfill). A repository emptied for one run
+    (the launchpad) is refused with how to enable publishing."""
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.resources import ImagenetInt8Settings
 
     settings = ImagenetInt8Settings(output=str(tmp_path / "out"), vae="tiny-random", device="cpu")
-    defs = build_definitions(settings)
+    keys = build_definitions(settings).resolve_asset_graph().get_all_asset_keys()
+    assert dg.AssetKey("hub_upload") not in keys and dg.AssetKey("mds_dataset") in keys
+
+    with_repo = build_definitions(settings.model_copy(update={"hub_repo": "me/data"}))
     instance = dg.DagsterInstance.ephemeral()
-    job = defs.resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("hub_upload")])
-    assert result.success
+    result = with_repo.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("hub_upload")], raise_on_error=False,
+        run_config={"resources": {"settings": {"config": {"hub_repo": ""}}}},
+    )
+    assert not result.success
     assert instance.get_latest_materialization_event(dg.AssetKey("hub_upload")) is None
-    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
-    assert any("IMAGENET_INT8_HUB_REPO" in m and "imagenet-int8 publish" in m for m in logs), logs
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "no Hub repository configured" in message and "IMAGENET_INT8_HUB_REPO" in message, message
+    assert "imagenet-int8 publish" in message, message
 
 
 @pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x"])
@@ -238,3 +248,82 @@ def test_publish_refuses_a_bad_repository_id_before_any_work(tmp_path, repo):
     assert proc.returncode == 2
     assert "IMAGENET_INT8_HUB_REPO" in proc.stderr and "owner/name" in proc.stderr
     assert not (tmp_path / "out" / "mds").exists()
+
+
+def _instance_text(tmp_path: Path) -> tuple[str, list[str]]:
+    """Every record of the output's Dagster instance as text (runs with their tags and config, every
+    event of every run, materialization metadata included), and the messages of those events."""
+    from dagster._serdes import serialize_value
+
+    parts, messages = [], []
+    with dg.DagsterInstance.from_config(str(tmp_path / "out" / "dagster_home")) as instance:
+        for run in instance.get_runs():
+            parts.append(serialize_value(run))
+            for entry in instance.all_logs(run.run_id):
+                parts.append(serialize_value(entry))
+                messages.append(entry.message or "")
+    return "\n".join(parts), messages
+
+
+def test_credentials_in_hf_endpoint_never_leak_and_a_silent_hub_fails_within_the_timeout(tmp_path, fake_hub):
+    """HF_ENDPOINT=http://user:secretpw@host (a Hub behind basic auth): a publish the Hub refuses (HTTP
+    500), one whose commit the Hub never answers (it fails within IMAGENET_INT8_HUB_TIMEOUT, saying
+    what it was doing) and the re-run that completes show and record the endpoint only redacted:
+    "secretpw" is in no event of the instance, no compute log, no file of the output, no command output."""
+    source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2})
+    fake_hub.basic_auth = ("user", "secretpw")
+    shown = fake_hub.endpoint.replace("http://", "http://***@")
+    env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_HUB_TIMEOUT="2")
+    env["HF_ENDPOINT"] = fake_hub.endpoint.replace("http://", "http://user:secretpw@")
+    args = PUBLISH + ["--allow-random-weights", "--verbose"]
+    outputs = []
+
+    fake_hub.fail("POST", r"/preupload/", status=500, times=1)
+    refused = run_cli(args, env, cwd=tmp_path)
+    outputs += [refused.stdout, refused.stderr]
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"the Hub at {shown} answered HTTP 500 while publishing {REPO_ID}" in refused.stderr, refused.stderr[-3000:]
+
+    fake_hub.hang("POST", r"/commit/")  # the Hub goes silent on the commit (the fake holds it up to 600 s)
+    started = time.monotonic()
+    silent = run_cli(args, env, cwd=tmp_path)
+    took = time.monotonic() - started
+    outputs += [silent.stdout, silent.stderr]
+    assert silent.returncode == 1, silent.stderr[-3000:]
+    assert took < 120, took  # the command (its Dagster runs included), not the 600 s the Hub stays silent
+    message = next((line.strip() for line in silent.stderr.splitlines() if line.strip().startswith("hub_upload: ")), "")
+    expected = f"hub_upload: the Hub at {shown} did not answer for 2 s while committing 1/"
+    assert message.startswith(expected), silent.stderr[-3000:]
+    assert "re-run `imagenet-int8 publish`" in message and "IMAGENET_INT8_HUB_TIMEOUT" in message, message
+    assert not fake_hub.files(REPO_ID).keys() & set(FINAL_FILES)
+
+    fake_hub.release()  # the Hub answers again: the re-run completes
+    done = run_cli(args, env, cwd=tmp_path)
+    outputs += [done.stdout, done.stderr]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Published: {fake_hub.endpoint}/datasets/{REPO_ID}" in done.stdout, done.stdout[-3000:]
+    remote = fake_hub.files(REPO_ID)
+    expected = _local_files(tmp_path)
+    assert {p: remote[p] for p in expected} == expected
+    assert _last_upload(tmp_path)["repository"] == f"{fake_hub.endpoint}/datasets/{REPO_ID}"
+    assert fake_hub.stats()["basic_auth_requests"] > 0  # the credentials were used, as basic auth
+
+    events, messages = _instance_text(tmp_path)
+    assert any(f"files to {shown} {REPO_ID}@main" in m for m in messages)  # the endpoint is shown, redacted
+    assert "secretpw" not in events
+    home = tmp_path / "out" / "dagster_home"
+    compute_logs = [p for p in home.rglob("*") if p.is_file() and p.suffix in (".out", ".err")]
+    assert any(shown.encode() in p.read_bytes() for p in compute_logs), compute_logs  # the run's captured output
+    assert _grep_token(tmp_path, b"secretpw", *outputs) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_a_hub_timeout_that_is_not_a_positive_number_of_seconds_is_refused(tmp_path, value):
+    import re
+
+    from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError
+
+    env = {"IMAGENET_INT8_OUTPUT": str(tmp_path / "out"), "IMAGENET_INT8_HUB_TIMEOUT": value}
+    with pytest.raises(SettingsError, match=rf"^IMAGENET_INT8_HUB_TIMEOUT='?{re.escape(value)}'?[: ]"):
+        ImagenetInt8Settings.from_env(env)
+    assert ImagenetInt8Settings.from_env({**env, "IMAGENET_INT8_HUB_TIMEOUT": "30"}).hub_timeout == 30

@@ -151,6 +151,8 @@ def _path_cases(tmp_path: Path) -> dict[str, tuple[dict, str, str]]:
         ),
         "source inside the output": ({"output": str(tmp_path)}, "IMAGENET_INT8_SOURCE", str(source)),
         "a GPU torch cannot see": ({"device": "cuda:99"}, "IMAGENET_INT8_DEVICE", "cuda:99"),
+        # found before any work (it failed after the manifest, telling to "use cuda:N with N < 0")
+        "a device list naming a GPU torch cannot see": ({"devices": "cuda:7"}, "IMAGENET_INT8_DEVICES", "cuda:7"),
         "a VAE folder that does not exist": (
             {"vae": str(tmp_path / "no-vae")}, "IMAGENET_INT8_VAE", str(tmp_path / "no-vae")
         ),
@@ -241,6 +243,7 @@ def _cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str, str]]:
             ["--output", str(source / "out")], {}, "IMAGENET_INT8_OUTPUT", str(source / "out")
         ),
         "unknown Hub VAE": (["--vae", "acme/missing"], {}, "IMAGENET_INT8_VAE", "acme/missing"),
+        "a GPU this machine does not have": ([], {"IMAGENET_INT8_DEVICES": "cuda:7"}, "IMAGENET_INT8_DEVICES", "cuda:7"),
     }
 
 

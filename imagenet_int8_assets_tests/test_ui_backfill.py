@@ -1,8 +1,10 @@
 """End to end through the real UI stack: `dagster dev` (webserver + daemon) in a subprocess.
 
-Proves that (1) the webserver serves the whole asset graph with its class partitions and (2) a
-backfill of every partition of the whole graph, launched the way the UI launches it (the GraphQL
-mutation ``launchPartitionBackfill`` posted to ``/graphql``), is carried out by the daemon and
+Proves that (1) the webserver serves the whole asset graph with its class partitions and (2) the
+user's first click, "Materialize all" (a backfill of every materializable asset over every
+partition, launched the way the UI launches it: the GraphQL mutation ``launchPartitionBackfill``
+posted to ``/graphql``), is carried out by the daemon, ends with the BACKFILL's status
+"completed successfully" (not only its runs), leaves nothing for "Materialize unsynced", and
 produces a dataset that StreamingDataset reads.
 
 Runs on the bundled sample (4 classes) with the tiny random VAE on CPU; no network, no mocks.
@@ -26,6 +28,7 @@ from imagenet_int8_assets_tests.dagster_dev import (
     dagster_dev_env,
     launch_backfill,
     start_dagster_dev,
+    unsynced,
     wait_for_backfill,
     wait_for_classes,
     wait_until_served,
@@ -100,8 +103,13 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
             assert not node["isPartitioned"], f"{name} should not be partitioned"
             assert node["partitionKeys"] == [], f"{name} partitions: {node['partitionKeys']}"
 
-    # ---- (2) backfill every partition of the whole graph, as the UI does ------------------
-    backfill_id = launch_backfill(dev, CLASSES, ASSETS)
+    # "Materialize all" selects every materializable asset: with no Hub repository configured,
+    # hub_upload is not in the graph (it would record nothing and fail the backfill)
+    everything = sorted(k[0] for k, n in nodes.items() if n["isMaterializable"])
+    assert everything == sorted(ASSETS), everything
+
+    # ---- (2) "Materialize all": backfill every partition of the whole graph, as the UI does --------
+    backfill_id = launch_backfill(dev, CLASSES, everything)
     print(f"[ui] backfill {backfill_id} launched after {time.monotonic() - started:.1f}s")
 
     backfill = wait_for_backfill(dev, backfill_id, started, BACKFILL_DEADLINE_S)
@@ -109,6 +117,7 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
     elapsed = time.monotonic() - started
     print(f"[ui] backfill {status} after {elapsed:.1f}s")
     assert backfill["isAssetBackfill"], backfill
+    assert status == "COMPLETED_SUCCESS", f"the backfill ended {status} (the UI shows it failed): {backfill}"
 
     # The runs the daemon launched for it: all succeeded, and batching kicked in.
     runs = dev.graphql(RUNS_QUERY, {"filter": {"tags": [{"key": "dagster/backfill", "value": backfill_id}]}})
@@ -148,6 +157,9 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
             assert stats["numFailed"] == 0, (name, stats)
         else:
             assert node["assetMaterializations"], f"{name} has no materialization"
+    # "Materialize unsynced" has nothing to offer right after "Materialize all"
+    left = unsynced(dev, CLASSES)
+    assert not left, f"unsynced after Materialize all: {left}"
 
     # ---- stop dagster dev, then check the instance and the dataset on disk ------------------
     dev.stop()

@@ -20,10 +20,10 @@ CROPS_DESCRIPTION = (
     "The manifest's good images of one class, cropped to S x S RGB with the configured "
     "recipe (imagenet.int8: pixel-identical to the published build; adm: the ADM centre "
     "crop). Kept as IMAGENET_INT8_CROP_STORAGE says: 'none' (default: only "
-    "crops/<class>/meta.json, with each crop's sha256 and its source file's size and mtime; "
+    "`crops/<class>/meta.json`, with each crop's sha256 and its source file's size and mtime; "
     "readers recompute the crop from the source and verify it), 'png' (lossless PNGs) or "
-    "'raw' (crops/<class>/images.npy, uint8 N x S x S x 3). Read back in every mode with "
-    "imagenet_int8_assets.core.storage.read_crops(output, class). Materialized with vae_latents "
+    "'raw' (`crops/<class>/images.npy`, uint8 N x S x S x 3). Read back in every mode with "
+    "`imagenet_int8_assets.core.storage.read_crops(output, class)`. Materialized with vae_latents "
     "in one step (crops_and_latents): the crops are made once, while the VAE encodes."
 )
 

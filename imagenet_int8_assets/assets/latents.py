@@ -66,7 +66,7 @@ LATENTS_DESCRIPTION = (
     "latent that goes into the dataset ('sample': mean + std * noise seeded by the run seed "
     "and the image id, so rebuilds give the same bytes; or 'mean') as float32, and with "
     "IMAGENET_INT8_LATENT_STORAGE=full (default) the posterior mean and std too, in "
-    "latents/<class>/latents.npz. A batched run loads the model once for all its partitions; "
+    "`latents/<class>/latents.npz`. A batched run loads the model once for all its partitions; "
     "materialized with preprocessed_crops, worker processes crop while the VAE encodes."
 )
 
@@ -436,8 +436,8 @@ class _Encoding:
             "latent_max": float(finite.max()) if finite.size else float("nan"),
             **{k: MetadataValue.json(v) for k, v in (self.run_checks or {}).items()},
         }
-        if self.banner:
-            partition_metadata["WARNING"] = self.banner
+        # random fallback weights: vae_fallback above says so per class; the full banner is logged once
+        # per run and stands once in mds_dataset's metadata (not repeated in every class's)
         self.metadata.add(key, partition_metadata)
         self.written += len(ids)
 

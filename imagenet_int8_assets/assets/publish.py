@@ -1,10 +1,13 @@
 """hub_upload: publish the built dataset to a Hugging Face Hub dataset repository.
 
-Not part of a plain build: with no repository configured (IMAGENET_INT8_HUB_REPO) the step
-records nothing and logs how to enable it. ``imagenet-int8 publish`` runs it from the command line.
+Not part of a plain build: the asset is in the graph only when a repository is configured
+(IMAGENET_INT8_HUB_REPO; see ``definitions.build_definitions``), so "Materialize all" never runs it
+without one. ``imagenet-int8 publish --repo`` runs it from the command line.
 The token comes from HF_TOKEN as a Dagster ``EnvVar`` (its value is resolved in the run process and
 never stored in the run's config, the event log or any file); without HF_TOKEN, huggingface_hub's
-own login (``hf auth login``) is used.
+own login (``hf auth login``) is used. Credentials inside ``HF_ENDPOINT`` (a Hub behind basic auth)
+are sent, never shown: every URL this step logs, records or puts in an error goes through
+``core.urls.redact_url``, and each request gives up after IMAGENET_INT8_HUB_TIMEOUT seconds of silence.
 """
 
 
@@ -27,6 +30,7 @@ from imagenet_int8_assets.assets.shards import mds_dataset
 from imagenet_int8_assets.core import hub_upload as hub
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.storage import mds_root, report_dir, stats_path
+from imagenet_int8_assets.core.urls import redact_url, redact_urls
 from imagenet_int8_assets.resources import ENV, ImagenetInt8Settings
 
 PUBLISH_GROUP = "publish"
@@ -56,27 +60,45 @@ HOW_TO_ENABLE = (
 
 
 def _hub_failure(exc: Exception, settings: ImagenetInt8Settings, endpoint: str) -> Failure:
-    """A one-line Failure for an error from the Hub, saying what to do (never containing the token)."""
+    """A one-line Failure for an error of the upload, saying what to do.
+
+    It never contains the token, nor the credentials of ``endpoint``: every URL in it, also those
+    quoted by huggingface_hub's exception text, is redacted. The caller raises it ``from None``, so the
+    original exception (and the URL it may carry) is not recorded either.
+    """
     from huggingface_hub.errors import HfHubHTTPError
+    from requests import RequestException
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     repo = settings.hub_repo
-    if status in (401, 403):
+    shown = redact_url(endpoint)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, hub.HubTimeout):
         what = (
-            f"the Hub at {endpoint} refused the credentials for {repo} (HTTP {status}): set {TOKEN_VAR} "
+            f"{exc}; re-run `imagenet-int8 publish` (or hub_upload: what was sent is not sent again) or raise "
+            f"{ENV['hub_timeout']} (now {settings.hub_timeout} s)"
+        )
+    elif status in (401, 403):
+        what = (
+            f"the Hub at {shown} refused the credentials for {repo} (HTTP {status}): set {TOKEN_VAR} "
             f"to a token with write access to {repo} (https://huggingface.co/settings/tokens), then re-run"
         )
     elif isinstance(exc, HfHubHTTPError):
         what = (
-            f"the Hub at {endpoint} answered HTTP {status} while publishing {repo}: {str(exc).splitlines()[0]}. "
+            f"the Hub at {shown} answered HTTP {status} while publishing {repo}: {first_line}. "
             "Re-run hub_upload: what was sent is not sent again"
+        )
+    elif isinstance(exc, (RequestException, OSError)):
+        what = (
+            f"could not reach the Hub at {shown} while publishing {repo} ({type(exc).__name__}: {first_line}). "
+            "Check the network (and HF_ENDPOINT), then re-run hub_upload: what was sent is not sent again"
         )
     else:
         what = (
-            f"could not reach the Hub at {endpoint} while publishing {repo} ({type(exc).__name__}: {exc}). "
-            "Check the network (and HF_ENDPOINT), then re-run hub_upload: what was sent is not sent again"
+            f"publishing {repo} to the Hub at {shown} failed unexpectedly ({type(exc).__name__}: {first_line}). "
+            "Re-run hub_upload (what was sent is not sent again); if it fails the same way, report this message"
         )
-    return Failure(description=what, allow_retries=False)
+    return Failure(description=redact_urls(" ".join(what.split())), allow_retries=False)
 
 
 def _require_quality(settings: ImagenetInt8Settings) -> None:
@@ -114,19 +136,17 @@ def _default_message(record: dict) -> str:
     group_name=PUBLISH_GROUP,
     deps=[mds_dataset, quantization_stats, reconstruction_report],
     kinds={"huggingface"},
-    output_required=False,
     description=(
         "Publishes the dataset to the Hugging Face Hub dataset repository IMAGENET_INT8_HUB_REPO: the "
         "index and the shard folders it names, build.json, the report and statistics, a generated "
         "dataset card (README.md) and, unless IMAGENET_INT8_PARQUET_EXPORT=false, a parquet export "
         "(data/*.parquet). Incremental and resumable: only files whose content is not already there "
-        "go up; nothing changed means no commit. Does nothing without a repository configured."
+        "go up; nothing changed means no commit. In the graph only when a repository is configured."
     ),
 )
-def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, hub_token: HubToken):
-    if not settings.hub_repo:
-        context.log.warning(f"hub_upload: no Hub repository configured, nothing published. To publish, {HOW_TO_ENABLE}.")
-        return
+def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, hub_token: HubToken) -> MaterializeResult:
+    if not settings.hub_repo:  # set empty for one run (the launchpad): nothing to publish to
+        raise Failure(description=f"hub_upload: no Hub repository configured. To publish, {HOW_TO_ENABLE}.", allow_retries=False)
     settings.require_recorded_settings_or_fail()
     from huggingface_hub import HfApi
 
@@ -165,7 +185,9 @@ def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, h
     except hub.PublishError as exc:
         raise Failure(description=str(exc), allow_retries=False) from None
     api = HfApi(token=hub_token.token)
-    context.log.info(f"publishing {len(layout)} files to {api.endpoint} {settings.hub_repo}@{settings.hub_revision}")
+    context.log.info(
+        f"publishing {len(layout)} files to {redact_url(api.endpoint)} {settings.hub_repo}@{settings.hub_revision}"
+    )
     try:
         result = hub.upload_dataset(
             api,
@@ -176,22 +198,18 @@ def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, h
             message=settings.hub_commit_message or _default_message(record),
             files_per_commit=settings.hub_files_per_commit,
             hash_cache=folder / hub.HASH_CACHE,
-            log=context.log.info,
+            log=lambda line: context.log.info(redact_urls(line)),
+            timeout=settings.hub_timeout,
         )
     except hub.PublishError as exc:
-        raise Failure(description=str(exc), allow_retries=False) from None
-    except Exception as exc:
-        from huggingface_hub.errors import HfHubHTTPError
-        from requests import RequestException
-
-        if isinstance(exc, (HfHubHTTPError, RequestException, OSError)):
-            raise _hub_failure(exc, settings, api.endpoint) from None
-        raise
+        raise Failure(description=redact_urls(str(exc)), allow_retries=False) from None
+    except Exception as exc:  # noqa: BLE001 - whatever it is, its text and chain may quote a URL with the credentials
+        raise _hub_failure(exc, settings, api.endpoint) from None
     if warning:
         context.log.warning(f"published with random weights (forced): {warning}")
-    yield MaterializeResult(
+    return MaterializeResult(
         metadata={
-            "repository": MetadataValue.url(result.url),
+            "repository": MetadataValue.url(redact_url(result.url)),
             "repo_id": result.repo_id,
             "revision": result.revision,
             "private": result.private if result.private is not None else "unknown",
@@ -208,7 +226,7 @@ def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, h
             "files_per_folder": MetadataValue.json(dict(sorted(hub.folder_counts(layout).items()))),
             "parquet_files": len(parquet),
             "samples": record["samples"],
-            "summary": result.summary(),
+            "summary": redact_urls(result.summary()),
         }
     )
 
@@ -219,7 +237,7 @@ def export_parquet(context: AssetExecutionContext, settings: ImagenetInt8Setting
     One file per class version, kept as ``<output>/hub/parquet/<class-dir>/<version>.parquet`` (so
     only classes with a new version are exported again) and published as ``data/<class-dir>.parquet``.
     """
-    from imagenet_int8_assets.core.parquet_export import export_parquet as write_parquet
+    from imagenet_int8_assets.core.parquet_export import write_parquet_file
     from imagenet_int8_assets.core.storage import class_dir_name
 
     root = mds_root(settings.output_path)
@@ -229,7 +247,8 @@ def export_parquet(context: AssetExecutionContext, settings: ImagenetInt8Setting
         target = folder / "parquet" / class_dir / f"{PurePosixPath(version).name}.parquet"
         if not target.is_file():
             try:
-                write_parquet(root / version, target, output=settings.output_path)
+                # inside the output by design: the unchecked writer for a place the product owns
+                write_parquet_file(root / version, target, output=settings.output_path)
             except ValueError as exc:  # latents re-encoded since the published shards were written
                 raise Failure(description=f"parquet export: {exc}", allow_retries=False) from None
             written += 1

@@ -30,6 +30,7 @@ from imagenet_int8_assets.core import mds_index, publish_checks
 from imagenet_int8_assets.core.encode import non_finite_count
 from imagenet_int8_assets.core.quantize import quantize
 from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, mds_root, read_latents, remove_leftovers
+from imagenet_int8_assets.core.urls import redact_url
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
@@ -81,7 +82,7 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
         "One class as MosaicML MDS shards in the published Imagenet.int8 schema "
         "(vae_output: custom 'uint8' encoding, 4096 bytes = 4x32x32 C-order; label; "
         "label_as_text), quantized round-to-nearest over +-range, written as a new immutable "
-        "version in mds/classes/<class>/<version>/. The published dataset does not change "
+        "version in `mds/classes/<class>/<version>/`. The published dataset does not change "
         "until mds_dataset publishes it."
     ),
 )
@@ -124,7 +125,10 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
         extra = {}
         if remote is not None:  # the version's files, never replacing an object; mds_dataset publishes
             mirrored = _remote_or_fail(lambda: remote.mirror_version(root, folder))
-            extra = {"remote": f"{remote.url}/{folder.relative_to(root).as_posix()}", "uploaded_files": len(mirrored.uploaded)}
+            extra = {
+                "remote": redact_url(f"{remote.url}/{folder.relative_to(root).as_posix()}"),
+                "uploaded_files": len(mirrored.uploaded),
+            }
         partition_metadata.add(
             key,
             {
@@ -211,11 +215,11 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             f"output sharing DAGSTER_HOME?), left out: {', '.join(classes.foreign[:20])}"
         )
     try:
-        infos = publish_checks.check_publishable(root, keys, ok_counts_by_class(manifest, classes.present))
+        checked = publish_checks.check_publishable(root, keys, ok_counts_by_class(manifest, classes.present))
     except publish_checks.NotPublishable as exc:
         raise Failure(str(exc)) from exc
-    index, summary = mds_index.merged_index(root, keys)
-    first = next(iter(infos.values()))
+    index, summary = mds_index.merged_index(root, keys, checked.versions)  # exactly what was checked
+    first = next(iter(checked.infos.values()))
     space = SpaceNeeds("mds_dataset", settings.output_path)
     space.writing(1, 2 * len(json.dumps(index)))
     with space.guard():
@@ -227,17 +231,17 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
     strays = mds_index.stray_entries(root, keys)
     remote, remote_metadata = remote_mds(settings), {}
     if remote is not None:  # after the local sweep: the bucket keeps what the root keeps
-        context.log.info(f"Mirroring the dataset to {remote.url} (class versions first, index.json last)")
+        context.log.info(f"Mirroring the dataset to {redact_url(remote.url)} (class versions first, index.json last)")
         mirrored = _remote_or_fail(lambda: remote.publish(root, progress=_every_n_uploads(context, 50)))
         remote_metadata = {
-            "remote": remote.url,
+            "remote": redact_url(remote.url),
             "remote_uploaded_files": len(mirrored.uploaded),
             "remote_uploaded_bytes": mirrored.uploaded_bytes,
             "remote_published": "new index" if mirrored.published else "unchanged",
             "remote_removed_versions": len(mirrored.removed),
         }
         context.log.info(
-            f"{remote.url}: {len(mirrored.uploaded)} file(s) uploaded ({mirrored.uploaded_bytes} bytes), "
+            f"{redact_url(remote.url)}: {len(mirrored.uploaded)} file(s) uploaded ({mirrored.uploaded_bytes} bytes), "
             f"{mirrored.present} already there, index {'published' if mirrored.published else 'unchanged'}, "
             f"{len(mirrored.removed)} unreferenced version(s) removed"
         )
@@ -264,7 +268,7 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
         ),
         "read_it": MetadataValue.md(
             READER_SNIPPET.format(root=root)
-            + (f"\n\nFrom the bucket: `open_dataset(\"{remote.url}\", local=\"/tmp/cache\")`" if remote else "")
+            + (f"\n\nFrom the bucket: `open_dataset(\"{redact_url(remote.url)}\", local=\"/tmp/cache\")`" if remote else "")
         ),
         "stray_entries": ", ".join(strays),
         "published": "new version" if published else "unchanged (same content as the published index)",

@@ -6,6 +6,12 @@ file, so a second build is refused with a message naming the running one. The ke
 lock when the holder's process dies, however it dies (kill -9 included), so a stale lock file never
 blocks anyone; the file itself is left in place (deleting lock files races with their next user).
 
+``share_build_lock(output)`` is what Dagster runs that write to the output hold (the UI,
+`dagster asset materialize`, automation): the same lock in shared mode, so those runs go on side by
+side while no build does, and a build is refused while any of them writes (and they while a build
+does). A build's own runs hold nothing themselves: the build holds the lock for them
+(``BUILD_LOCK_VAR`` in their environment names the output).
+
 ``hold_init_lock(folder)`` is the waiting kind, for short critical sections that several processes
 may need in turn (first initialization of a shared DAGSTER_HOME).
 
@@ -31,6 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 BUILD_LOCK_NAME = ".imagenet-int8-build.lock"
+# set by `imagenet-int8 build` for its own runs (in its process and its run processes): the output
+# whose build lock it holds, so those runs do not try to share the lock the build holds exclusively
+BUILD_LOCK_VAR = "IMAGENET_INT8_BUILD_LOCK_HELD"
 INIT_LOCK_NAME = ".imagenet-int8-init.lock"
 
 
@@ -182,13 +191,32 @@ def describe_holder(holder: dict) -> str:
     )
 
 
+def _held_shared_only(path: Path) -> bool:
+    """Whether the lock at ``path`` is held only in shared mode (Dagster runs), not by a build."""
+    fd = _open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def hold_build_lock(output: str | os.PathLike) -> Iterator[Path]:
-    """Hold the build lock of ``output`` for the duration, or raise BuildLockBusy at once."""
+    """Hold the build lock of ``output`` for the duration, or raise BuildLockBusy at once: while
+    another build holds it, or while Dagster runs (``share_build_lock``) write to the output."""
     path = build_lock_path(output)
     fd = _open_lock_file(path)
     try:
         if not try_lock(fd, path):
+            if _held_shared_only(path):
+                raise BuildLockBusy(
+                    f"Dagster runs (launched from the UI, `dagster asset materialize` or automation) are writing to "
+                    f"the output {Path(output)} (lock file {path}). Wait for them to finish (the UI's Runs page) or "
+                    "cancel them, then run this command again."
+                )
             holder = _read_holder(fd)
             raise BuildLockBusy(
                 f"another build is already running on the output {Path(output)}: {describe_holder(holder)} "
@@ -199,6 +227,33 @@ def hold_build_lock(output: str | os.PathLike) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+@contextmanager
+def share_build_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold the build lock of ``output`` in shared mode for the duration: what a Dagster run that
+    writes to the output holds (runs from the UI, `dagster asset materialize` and automation share
+    it with one another), so that no `imagenet-int8 build` (the exclusive holder) runs at the same
+    time. Raises BuildLockBusy at once, naming the build, while one holds it."""
+    path = build_lock_path(output)
+    fd = _open_lock_file(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BuildLockError(
+                    f"cannot lock {path}: {exc.strerror or exc}; put the output on a filesystem that supports "
+                    "file locks (flock)"
+                ) from exc
+            raise BuildLockBusy(
+                f"`imagenet-int8 build` is building the output {Path(output)}: {describe_holder(_read_holder(fd))} "
+                f"(lock file {path}). This run would write to the same files; launch it again once that build has "
+                "ended (the lock is released when its process ends, even if it is killed)."
+            ) from None
+        yield path
+    finally:
+        os.close(fd)
 
 
 @contextmanager

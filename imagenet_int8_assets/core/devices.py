@@ -94,10 +94,15 @@ def visible_devices(setting: str | None = None, device: str = "auto", cuda_count
         if any(n.startswith("cuda") for n in names):
             count = cuda_device_count() if cuda_count is None else cuda_count
             missing = [n for n in names if n.startswith("cuda") and int(n.split(":")[1]) >= count]
+            if missing and not count:
+                raise DeviceSettingError(
+                    f"IMAGENET_INT8_DEVICES={setting!r} names {missing[0]!r} but torch sees no CUDA GPU on this "
+                    "machine: leave IMAGENET_INT8_DEVICES empty (the CPU encodes), or run on a machine with that GPU"
+                )
             if missing:
                 raise DeviceSettingError(
-                    f"IMAGENET_INT8_DEVICES={setting!r} names {missing[0]!r} but torch sees {count} GPU(s); "
-                    f"use cuda:N with N < {count}" + (" or leave it empty" if count else ", or cpu")
+                    f"IMAGENET_INT8_DEVICES={setting!r} names {missing[0]!r} but torch sees {count} GPU(s) "
+                    f"(cuda:0 to cuda:{count - 1}): name those, or leave it empty for every GPU"
                 )
         return names
     device = (device or "auto").strip()

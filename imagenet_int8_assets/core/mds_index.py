@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,12 @@ def published_record(root: str | os.PathLike) -> dict | None:
     return None if index is None else index.get(RECORD_KEY)
 
 
-def merged_index(root: str | os.PathLike, class_names: list[str]) -> tuple[dict, dict]:
-    """The index over the current version of every class, in the given class order.
+def merged_index(
+    root: str | os.PathLike, class_names: list[str], folders: Mapping[str, Path] | None = None
+) -> tuple[dict, dict]:
+    """The index over one version of every class, in the given class order: ``folders[name]``
+    (the folders a check approved, see ``publish_checks.check_publishable``), else each class's
+    current version.
 
     Each shard entry is copied with its file names prefixed by the version folder
     (``classes/<class-dir>/<version>/``), which StreamingDataset resolves relative to ``root``.
@@ -178,7 +183,7 @@ def merged_index(root: str | os.PathLike, class_names: list[str]) -> tuple[dict,
     root = Path(root)
     shards, per_class, versions = [], {}, {}
     for name in class_names:
-        folder = current_version_dir(root, name)
+        folder = Path(folders[name]) if folders is not None else current_version_dir(root, name)
         prefix = folder.relative_to(root).as_posix()
         index = read_index(folder)
         for shard in index["shards"]:

@@ -8,12 +8,18 @@
 3. every counted class holds exactly its manifest's good images (classes that vanished from the
    source keep their last build and have no manifest rows, so they are not counted);
 4. every shard of every current version is present, of its size and hash (``check_dataset``).
+
+Each class's ``current.json`` is read once; the result names the version folders that passed, and
+the dataset is merged from exactly those (``mds_index.merged_index(..., folders=)``): a class
+re-made between the check and the merge cannot slip an unchecked version into the dataset.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.dataset_check import DatasetDamaged, check_dataset
@@ -25,29 +31,47 @@ class NotPublishable(Exception):
     """The classes cannot be published as one dataset; the message says why and what to do."""
 
 
-def count_rows(root: str | os.PathLike, manifest_ok: Mapping[str, int], keys: Sequence[str]) -> list[dict]:
-    """Per class: the manifest's good images (``manifest_ok``) against the samples in its current
-    MDS version: ``{"partition", "manifest_ok", "mds_samples"}``."""
+def count_rows(
+    root: str | os.PathLike, manifest_ok: Mapping[str, int], keys: Sequence[str],
+    versions: Mapping[str, Path] | None = None,
+) -> list[dict]:
+    """Per class: the manifest's good images (``manifest_ok``) against the samples in its MDS
+    version (``versions[key]``, else its current one): ``{"partition", "manifest_ok", "mds_samples"}``."""
     return [
         {
             "partition": key,
             "manifest_ok": int(manifest_ok[key]),
-            "mds_samples": mds_index.index_sample_count(mds_index.read_class_index(root, key)),
+            "mds_samples": mds_index.index_sample_count(
+                mds_index.read_index(versions[key]) if versions else mds_index.read_class_index(root, key)
+            ),
         }
         for key in keys
     ]
 
 
+@dataclass(frozen=True)
+class Publishable:
+    """What ``check_publishable`` checked: each class's version folder (read once, from its
+    ``current.json``) and its build info. Publish exactly these folders: a class re-made meanwhile
+    (another run moving ``current.json``) is not in this dataset."""
+
+    versions: dict[str, Path]
+    infos: dict[str, dict]
+
+
 def check_publishable(
     root: str | os.PathLike, keys: Sequence[str], manifest_ok: Mapping[str, int]
-) -> dict[str, dict]:
-    """Check ``keys``' current versions under ``root`` (see the module docstring); returns each
-    class's build info. Only classes in ``manifest_ok`` have their sample count compared."""
-    infos, missing = {}, []
+) -> Publishable:
+    """Check ``keys``' current versions under ``root`` (see the module docstring). Each class's
+    ``current.json`` is read once: every check, and the caller's merge, use those folders. Only
+    classes in ``manifest_ok`` have their sample count compared."""
+    versions, infos, missing = {}, {}, []
     for key in keys:
         try:
-            infos[key] = mds_index.read_class_build_info(root, key)
+            versions[key] = mds_index.current_version_dir(root, key)
+            infos[key] = mds_index.read_build_info(versions[key])
         except FileNotFoundError:
+            versions.pop(key, None)
             missing.append(key)
     if missing:
         raise NotPublishable(
@@ -62,7 +86,9 @@ def check_publishable(
             + "\nRe-materialize the minority classes with the current settings."
         )
     counted = [key for key in keys if key in manifest_ok]
-    mismatched = [r for r in count_rows(root, manifest_ok, counted) if r["manifest_ok"] != r["mds_samples"]]
+    mismatched = [
+        r for r in count_rows(root, manifest_ok, counted, versions) if r["manifest_ok"] != r["mds_samples"]
+    ]
     if mismatched:
         raise NotPublishable(
             "MDS sample counts differ from the manifest for: "
@@ -72,7 +98,7 @@ def check_publishable(
     broken = []
     for key in keys:  # every shard of the new version: present, its size, its hash
         try:
-            check_dataset(mds_index.current_version_dir(root, key), "hash")
+            check_dataset(versions[key], "hash")
         except DatasetDamaged as exc:
             broken.append(f"class {key}: {exc}")
     if broken:
@@ -81,4 +107,4 @@ def check_publishable(
             + "\n- ".join(broken[:SHOWN])
             + "\nRe-materialize mds_shards for those classes. The published dataset is unchanged."
         )
-    return infos
+    return Publishable(versions, infos)

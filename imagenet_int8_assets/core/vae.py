@@ -434,6 +434,74 @@ def _check_hub_files(spec: str, repo_id: str, files: list[str], timeout: float) 
             ) from None
 
 
+# Parameters of the presets' architectures (counted on torch's meta device with diffusers 0.39):
+# the SDXL/SD1.x AutoencoderKL 83,653,863, FLUX.1's 83,819,683, AuraEquiVAE 334,534,931
+# (REFERENCE.md), the tiny test widths about 250,000.
+FULL_KL_PARAMS, AURA_PARAMS, TINY_PARAMS = 83_819_683, 334_534_931, 260_000
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+
+
+def weights_host_bytes(spec: str) -> int:
+    """About how many bytes the VAE ``spec``'s weights take in host memory once loaded (fp32, as
+    ``load_vae`` loads them), without loading anything: from the preset's architecture, twice the
+    size of a local weights file or folder (files in fp16/bf16 double when cast to fp32; an fp32
+    file is overestimated, which errs on the safe side), and the full SDXL size for a Hub id."""
+    preset = PRESETS.get(spec)
+    if preset is not None:
+        if preset.name.startswith(("tiny-", "aura-tiny")):
+            return TINY_PARAMS * 4
+        return (AURA_PARAMS if preset.family == "aura" else FULL_KL_PARAMS) * 4
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            return 2 * path.stat().st_size
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.suffix in WEIGHTS_SUFFIXES and p.is_file()]
+            if files:
+                return 2 * max(p.stat().st_size for p in files)
+    except OSError:
+        pass
+    return FULL_KL_PARAMS * 4
+
+
+def _config_range(latent_channels: int, scaling_factor: float | None, otherwise: float) -> float:
+    """The default uint8 range of an AutoencoderKL that is no preset, from its config."""
+    if latent_channels == 4 and scaling_factor == SDXL_CONFIG["scaling_factor"]:
+        return DEFAULT_RANGE  # SDXL-family weights: the published range
+    return default_range(float(scaling_factor)) if scaling_factor else otherwise
+
+
+def vae_default_range(spec: str) -> float | None:
+    """The uint8 range ``IMAGENET_INT8_QUANT_RANGE=0`` means for the VAE ``spec`` (what ``load_vae``
+    would record), without loading weights: the preset's, an AuraEquiVAE file's clamp, or from the
+    ``config.json`` of a local folder or of a Hub id in the local cache; None when that config is
+    not at hand."""
+    import json
+
+    preset = PRESETS.get(spec)
+    if preset is not None:
+        return preset.quant_range
+    path = Path(spec).expanduser()
+    if _is_aura_path(path):
+        return AURA_CLAMP
+    config = path / "config.json" if path.is_dir() else None
+    if config is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "config.json")
+            config = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # not a valid repo id, no cache: unknown
+            config = None
+    try:
+        cfg = json.loads(config.read_text()) if config is not None else None
+    except (OSError, ValueError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        return None
+    return _config_range(int(cfg.get("latent_channels", 4)), cfg.get("scaling_factor"), DEFAULT_RANGE)
+
+
 def check_vae(spec: str, fallback: str | None = None, timeout: float = HUB_LOOKUP_TIMEOUT_S) -> str | None:
     """Check, without loading any weights, that ``load_vae(spec)`` can work.
 
@@ -535,7 +603,5 @@ def _describe(model, preset: VaePreset | None, info: VaeInfo) -> None:
     info.shift_factor = getattr(cfg, "shift_factor", None)
     if preset is not None:
         info.quant_range = preset.quant_range
-    elif info.latent_channels == 4 and info.scaling_factor == SDXL_CONFIG["scaling_factor"]:
-        info.quant_range = DEFAULT_RANGE  # SDXL-family weights: the published range
-    elif info.scaling_factor:
-        info.quant_range = default_range(float(info.scaling_factor))
+    else:
+        info.quant_range = _config_range(info.latent_channels, info.scaling_factor, info.quant_range)
