@@ -199,18 +199,27 @@ def test_a_killed_build_leaves_no_run_process_and_the_next_build_fails_its_runs(
     assert "24 samples in 2 classes" in again.stdout
 
 
+def _two_class_build(tmp_path: Path, runs_at_once: str) -> tuple[subprocess.Popen, Path]:
+    """`imagenet-int8 build --runs-at-once N` of two one-image classes, one class per run, started in
+    the background; returns the process and its log."""
+    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 1, CLASSES[1]: 1})
+    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
+    log = tmp_path / "build.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [*command, "--runs-at-once", runs_at_once], env=cli_env(tmp_path), cwd=tmp_path, stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
 def test_runs_at_once_never_starts_more_run_processes_than_batches_and_bounds_by_memory(tmp_path):
     """--runs-at-once 1000 on a two-class source (one class per run): at most two run processes
     ever exist (a user saw 636 start and the machine run out of memory)."""
     from imagenet_int8_assets.class_runs import available_memory, run_process_bytes, runs_at_once_limit
     from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 1, CLASSES[1]: 1})
-    env = cli_env(tmp_path)
-    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
-    log = tmp_path / "build.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([*command, "--runs-at-once", "1000"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    proc, log = _two_class_build(tmp_path, "1000")
     most, deadline = 0, time.monotonic() + 300
     try:
         while proc.poll() is None:
@@ -251,12 +260,7 @@ def test_a_run_process_can_die_with_the_build_before_its_heavy_imports():
 
 
 def test_a_build_killed_while_its_run_processes_start_leaves_none(tmp_path):
-    source = make_image_folder(tmp_path / "src", {CLASSES[0]: 1, CLASSES[1]: 1})
-    env = cli_env(tmp_path)
-    command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
-    log = tmp_path / "build.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([*command, "--runs-at-once", "2"], env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    proc, log = _two_class_build(tmp_path, "2")
     try:
         deadline = time.monotonic() + 300
         while len(children := run_processes(proc.pid)) < 2:  # both started: still importing

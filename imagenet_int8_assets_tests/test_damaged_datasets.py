@@ -168,8 +168,9 @@ def test_decode_parameters_come_from_the_index_record(built, copy):
     assert "does not hold latents of shape (16, 32, 32)" in message and "materialize mds_dataset" in message
 
 
-def test_a_published_style_dataset_without_hashes_is_checked_by_size(built, tmp_path):
-    """The published Imagenet.int8: flat shard names, no build.json, no hashes."""
+def _published_style(built, tmp_path, change=lambda shards: None) -> tuple[Path, list[dict]]:
+    """A class of ``built`` laid out as the published Imagenet.int8: flat shard names, no build.json,
+    no hashes; ``change`` edits the index's shard entries before it is written."""
     name = shard_basenames(built["root"])[0]
     flat = tmp_path / "imagenet.int8"
     flat.mkdir()
@@ -178,13 +179,20 @@ def test_a_published_style_dataset_without_hashes_is_checked_by_size(built, tmp_
     for shard in index["shards"]:
         shutil.copy(version / shard["raw_data"]["basename"], flat / shard["raw_data"]["basename"])
         shard["raw_data"]["hashes"] = {}
+    change(index["shards"])
     (flat / "index.json").write_text(json.dumps({"version": 2, "shards": index["shards"]}))
+    return flat, index["shards"]
+
+
+def test_a_published_style_dataset_without_hashes_is_checked_by_size(built, tmp_path):
+    """The published Imagenet.int8: flat shard names, no build.json, no hashes."""
+    flat, shards = _published_style(built, tmp_path)
     with pytest.warns(UserWarning, match="record no content hash .* verified their sizes only"):
         ds = open_dataset(flat, shuffle=False)
     assert ds.verified.startswith("existence and size")
     assert ds.latent_shape == (4, 32, 32) and ds.value_range == 12.0  # the published defaults
-    assert read_all(ds) == [s for s in built["samples"] if s[2] == class_of(name)]
-    shard = flat / index["shards"][0]["raw_data"]["basename"]
+    assert read_all(ds) == [s for s in built["samples"] if s[2] == class_of(shard_basenames(built["root"])[0])]
+    shard = flat / shards[0]["raw_data"]["basename"]
     with open(shard, "r+b") as fh:
         fh.truncate(10)
     with warnings.catch_warnings():
@@ -246,18 +254,9 @@ def test_a_count_that_the_shard_header_repeats_must_still_fit_the_file(copy):
 
 def test_a_published_style_dataset_with_a_wrong_count_is_damage(built, tmp_path):
     """The published layout (flat shard names, no hashes): the count is checked all the same."""
-    name = shard_basenames(built["root"])[0]
-    flat = tmp_path / "imagenet.int8"
-    flat.mkdir()
-    version = (built["root"] / name).parent
-    index = json.loads((version / "index.json").read_text())
-    for shard in index["shards"]:
-        shutil.copy(version / shard["raw_data"]["basename"], flat / shard["raw_data"]["basename"])
-        shard["raw_data"]["hashes"] = {}
-    n = index["shards"][0]["samples"]
-    index["shards"][0]["samples"] = n + 1
-    (flat / "index.json").write_text(json.dumps({"version": 2, "shards": index["shards"]}))
-    shard = flat / index["shards"][0]["raw_data"]["basename"]
+    flat, shards = _published_style(built, tmp_path, lambda s: s[0].update(samples=s[0]["samples"] + 1))
+    n = shards[0]["samples"] - 1
+    shard = flat / shards[0]["raw_data"]["basename"]
     expected = rf"{shard.name} holds {n} samples .* says {n + 1}\..*re-download this shard"
     for run in (lambda: open_dataset(flat, verify="hash"), lambda: load_latents(flat)):
         with pytest.raises(DatasetDamaged, match=expected), warnings.catch_warnings():
