@@ -208,6 +208,22 @@ def test_report_before_a_new_class_is_published_reports_on_the_published_dataset
     assert set(meta["skipped_classes"].value) == {"ab"}
     assert "not in the published dataset yet" in meta["skipped_classes"].value["ab"]
 
+    # b re-made with as many images (one replaced) but not published: its new latents are not what the
+    # published codes came from, so the report leaves it out instead of comparing the two
+    image = sorted((tmp_path / "src" / "b").iterdir())[0]
+    image.unlink()
+    make_image_folder(tmp_path / "other", {"b": 1}, size=(250, 250))
+    (tmp_path / "other" / "b" / "b_0000.JPEG").rename(image.with_name("b_new.JPEG"))
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")]).success
+    assert job.execute_in_process(
+        instance=instance, partition_key="b", asset_selection=[dg.AssetKey(k) for k in PARTITIONED]
+    ).success
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("reconstruction_report")]).success
+    meta = instance.get_latest_materialization_event(dg.AssetKey("reconstruction_report")).asset_materialization.metadata
+    assert set(meta["skipped_classes"].value) == {"ab", "b"} and meta["images"].value == 2
+    assert "rebuilt since the dataset was published" in meta["skipped_classes"].value["b"]
+    assert "mds_dataset" in meta["skipped_classes"].value["b"]
+
 
 def test_the_scan_observes_each_class_with_its_file_counts(tmp_path):
     settings, defs, instance = _setup(tmp_path, {"a": 3, "b": 1})

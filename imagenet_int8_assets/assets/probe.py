@@ -78,10 +78,11 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
         raise MissingArtifact("No latents to probe: materialize vae_latents first.")
     # a feature set is probed only when every class has it (classes may be kept in different modes)
     incomplete = [name for name, parts in sets.items() if sum(len(v) for v in parts) != len(y)]
-    if incomplete:
+    if incomplete:  # classes built in both modes: rebuilding the latent-only ones brings the feature set back
         context.log.warning(
             f"Not probing {', '.join(incomplete)}: {len(latent_only)} class(es) keep only the stored latent "
-            f"(IMAGENET_INT8_LATENT_STORAGE=latent), e.g. {', '.join(latent_only[:5])}"
+            f"(IMAGENET_INT8_LATENT_STORAGE=latent), e.g. {', '.join(latent_only[:5])}. To probe it, rebuild them "
+            "with IMAGENET_INT8_LATENT_STORAGE=full (vae_latents for those partitions, then probe_features)."
         )
     arrays = {name: np.concatenate(parts) for name, parts in sets.items() if name not in incomplete}
     present = sorted(set(y))
@@ -118,14 +119,14 @@ def latent_probe(context: AssetExecutionContext, settings: ImagenetInt8Settings)
 
     labels, class_names, features = load_features(probe_dir(settings.output_path) / FEATURES_FILE)
     note = too_few_to_probe(labels)
-    if note is not None:
-        context.log.warning(f"latent_probe {note}")
+    if note is not None:  # an ordinary outcome for a small dataset (the metadata's status says it too)
+        context.log.info(f"latent_probe {note}")
         return MaterializeResult(metadata={"status": note})
     # labels are dataset indices (e.g. ImageNet's); the probe wants 0..k-1 with names in order
     y = np.searchsorted(np.unique(labels), labels)
     result = run_probe(features, y, class_names, seed=settings.seed)
-    for note in result.notes:
-        context.log.warning(note)
+    for note in result.notes:  # caveats that describe the result (also in the report): information, nothing to fix
+        context.log.info(note)
     report = build_probe_report(result, features["sample"], y, class_names)
     images, accuracy, detailed = report.images, report.accuracy, report.detailed
     space = SpaceNeeds("latent_probe", settings.output_path)
