@@ -3,7 +3,8 @@ then the dataset assets if anything changed or they are missing or stale themsel
 
 Staleness is Dagster's own (code versions from the settings, data versions of each class's
 files; see resources.BYTES_SETTINGS and assets/manifest.source_class_files), read through the
-same resolver the UI uses; a partition whose files are gone from the output is rebuilt too.
+same resolver the UI uses; a partition whose files are gone from the output, or whose stored crops
+failed verification when read (crop_store.verification_failure), is rebuilt too.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from dagster import AssetKey, DagsterInstance, Definitions
 from imagenet_int8_assets.core import mds_index
 from imagenet_int8_assets.core.storage import crops_dir, latents_dir, mds_root, report_dir, stats_path
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-
-CLASS_STEPS = ("preprocessed_crops", "vae_latents", "mds_shards")
-DATASET_STEPS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
+from imagenet_int8_assets.stages import CLASS_STEPS, DATASET_STEPS
 
 
 @dataclass
@@ -57,6 +56,8 @@ def plan_build(
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
+    from imagenet_int8_assets.core.crop_store import verification_failure
+
     classes = sorted(classes)
     if force:
         return BuildPlan(classes, True, len(classes), Counter({"forced": len(classes)}))
@@ -76,6 +77,8 @@ def plan_build(
                 why = "files missing from the output"
             if why:
                 break
+        if not why and verification_failure(crops_dir(settings.output_path, key)) is not None:
+            why = "crops failed verification when read"  # a change the scan cannot see (crop_store)
         if why:
             todo.append(key)
             reasons[why] += 1
@@ -84,7 +87,9 @@ def plan_build(
 
 def _dataset_needs_build(instance: DagsterInstance, resolver, settings: ImagenetInt8Settings) -> bool:
     """A dataset asset is missing, stale (code version), older than the newest class build, or its
-    files are gone from the output."""
+    files are gone from the output; or a bucket is set (IMAGENET_INT8_MDS_REMOTE) whose index.json
+    is not the local one (a bucket set on a built output, or one that cannot be read: mds_dataset
+    then publishes, or says what is wrong)."""
     from dagster._core.definitions.data_version import StaleStatus
 
     root = mds_root(settings.output_path)
@@ -102,5 +107,12 @@ def _dataset_needs_build(instance: DagsterInstance, resolver, settings: Imagenet
     newest_class = max(last(k) for k in CLASS_STEPS)
     for key in DATASET_STEPS:
         if last(key) < newest_class or resolver.get_status(AssetKey(key)) in (StaleStatus.MISSING, StaleStatus.STALE):
+            return True
+    if settings.mds_remote:
+        from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds
+
+        try:
+            return not RemoteMds(settings.mds_remote).holds_index(root)  # one GET
+        except RemoteError:
             return True
     return False

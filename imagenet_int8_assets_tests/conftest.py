@@ -143,6 +143,17 @@ def make_image_folder(root: Path, classes: dict[str, int], size=(300, 240)) -> P
     return root
 
 
+def encoded_classes(out: Path) -> dict[str, int]:
+    """How many vae_latents materializations each class has in the instance of the output ``out``
+    (its default DAGSTER_HOME): which classes a build encoded, and how often."""
+    with dg.DagsterInstance.from_config(str(out / "dagster_home")) as instance:
+        records = instance.fetch_materializations(dg.AssetKey("vae_latents"), limit=1000).records
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.partition_key] = counts.get(record.partition_key, 0) + 1
+    return counts
+
+
 def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, partitions_per_run: int = 50):
     """Materialize the whole graph as `imagenet-int8 build --force` does; returns the run results.
 

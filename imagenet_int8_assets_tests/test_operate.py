@@ -14,7 +14,7 @@ import dagster as dg
 
 from imagenet_int8_assets.partitions import CLASS_PARTITIONS, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import BIN, REPO, cli_env, make_image_folder, materialize_all, run_cli
+from imagenet_int8_assets_tests.conftest import BIN, REPO, cli_env, encoded_classes, make_image_folder, materialize_all, run_cli
 
 CLASS_ASSETS = ("preprocessed_crops", "vae_latents", "mds_shards")
 
@@ -33,7 +33,9 @@ def _run_manifest(defs: dg.Definitions, instance: dg.DagsterInstance):
     job = defs.resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_manifest")])
     assert result.success
-    return result.asset_materializations_for_node("raw_manifest")[0].metadata
+    # the step also records the first scan of each class as source_class_files materializations
+    manifest = dg.AssetKey("raw_manifest")
+    return next(m for m in result.asset_materializations_for_node("raw_manifest") if m.asset_key == manifest).metadata
 
 
 def _touch(path: Path) -> None:
@@ -181,6 +183,12 @@ def test_staleness_settings_change_and_one_class_change_through_graphql(tmp_path
         assert crops["b"] == ("FRESH", [])
 
         monkeypatch.setenv("IMAGENET_INT8_PRECISION", "bf16")  # a setting that changes the latents' bytes
+        # while the output records fp32 the code location refuses launches and shows the recorded code
+        # versions: nothing looks changed, nothing invites a re-materialization that would be refused
+        assert _stale(instance, "vae_latents", ["a", "b"]) == {"a": ("FRESH", []), "b": ("FRESH", [])}
+        from imagenet_int8_assets.resources import ImagenetInt8Settings
+
+        ImagenetInt8Settings.from_env().record_settings(replace=True)  # what `imagenet-int8 build --force` records
         latents = _stale(instance, "vae_latents", ["a", "b"])
         assert {status for status, _ in latents.values()} == {"STALE"}
         assert all(causes == ["vae_latents: has a new code version"] for _, causes in latents.values())
@@ -228,16 +236,6 @@ def test_refresh_schedule_rescans_at_its_tick(tmp_path):
 # incremental `imagenet-int8 build` and one set of settings per output
 
 
-def _encoded(out: Path) -> dict[str, int]:
-    """How many vae_latents materializations each class has in the output's instance."""
-    with dg.DagsterInstance.from_config(str(out / "dagster_home")) as instance:
-        records = instance.fetch_materializations(dg.AssetKey("vae_latents"), limit=1000).records
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record.partition_key] = counts.get(record.partition_key, 0) + 1
-    return counts
-
-
 def _dataset_bytes(out: Path) -> dict[str, bytes]:
     from imagenet_int8_assets.core.mds_index import read_published_index
 
@@ -254,12 +252,12 @@ def test_incremental_build_encodes_only_what_changed_and_force_rebuilds(tmp_path
 
     first = run_cli([imagenet_int8, "build"], env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert _encoded(out) == {"a": 1, "b": 1, "c": 1}
+    assert encoded_classes(out) == {"a": 1, "b": 1, "c": 1}
 
     again = run_cli([imagenet_int8, "build"], env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "0 of 3 class(es) to build" in again.stdout + again.stderr
-    assert _encoded(out) == {"a": 1, "b": 1, "c": 1}
+    assert encoded_classes(out) == {"a": 1, "b": 1, "c": 1}
 
     changed = source / "b" / "b_0000.JPEG"
     make_image_folder(tmp_path / "other", {"b": 1}, size=(200, 320))
@@ -267,7 +265,7 @@ def test_incremental_build_encodes_only_what_changed_and_force_rebuilds(tmp_path
     third = run_cli([imagenet_int8, "build"], env, cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-4000:]
     assert "1 of 3 class(es) to build" in third.stdout + third.stderr
-    assert _encoded(out) == {"a": 1, "b": 2, "c": 1}
+    assert encoded_classes(out) == {"a": 1, "b": 2, "c": 1}
 
     clean_env = cli_env(tmp_path / "clean", IMAGENET_INT8_SOURCE=str(source))
     clean = run_cli([imagenet_int8, "build"], clean_env, cwd=tmp_path)
@@ -276,7 +274,7 @@ def test_incremental_build_encodes_only_what_changed_and_force_rebuilds(tmp_path
 
     forced = run_cli([imagenet_int8, "build", "--force"], env, cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-4000:]
-    assert _encoded(out) == {"a": 2, "b": 3, "c": 2}
+    assert encoded_classes(out) == {"a": 2, "b": 3, "c": 2}
 
 
 def test_a_launch_with_other_settings_is_refused_with_the_differences(tmp_path):

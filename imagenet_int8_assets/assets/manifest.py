@@ -199,9 +199,11 @@ def require_usable_images(manifest: pd.DataFrame) -> None:
     description=(
         "The image files of one class folder in the source (not written by this graph). Each scan "
         "(raw_manifest) records an observation for every class whose files changed, with a data "
-        "version from the manifest: each file's name, size, modification time and status, and the "
+        "version from the manifest: each file's name, size, modification time and status, a stamp "
+        "for a file rewritten in place (same size and modification time, new ctime or inode), and the "
         "class's label. A new data version marks that class's preprocessed_crops stale, and only it. "
-        "Observing it re-records the versions of the last scan."
+        "Observing it re-records the versions of the last scan. It is observed, never materialized: the "
+        "partition bar's \"0 % filled\" means exactly that (each class's data version is on the Observations tab)."
     ),
 )
 def source_class_files(context) -> DataVersionsByPartition:
@@ -233,11 +235,12 @@ def _previous_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame | None:
     kinds={"parquet"},
     description=(
         "Every file under the source: relative path (id), class folder, label index and text, "
-        "width, height, mode, format, bytes, modification time, status (ok / bad / skipped) and the "
-        "reason. Bad and skipped files are recorded here and left out of every later step. Also "
-        "prepares the source (the bundled sample, a CIFAR-10 export), registers new class folders as "
-        "partitions and records changed classes' data versions (source_class_files). A rescan decodes "
-        "only new or changed files."
+        "width, height, mode, format, bytes, modification time, status (ok / bad / skipped), the "
+        "reason, ctime, inode and a change stamp for a file rewritten in place. Bad and skipped files are "
+        "recorded here and left out of every later step. Also prepares the source (the bundled sample, a "
+        "CIFAR-10 export), registers new class folders as partitions and records changed classes' data "
+        "versions (source_class_files). A rescan decodes only new or changed files (a new size, "
+        "modification time, ctime or inode)."
     ),
 )
 def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
@@ -257,6 +260,14 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
         previous=_previous_manifest(settings),
         extra_classes=vanished,
     )
+    rewritten = int(frame.attrs.get("rewritten_files", 0))
+    if rewritten:
+        examples = ", ".join(frame.attrs.get("rewritten_examples", []))
+        context.log.warning(
+            f"{rewritten} file(s) kept their size and modification time but have a new ctime or inode, e.g. "
+            f"{examples}: rewritten in place (or their permissions, owner or links changed). Decoded again; their "
+            "classes get a new data version and are rebuilt."
+        )
     new_classes = register_classes(context.instance, root_classes)
     versions = class_data_versions(frame, labels)
     buffer = io.BytesIO()
@@ -312,6 +323,7 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
             "files": len(frame),
             "decoded_files": len(frame) - int(frame.attrs.get("reused_rows", 0)),
             "reused_rows": int(frame.attrs.get("reused_rows", 0)),
+            "rewritten_files": int(frame.attrs.get("rewritten_files", 0)),
             "ok": int(status_counts.get("ok", 0)),
             "bad": int(status_counts.get("bad", 0)),
             "skipped": int(status_counts.get("skipped", 0)),

@@ -17,6 +17,12 @@ recorded recipe, size and pixel limit and VERIFIES it against the recorded hash;
 that changed, vanished or no longer crops raises ``CropVerificationError`` naming the files and
 what to re-materialize. ``png`` crops are verified against the same hashes when decoded.
 
+A failed verification is also recorded in the class's folder (``verification-failed.json``, see
+``record_verification_failure``) until the class's crops are written again: `imagenet-int8 build`
+rebuilds every class that has one (build_plan), so its advice leads somewhere even when the scan
+cannot see the change (a file rewritten in place before this release recorded ctimes, a file
+system without reliable ctimes, a damaged PNG).
+
 A crop box is not recorded: both recipes resample the whole image (bicubic support reaches
 beyond the box, ``adm`` first halves the image), so a box alone does not reproduce the crop; the
 source file, recipe, size and pixel limit do.
@@ -49,6 +55,9 @@ PNG_COMPRESS_LEVEL = 1
 RAW_FILE = "images.npy"
 PNG_FOLDER = "images"
 META_FILE = "meta.json"
+# Written next to meta.json when stored crops fail verification; gone when the class is written again
+# (write_class_crops replaces the whole folder).
+VERIFICATION_FAILED_FILE = "verification-failed.json"
 PIXEL_HASH = "sha256"
 # Encoding PNGs releases the GIL in zlib, so a few threads go faster than one.
 PNG_THREADS = min(8, os.cpu_count() or 1)
@@ -246,11 +255,46 @@ def _when(mtime_ns: int) -> str:
     return stamp.strftime("%Y-%m-%d %H:%M:%S.%f UTC")
 
 
-def _rebuild_advice(class_folder: str) -> str:
-    return (
-        f"Run `imagenet-int8 build` (it rescans the source and rebuilds the classes whose files changed), or "
+def record_verification_failure(folder: Path, class_folder: str, problem: str, paths: Sequence[str]) -> Path | None:
+    """Record in the class's crops folder that its stored crops failed verification, so that
+    `imagenet-int8 build` rebuilds the class (``verification_failure``); None when the folder cannot
+    be written (a read-only copy of an output)."""
+    from imagenet_int8_assets.core.storage import atomic_write_json
+
+    path = Path(folder) / VERIFICATION_FAILED_FILE
+    try:
+        atomic_write_json(path, {"class": class_folder, "problem": problem, "paths": list(paths)[:100]})
+    except OSError:
+        return None
+    return path
+
+
+def verification_failure(folder: Path) -> dict | None:
+    """The recorded verification failure of a class's crops (``record_verification_failure``), or None."""
+    import json
+
+    path = Path(folder) / VERIFICATION_FAILED_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"problem": f"{path} is unreadable"}  # still a failure: the class is rebuilt
+
+
+def _rebuild_advice(class_folder: str, recorded: Path | None) -> str:
+    """What fixes a class whose crops no longer verify: both ways rewrite its crops from the source as it
+    is now, then everything made from them."""
+    manual = (
         f"re-materialize raw_manifest, then preprocessed_crops, vae_latents and mds_shards for class "
-        f"{class_folder!r}, then mds_dataset."
+        f"{class_folder!r}, then the dataset assets (quantization_stats, mds_dataset, reconstruction_report, "
+        "probe_features, latent_probe)."
+    )
+    if recorded is None:  # nothing tells the build about this class: only the exact steps lead somewhere
+        return manual[0].upper() + manual[1:]
+    return (
+        f"Run `imagenet-int8 build`: it rebuilds class {class_folder!r} (this failure is recorded in {recorded} "
+        f"until the class is rebuilt); or {manual}"
     )
 
 
@@ -269,19 +313,19 @@ def _png_loader(folder: Path, meta: dict, class_folder: str) -> Callable[[list[i
         bad = _verify(meta, rows, crops)
         if bad:
             named = [str(paths[k]) for k in bad]
-            raise CropVerificationError(
+            problem = (
                 f"{len(bad)} stored crop(s) of class {class_folder!r} are missing, unreadable or do not match their "
-                f"recorded sha256: {', '.join(named[:3])}{' ...' if len(named) > 3 else ''}. Re-materialize "
-                f"preprocessed_crops for class {class_folder!r} (then vae_latents if it reads them).",
-                named,
+                f"recorded sha256: {', '.join(named[:3])}{' ...' if len(named) > 3 else ''}."
             )
+            record = record_verification_failure(folder, class_folder, problem, named)
+            raise CropVerificationError(f"{problem} {_rebuild_advice(class_folder, record)}", named)
         return np.stack(crops)
 
     return load_rows
 
 
 def _source_loader(
-    root: Path, meta: dict, class_folder: str, workers: int
+    root: Path, meta: dict, class_folder: str, workers: int, folder: Path
 ) -> Callable[[list[int]], np.ndarray]:
     from imagenet_int8_assets.core.parallel import map_ordered
     from imagenet_int8_assets.core.preprocess import crop_task
@@ -321,13 +365,15 @@ def _source_loader(
                     f"{path} has the size and modification time it had, but its crop's sha256 differs from the "
                     "recorded one (its content was rewritten in place, or another Pillow version crops differently)"
                 )
-        raise CropVerificationError(
+        problem = (
             f"Class {class_folder!r}: {len(bad)} of the {len(rows)} crop(s) recomputed from the source do not match "
             f"the crops recorded by preprocessed_crops (IMAGENET_INT8_CROP_STORAGE=none keeps no pixels): "
-            f"{'; '.join(problems[:3])}{f'; and {len(problems) - 3} more' if len(problems) > 3 else ''}. "
-            + _rebuild_advice(class_folder),
-            [str(paths[k]) for k in bad],
-            source_missing=missing == len(bad),
+            f"{'; '.join(problems[:3])}{f'; and {len(problems) - 3} more' if len(problems) > 3 else ''}."
+        )
+        named = [str(paths[k]) for k in bad]
+        record = record_verification_failure(folder, class_folder, problem, named)
+        raise CropVerificationError(
+            f"{problem} {_rebuild_advice(class_folder, record)}", named, source_missing=missing == len(bad)
         )
 
     return load_rows
@@ -370,7 +416,8 @@ def open_class_crops(
                 f"{folder / META_FILE} records no source folder to recompute its crops from: pass source_root, or "
                 f"re-materialize preprocessed_crops for class {class_folder!r}."
             )
-        return CropArray(count, size, _source_loader(root, meta, class_folder, workers), f"recomputed from {root}")
+        loader = _source_loader(root, meta, class_folder, workers, folder)
+        return CropArray(count, size, loader, f"recomputed from {root}")
     raise CropVerificationError(
         f"{folder / META_FILE} records crop storage {storage!r}, which this version cannot read: re-materialize "
         f"preprocessed_crops for class {class_folder!r}."
