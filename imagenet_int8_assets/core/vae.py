@@ -24,6 +24,7 @@ from typing import Any
 from imagenet_int8_assets.core.aura_latents import AURA_CLAMP
 from imagenet_int8_assets.core.quantize import DEFAULT_RANGE
 from imagenet_int8_assets.core.storage import file_sha256
+from imagenet_int8_assets.core.urls import redact_urls
 
 SDXL_CONFIG: dict[str, Any] = {
     "in_channels": 3,
@@ -297,10 +298,10 @@ def _snapshot(spec: str, repo_id: str, patterns: list[str], files: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing cache: all need the same advice
-        raise VaeLoadError(
-            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
+        raise VaeLoadError(  # the client's text quotes the URL it called: HF_ENDPOINT's credentials masked
+            f"Could not load VAE weights for {spec!r}: {type(exc).__name__}: {redact_urls(str(exc)).rstrip('. ')}. "
             + _help_text(repo_id, files)
-        ) from exc
+        ) from None
 
 
 KL_FILES_TEXT = "config.json and diffusion_pytorch_model.safetensors (what AutoencoderKL.save_pretrained writes)"
@@ -427,7 +428,7 @@ def _check_hub_files(spec: str, repo_id: str, files: list[str], timeout: float) 
             if response.status_code >= 400:
                 raise OSError(f"HTTP {response.status_code}")
         except Exception as exc:  # network, auth, missing repository or file: the same advice
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            reason = (redact_urls(str(exc)).strip().splitlines() or [""])[0][:200]
             raise VaeLoadError(
                 f"IMAGENET_INT8_VAE={spec!r}: {name} of {repo_id!r} is neither in the local Hugging Face cache "
                 f"nor found on the Hub ({type(exc).__name__}: {reason}). " + _help_text(repo_id, described)
