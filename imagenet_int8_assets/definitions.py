@@ -90,9 +90,7 @@ def refusing_definitions(defs: Definitions, message: str) -> Definitions:
     with the message, so the UI offers no "Materialize" and a launch is refused up front, before any
     run starts and without a traceback; the ``class_folders`` sensor skips with the message (the
     Automation page shows it); nothing else is automated."""
-    from dagster import SkipReason, sensor
-
-    from dagster import AssetSpec, SourceAsset
+    from dagster import AssetSpec, DefaultSensorStatus, SkipReason, SourceAsset, sensor
 
     banner = f"**Not materializable: this code location's settings conflict with the output.** {message}"
 
@@ -112,8 +110,10 @@ def refusing_definitions(defs: Definitions, message: str) -> Definitions:
         for spec in specs_of(asset)
     ]
 
-    @sensor(name="class_folders", minimum_interval_seconds=3600, description=banner)
-    def refused(_context):
+    running = DefaultSensorStatus.RUNNING
+
+    @sensor(name="class_folders", minimum_interval_seconds=60, description=banner, default_status=running)
+    def refused(_context):  # each tick shows the message on the Automation page
         return SkipReason(message)
 
     return Definitions(assets=specs, sensors=[refused, dead_build_runs_sensor])

@@ -19,6 +19,7 @@ from pydantic import Field
 from imagenet_int8_assets.core.cifar import export_cifar10_as_folders, find_cifar10_root
 from imagenet_int8_assets.core.crop_store import CROP_STORAGES, DEFAULT_CROP_STORAGE
 from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
+from imagenet_int8_assets.core.hub_upload import DEFAULT_TIMEOUT as HUB_TIMEOUT_S
 from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.parallel import default_workers
 from imagenet_int8_assets.core.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
@@ -158,7 +159,7 @@ class ImagenetInt8Settings(ConfigurableResource):
     hub_commit_message: str = Field(default="", description="Commit message of hub_upload's commits (empty = one naming the samples, classes and VAE).")
     hub_license: str = Field(default="", description="License id in the dataset card (empty = 'other', pointing at ImageNet's terms of access).")
     hub_files_per_commit: int = Field(default=100, description="Most files in one Hub commit (the Hub recommends a few hundred at most).")
-    hub_timeout: int = Field(default=300, description="Seconds of silence after which hub_upload gives up a request to the Hub (a wait for its next bytes, not a whole transfer).")
+    hub_timeout: int = Field(default=HUB_TIMEOUT_S, description="Seconds of silence after which hub_upload gives up a request to the Hub (a wait for its next bytes, not a whole transfer).")
     parquet_export: bool = Field(default=True, description="hub_upload also exports the samples as parquet (data/*.parquet) so that `datasets` and the Hub viewer read them.")
     publish_random_weights: bool = Field(default=False, description="Let hub_upload publish a dataset encoded with random VAE weights (refused otherwise).")
 
@@ -217,23 +218,18 @@ class ImagenetInt8Settings(ConfigurableResource):
             share_build_lock,
         )
 
-        if context.dagster_run is None or os.environ.get(BUILD_LOCK_VAR) == str(self.output_path) or not self._lockable():
-            yield self
-            return
-        lock = share_build_lock(self.output_path)
-        try:
-            lock.__enter__()
-        except BuildLockError:  # a filesystem without flock: no build can lock it either; the steps go on
-            yield self
-            return
-        except BuildLockBusy as exc:
-            from dagster import Failure
+        own_build = os.environ.get(BUILD_LOCK_VAR) == str(self.output_path)
+        with contextlib.ExitStack() as held:
+            if context.dagster_run is not None and not own_build and self._lockable():
+                try:
+                    held.enter_context(share_build_lock(self.output_path))
+                except BuildLockError:  # a filesystem without flock: no build can lock it either
+                    pass
+                except BuildLockBusy as exc:
+                    from dagster import Failure
 
-            raise Failure(description=str(exc), allow_retries=False) from None
-        try:
+                    raise Failure(description=str(exc), allow_retries=False) from None
             yield self
-        finally:
-            lock.__exit__(None, None, None)
 
     def _lockable(self) -> bool:
         """Whether the run takes the output's lock: the output is an existing folder that the settings
@@ -354,7 +350,7 @@ class ImagenetInt8Settings(ConfigurableResource):
         if not self.hub_revision.strip():
             raise _bad("hub_revision", self.hub_revision, "empty; use a branch name such as main")
         if self.hub_timeout <= 0:
-            raise _bad("hub_timeout", self.hub_timeout, "use a positive number of seconds (default 300)")
+            raise _bad("hub_timeout", self.hub_timeout, f"use a positive number of seconds (default {HUB_TIMEOUT_S})")
         if self.batch_size < 0:
             raise _bad("batch_size", self.batch_size, "use a positive number of images per pass, or 0 for the largest that fits")
         if self.devices.strip():
