@@ -60,8 +60,8 @@ GROUP = "quality"
         "read back from the dataset and compares both with the original crop (PSNR, SSIM, the "
         "int8-vs-float gap; LPIPS when its weights are available locally). Writes a grid image "
         "(original | from float | from uint8), per-channel histograms with the clip bounds, "
-        "quantization error bars, and a self-contained HTML report under <output>/report/. "
-        "Each class's results are cached in <output>/report/cache/: a class whose inputs did not "
+        "quantization error bars, and a self-contained HTML report under `<output>/report/`. "
+        "Each class's results are cached in `<output>/report/cache/`: a class whose inputs did not "
         "change is not decoded again."
     ),
 )
