@@ -51,6 +51,9 @@ def _overflowing_vae():
     return vae
 
 
+BUSY = [0, 1, 5, 6]  # the busy images of the 7 crops below (busy, busy, 3 flat, busy, busy): they overflow fp16
+
+
 def _busy_and_flat():
     rng = np.random.default_rng(0)
     busy = rng.integers(0, 256, (2, 64, 64, 3))
@@ -152,6 +155,15 @@ def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_fli
             post = _feed(
                 PosteriorEncoder(flaky, "cpu", 4, precision, log=notes.append, in_flight=in_flight), images, pieces
             )
+            if 1 in post.cpu_threads_used:
+                # one image per pass no longer divides over 2 threads: the threads were halved, and the
+                # images re-encoded then are those one thread computes (the busy ones, re-encoded in fp32
+                # after the fp16 overflow). On some CPUs one thread sums in another order than two
+                # (README, Reproducibility): those rows equal each image encoded alone on one thread.
+                with torch_threads(1):
+                    alone = encode_posterior(flaky.vae, images, "cpu", batch_size=1, precision="fp32")
+                for field in ("mean", "std"):
+                    getattr(reference, field)[BUSY] = getattr(alone, field)[BUSY]
             _same(post, reference)
             assert post.oom_retries == len(notes) >= 1 and post.forward_batch_sizes[0] == 4
             assert torch_threads_now() == 2

@@ -1,7 +1,7 @@
 """Issue 7, item 12: what is bit-identical, and the codec's edges.
 
-On the CPU an image's latent must not depend on the batch size, its position in the batch, the
-other images in the batch or torch's thread count (a batch that does not divide over the threads
+On the CPU an image's latent must not depend on the batch size, its position in the batch or the
+other images in the batch, for a given thread count (a batch that does not divide over the threads
 used to change about one code in 30,000); the quantizer must refuse NaN/Inf itself.
 """
 
@@ -57,21 +57,25 @@ def test_forward_batches_on_the_cpu_are_a_multiple_of_the_thread_count():
         forward_batch_size("cpu", 0)
 
 
-def test_a_cpu_latent_does_not_depend_on_batch_size_position_companions_or_threads():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cpu_latent_does_not_depend_on_batch_size_position_or_companions(threads):
+    """For a given thread count. Across thread counts the bytes can differ on some CPUs: on AMD EPYC
+    with AVX-512 (torch 2.13, oneDNN 3.12) one and two threads give floats up to 2.4e-7 apart (its
+    convolutions sum in another order), while on the machines before they were identical (README,
+    Reproducibility)."""
     vae = load_vae("tiny-random").to("cpu")
     images, others = crops(5), crops(4, seed=100)
-    with torch_threads(1):
+    with torch_threads(threads):
         alone = np.stack([encode_posterior(vae, images[i : i + 1], "cpu", batch_size=1).mean[0] for i in range(5)])
-    runs = []
-    for threads, batch in [(2, 1), (2, 3), (2, 16)]:
-        with torch_threads(threads):
-            runs.append(((threads, batch, "in order"), encode_posterior(vae, images, "cpu", batch_size=batch).mean))
+        runs = []
+        for batch in (1, 3, 16):
+            runs.append(((batch, "in order"), encode_posterior(vae, images, "cpu", batch_size=batch).mean))
             reverse = encode_posterior(vae, images[::-1], "cpu", batch_size=batch).mean[::-1]
-            runs.append(((threads, batch, "reversed"), reverse))
+            runs.append(((batch, "reversed"), reverse))
             mixed = encode_posterior(vae, np.concatenate([others[:3], images, others[3:]]), "cpu", batch_size=batch).mean
-            runs.append(((threads, batch, "among other images"), mixed[3:8]))
+            runs.append(((batch, "among other images"), mixed[3:8]))
     for what, means in runs:
-        assert means.tobytes() == alone.tobytes(), f"threads, batch size, order = {what}"
+        assert means.tobytes() == alone.tobytes(), f"{threads} thread(s), batch size, order = {what}"
 
 
 @pytest.fixture(scope="module")
