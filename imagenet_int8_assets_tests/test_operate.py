@@ -78,9 +78,9 @@ def test_class_folders_sensor_registers_new_folders_and_requests_a_scan(tmp_path
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     with dg.instance_for_test() as instance:
 
-        def tick():
-            context = dg.build_sensor_context(instance=instance, resources={"settings": settings})
-            return sensor.evaluate_tick(context)
+        def tick():  # the settings resource is a context manager (it locks the output in runs): as the daemon does
+            with dg.build_sensor_context(instance=instance, resources={"settings": settings}) as context:
+                return sensor.evaluate_tick(context)
 
         first = tick()
         assert [r.partition_keys for r in first.dynamic_partitions_requests] == [["a", "b"]]
@@ -103,7 +103,8 @@ def test_sensor_prepares_the_bundled_sample_through_the_manifest(tmp_path):
     settings = ImagenetInt8Settings(output=str(tmp_path / "out"), vae="tiny-random", device="cpu", workers=1)
     sensor = build_definitions(settings).resolve_sensor_def("class_folders")
     with dg.instance_for_test() as instance:
-        result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources={"settings": settings}))
+        with dg.build_sensor_context(instance=instance, resources={"settings": settings}) as context:
+            result = sensor.evaluate_tick(context)
     assert len(result.run_requests) == 1 and not (tmp_path / "out").exists()  # the scan prepares it, not the sensor
 
 
