@@ -107,12 +107,7 @@ def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8
                 samples.append(entry)
                 reused.append(key)
                 continue
-        if _current_version(root, key) != build["versions"][key]:
-            # re-made since the dataset was published (even with as many images): its latents are
-            # not the ones the published codes were quantized from, so no comparison is meaningful
-            skipped[key] = f"rebuilt since the dataset was published: {_advice(root, key)}"
-            continue
-        result = _decode_class(settings, decoder, key, count, key in vanished)
+        result = _decode_class(settings, decoder, key, count, key in vanished, build["versions"][key])
         if isinstance(result, str):
             skipped[key] = result
             continue
@@ -209,15 +204,22 @@ class _Decoder:
         self.dataset = None
 
 
-def _decode_class(settings: ImagenetInt8Settings, decoder: _Decoder, key: str, count: int, vanished: bool):
+def _decode_class(
+    settings: ImagenetInt8Settings, decoder: _Decoder, key: str, count: int, vanished: bool, published_version: str
+):
     """Class ``key``'s results (``ClassSamples`` with every image), or why it is left out of the
     report (a str), or None for a class without images."""
+    root = mds_root(settings.output_path)
     ids, arrays, _ = read_latents(settings.output_path, key)
     if len(ids) != count:
         return (
             f"its latents ({len(ids)}) differ from its {count} published samples (rebuilt since the dataset was "
-            f"published): {_advice(mds_root(settings.output_path), key, len(ids))}"
+            f"published): {_advice(root, key, len(ids))}"
         )
+    if _current_version(root, key) != published_version:
+        # re-made since the dataset was published with as many images: its latents are not the ones
+        # the published codes were quantized from, so no comparison would mean anything
+        return f"rebuilt since the dataset was published: {_advice(root, key)}"
     if not ids:
         return None
     pick = choose_samples(len(ids), settings.report_per_class, settings.seed, key)
