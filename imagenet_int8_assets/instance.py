@@ -72,8 +72,10 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def instance_error_message(exc: BaseException, home: Path) -> str:
-    """One line for an instance that cannot be opened: what is wrong and what to do (no traceback)."""
+def instance_error_message(exc: BaseException, home: Path) -> str | None:
+    """One line for an instance that cannot be opened because of its settings (a variable its
+    dagster.yaml reads, a PostgreSQL server that does not answer): what is wrong and what to do (no
+    traceback); None for other causes (a full disk: the CLI reports those itself)."""
     from dagster._config.errors import PostProcessingError
     from dagster._core.errors import DagsterInvalidConfigError
 
@@ -99,7 +101,7 @@ def instance_error_message(exc: BaseException, home: Path) -> str:
             "PostgreSQL there or fix the DAGSTER_PG_* variables (the password in DAGSTER_PG_PASSWORD), then run this "
             "command again."
         )
-    return f"{where} cannot be opened: {type(inner).__name__}: {_first_line(inner)}"
+    return None
 
 
 @contextmanager
@@ -112,7 +114,10 @@ def open_instance(home: Path) -> Iterator:
     try:
         instance = DagsterInstance.get()
     except Exception as exc:
-        raise InstanceSettingError(instance_error_message(exc, home)) from None
+        message = instance_error_message(exc, home)
+        if message is None:
+            raise
+        raise InstanceSettingError(message) from None
     with instance:
         yield instance
 
