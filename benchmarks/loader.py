@@ -105,8 +105,8 @@ REFERENCE = textwrap.dedent(
 
 def make_dataset(root: Path, samples: int, classes: int, seed: int = 0) -> dict:
     """``samples`` random codes in ``classes`` classes, written with the project's writer."""
-    from imagenet_int8_assets.core import mds, mds_index
-    from imagenet_int8_assets.core.sources import imagenet_classes
+    from imagenet_int8_assets.core.dataset import mds, mds_index
+    from imagenet_int8_assets.core.source.sources import imagenet_classes
 
     table = imagenet_classes()
     rng = np.random.default_rng(seed)
@@ -143,7 +143,7 @@ def run_reference(script: Path, remote: Path | None, local: Path, tmpdir: Path) 
 
 
 def run_ours(root: Path, repeats: int, verify: str) -> dict:
-    from imagenet_int8_assets.core.latent_arrays import load_latents
+    from imagenet_int8_assets.core.reading.latent_arrays import load_latents
 
     times, arrays = [], None
     for _ in range(repeats):

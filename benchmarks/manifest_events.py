@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         })
         from dagster import DagsterInstance
 
-        from imagenet_int8_assets.core.parallel import default_workers
-        from imagenet_int8_assets.core.sources import scan_source
+        from imagenet_int8_assets.core.common.parallel import default_workers
+        from imagenet_int8_assets.core.source.sources import scan_source
         from imagenet_int8_assets.definitions import build_definitions
-        from imagenet_int8_assets.instance import prepare_dagster_home
+        from imagenet_int8_assets.build.instance import prepare_dagster_home
         from imagenet_int8_assets.resources import ImagenetInt8Settings
 
         t = time.perf_counter()

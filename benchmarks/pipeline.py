@@ -79,12 +79,12 @@ SETTINGS = {
     "crop_size": 32,  # --crop-size
     "workers": 0,  # 0 = all cores, as the CLI's default
     # Crops stored as uint8 arrays, latents with mean and std (both sides crop while they encode,
-    # core.pipeline.encode_stream, and write each class's crops and latents as it is done).
+    # core.latents.pipeline.encode_stream, and write each class's crops and latents as it is done).
     "crop_storage": "raw",
     "latent_storage": "full",
     "report_per_class": 1,
     "report_grid_images": 8,
-    "probe_per_class": 4,  # the least the probe trains on (core.probe.MIN_PER_CLASS)
+    "probe_per_class": 4,  # the least the probe trains on (core.quality.probe.MIN_PER_CLASS)
     "probe_max_classes": 2,
     "probe_pool": 8,
 }
@@ -188,29 +188,30 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
-    from imagenet_int8_assets.core import mds, mds_index, publish_checks
-    from imagenet_int8_assets.core.encode import encode_record, select_latent
-    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
-    from imagenet_int8_assets.core.parallel import default_workers
-    from imagenet_int8_assets.core.pipeline import encode_stream
-    from imagenet_int8_assets.core.quantize import ChannelStats, quantize, recommend_ranges, step
-    from imagenet_int8_assets.core.sources import class_data_versions, find_class_folders, resolve_source_root, scan_source
-    from imagenet_int8_assets.core.storage import (
-        atomic_write_bytes,
-        atomic_write_json,
+    from imagenet_int8_assets.core.dataset import mds, mds_index, publish_checks
+    from imagenet_int8_assets.core.latents.encode import encode_record, select_latent
+    from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.common.parallel import default_workers
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.quantize import ChannelStats, quantize, recommend_ranges, step
+    from imagenet_int8_assets.core.source.sources import (
+        class_data_versions,
+        find_class_folders,
+        resolve_source_root,
+        scan_source,
+    )
+    from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json, remove_leftovers
+    from imagenet_int8_assets.core.common.layout import (
         manifest_path,
         mds_root,
         probe_dir,
-        read_crops,
-        read_latents,
-        remove_leftovers,
         report_dir,
         source_classes_path,
         stats_path,
-        write_crops,
-        write_latents,
     )
-    from imagenet_int8_assets.core.vae import load_vae, resolve_device
+    from imagenet_int8_assets.core.crops.crop_store import read_crops, write_crops
+    from imagenet_int8_assets.core.latents.latent_store import read_latents, write_latents
+    from imagenet_int8_assets.core.latents.vae import load_vae, resolve_device
 
     lap("imports")
     workers = s["workers"] if s["workers"] > 0 else default_workers()
@@ -355,10 +356,10 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     lap("dataset")
 
     # reconstruction_report
-    from imagenet_int8_assets.core.metrics import lpips_available
-    from imagenet_int8_assets.core.reconstruct import choose_samples, decode_images, reconstruction_rows
-    from imagenet_int8_assets.core.reconstruction_report import ClassSamples, assemble_report
-    from imagenet_int8_assets.core.vae import load_vae_as_recorded
+    from imagenet_int8_assets.core.quality.metrics import lpips_available
+    from imagenet_int8_assets.core.quality.reconstruct import choose_samples, decode_images, reconstruction_rows
+    from imagenet_int8_assets.core.quality.reconstruction_report import ClassSamples, assemble_report
+    from imagenet_int8_assets.core.latents.vae import load_vae_as_recorded
     from imagenet_int8_assets.reader import open_dataset
 
     build = mds_index.published_record(mroot)
@@ -398,7 +399,7 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     lap("report")
 
     # probe_features, latent_probe
-    from imagenet_int8_assets.core.probe import (
+    from imagenet_int8_assets.core.quality.probe import (
         FEATURES_FILE,
         build_feature_sets,
         load_features,
@@ -406,7 +407,7 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         save_features,
         too_few_to_probe,
     )
-    from imagenet_int8_assets.core.probe_report import build_probe_report
+    from imagenet_int8_assets.core.quality.probe_report import build_probe_report
 
     chosen = keys
     if len(keys) > s["probe_max_classes"]:
@@ -547,10 +548,10 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
                     **device,
                 }
             )
-        # What the progress bar of `imagenet-int8 build` costs (cli._RunProgress, once a second, reads
+        # What the progress bar of `imagenet-int8 build` costs (cli.RunProgress, once a second, reads
         # the materializations recorded since its last poll), on the run with the most of them: the
         # CLI's own class, timed reading them all once and then polling with nothing new.
-        from imagenet_int8_assets.cli import _RunProgress
+        from imagenet_int8_assets.build.run_events import RunProgress
 
         class _Bar:
             def update(self, n: int) -> None:
@@ -559,7 +560,7 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
         biggest = max(runs, key=lambda r: r["event_kinds"].get("ASSET_MATERIALIZATION", 0))
         reads, empties = [], []
         for _ in range(3):
-            progress = _RunProgress(instance, biggest["run_id"], _Bar())
+            progress = RunProgress(instance, biggest["run_id"], _Bar())
             t = time.perf_counter()
             progress._update()
             reads.append(time.perf_counter() - t)
@@ -653,7 +654,7 @@ def fit_overhead(points: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 LOAD_CODE = """
 import json, sys, time
-from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.core.latents.vae import load_vae
 spec, repeats = sys.argv[1], int(sys.argv[2])
 t = time.perf_counter(); load_vae(spec); first = time.perf_counter() - t  # imports, cold caches
 times = []
@@ -670,7 +671,7 @@ def vae_load_seconds(work: Path, repeats: int, env: dict[str, str]) -> dict[str,
     stored; written here from ``sdxl-random`` with ``save_pretrained``)."""
     folder = work / "sdxl-vae-folder"
     save = (
-        "import sys; from imagenet_int8_assets.core.vae import load_vae; "
+        "import sys; from imagenet_int8_assets.core.latents.vae import load_vae; "
         "load_vae('sdxl-random').model.save_pretrained(sys.argv[1], safe_serialization=True)"
     )
     subprocess.run([sys.executable, "-c", save, str(folder)], env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
@@ -742,7 +743,7 @@ def manifest_seconds(rows: int = GPU_IMAGES, classes: int = GPU_CLASSES, repeats
     # a call at 1,000 classes) and the classes' data versions
     import tempfile
 
-    from imagenet_int8_assets.core.sources import ClassLabels, class_data_versions, find_class_folders
+    from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, find_class_folders
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -905,7 +906,7 @@ def print_report(res: dict[str, Any]) -> None:
 
 def class_runs(classes: int, per_run: int) -> int:
     """The class runs `imagenet-int8 build` makes of ``classes`` classes (``class_runs.class_batches``)."""
-    from imagenet_int8_assets.class_runs import class_batches
+    from imagenet_int8_assets.build.class_runs import class_batches
 
     return len(class_batches(range(classes), range(classes), per_run))
 

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
 
-    from imagenet_int8_assets.core import sources
+    from imagenet_int8_assets.core.source import sources
 
     work, cleanup = work_folder(args.out, "bench-rescan-", parser.error)
     facts = orchestration_facts()

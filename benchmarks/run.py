@@ -11,11 +11,11 @@ What is measured (img/s; every ratio is ours / reference, so > 1 means ours is f
 1. Crops. ``imagenet_int8_assets.core.preprocess.crop_file`` with the ``imagenet.int8`` and
    ``adm`` recipes versus ``reference_crop`` below, the published Imagenet.int8 algorithm written
    out plainly. On 1 process (in-process loop) and on ``--workers`` processes (default: all cores):
-   ours through ``core.parallel.map_ordered`` with ``crop_task``, the reference through a spawn
+   ours through ``core.common.parallel.map_ordered`` with ``crop_task``, the reference through a spawn
    ``ProcessPoolExecutor`` with the same chunk size. A pool run includes starting its pool, as in
    the pipeline. The input is ``--images`` generated JPEGs (quality 90) in ImageNet-like sizes;
    the run also checks that ``imagenet.int8`` and the reference give identical pixels.
-2. Encoding. ``core.encode.encode_posterior`` on 256x256 uint8 crops with the model set up as the
+2. Encoding. ``core.latents.encode.encode_posterior`` on 256x256 uint8 crops with the model set up as the
    ``vae_latents`` asset does (``channels_last``) versus ``reference_encode`` below, the plain
    ``model.encode(x).latent_dist.sample()`` on a contiguous float32 tensor in [-1, 1]. Both go
    from uint8 crops in host memory to latents in host memory, in fp32, with the same batch size.
@@ -48,9 +48,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.machine import cpu_name, package_version
-from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
-from imagenet_int8_assets.core.parallel import MIN_ITEMS_FOR_POOL, default_workers, map_ordered
-from imagenet_int8_assets.core.preprocess import DEFAULT_SIZE, crop_file, crop_task
+from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
+from imagenet_int8_assets.core.common.parallel import MIN_ITEMS_FOR_POOL, default_workers, map_ordered
+from imagenet_int8_assets.core.crops.preprocess import DEFAULT_SIZE, crop_file, crop_task
 from imagenet_int8_assets.sample import SAMPLE_CLASSES, synthetic_picture
 
 SIZE = DEFAULT_SIZE
@@ -280,8 +280,8 @@ def benchmark_encode(
 ) -> dict[str, Any]:
     import torch
 
-    from imagenet_int8_assets.core.encode import encode_posterior
-    from imagenet_int8_assets.core.vae import LoadedVae, load_vae, resolve_device
+    from imagenet_int8_assets.core.latents.encode import encode_posterior
+    from imagenet_int8_assets.core.latents.vae import LoadedVae, load_vae, resolve_device
 
     device = resolve_device(device)
     loaded = load_vae(vae)
@@ -431,7 +431,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.skip_encode:  # fail before the crop part, not after it
-        from imagenet_int8_assets.core.vae import VaeLoadError, resolve_device
+        from imagenet_int8_assets.core.latents.vae import VaeLoadError, resolve_device
 
         try:
             args.device = resolve_device(args.device)

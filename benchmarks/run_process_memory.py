@@ -34,8 +34,8 @@ def measure(vae: str, work: Path, settle_s: float = 15.0, timeout_s: float = 600
     """One ready run process of a build with ``vae``: its steady RSS and the build's estimate."""
     import dagster as dg
 
-    from imagenet_int8_assets.class_runs import ClassRuns, run_process_bytes
-    from imagenet_int8_assets.instance import prepare_dagster_home
+    from imagenet_int8_assets.build.class_runs import ClassRuns, run_process_bytes
+    from imagenet_int8_assets.build.instance import prepare_dagster_home
     from imagenet_int8_assets.resources import ImagenetInt8Settings
 
     out = work / vae

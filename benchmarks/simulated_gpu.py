@@ -33,7 +33,7 @@ def install() -> float:
     seconds = float(os.environ.get(SECONDS_PER_IMAGE_ENV) or 0)
     if seconds <= 0:
         return 0.0
-    from imagenet_int8_assets.core.vae import LoadedVae
+    from imagenet_int8_assets.core.latents.vae import LoadedVae
 
     real = LoadedVae.encode
     if getattr(real, "simulated_gpu", False):

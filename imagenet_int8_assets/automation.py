@@ -1,6 +1,6 @@
 """What runs without anyone clicking: the class-folder sensor, the build automation, the refresh schedule.
 
-Defaults that cannot start a GPU job unexpectedly (README: "Automation"):
+Defaults that cannot start a GPU job unexpectedly (docs/OPERATING.md: "Automation and the schedule"):
 
 - ``class_folders`` (sensor, RUNNING): registers new class folders as partitions within one
   interval and requests a ``raw_manifest`` run (a CPU scan). It never requests GPU work itself.
@@ -120,7 +120,7 @@ def class_folders_sensor(settings: ImagenetInt8Settings) -> SensorDefinition:
 
 def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8Settings):
     from imagenet_int8_assets.assets.manifest import dataset_kept_classes
-    from imagenet_int8_assets.core.sources import SourceError, find_class_folders
+    from imagenet_int8_assets.core.source.sources import SourceError, find_class_folders
 
     source = settings.source_path()
     if not source.is_dir():

@@ -25,7 +25,7 @@ from imagenet_int8_assets.automation import (
     partition_condition,
     refresh_schedule,
 )
-from imagenet_int8_assets.dead_runs import dead_build_runs_sensor
+from imagenet_int8_assets.build.dead_runs import dead_build_runs_sensor
 from imagenet_int8_assets.resources import (
     ImagenetInt8Settings,
     as_run_defaults,

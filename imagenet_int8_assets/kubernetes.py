@@ -6,7 +6,7 @@ which node pool the pod goes to. A run whose plan holds a step of the Dagster po
 ``crops_and_latents`` step, which crops on the pod's CPUs and encodes on its GPU) gets
 
 - the container resource limit ``nvidia.com/gpu: <gpus_per_run>`` (default 1: a run leases one
-  device, ``core/devices.py``, so a second GPU per pod would sit idle),
+  device, ``core/latents/devices.py``, so a second GPU per pod would sit idle),
 - the node selector ``<node_pool_label>: <gpu_node_pool>`` (default ``imagenet-int8/node-pool: gpu``),
 - the tolerations ``gpu_tolerations`` (default: ``nvidia.com/gpu`` Exists NoSchedule, the taint
   GPU node pools usually carry), and ``gpu_run_k8s_config`` (raw Kubernetes config, e.g. CPU and
@@ -58,7 +58,7 @@ from dagster_k8s import K8sRunLauncher
 from dagster_k8s.container_context import K8sContainerContext
 from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
 
-from imagenet_int8_assets.instance import GPU_POOL
+from imagenet_int8_assets.build.instance import GPU_POOL
 
 # GPU_POOL: the pool of the crops_and_latents step (assets/crops_and_latents.py)
 # The assets of the step in the gpu pool; only consulted for a run created without an execution

@@ -4,7 +4,7 @@ The set of classes lives in the instance, not in the code: loading the definitio
 the source nor writes anything. Partitions are added by ``raw_manifest`` (which scans the source),
 by the ``class_folders`` sensor (within one sensor interval of a new class folder appearing) and
 by ``imagenet-int8 build`` (which needs no daemon). A class whose folder vanished keeps its
-partition: the dataset keeps its last build (README: "Live class partitions").
+partition: the dataset keeps its last build (docs/OPERATING.md: "Live class partitions").
 """
 
 from __future__ import annotations

@@ -24,15 +24,15 @@ import contextlib
 import os
 import warnings
 
-from imagenet_int8_assets.core.dataset_check import FAST_HASHES, VERIFY_MODES, DatasetDamaged, check_dataset
-from imagenet_int8_assets.core.latent_arrays import LatentArrays, load_latents
-from imagenet_int8_assets.core.latent_torch import FlipUnsupported, batch, decode_codes
-from imagenet_int8_assets.core.mds import LatentStreamingDataset, Uint8Latents, register_uint8_encoding
-from imagenet_int8_assets.core.parquet_export import export_parquet
-from imagenet_int8_assets.core.quantize import dequantize
-from imagenet_int8_assets.core.urls import redact_url
+from imagenet_int8_assets.core.dataset.dataset_check import FAST_HASHES, VERIFY_MODES, DatasetDamaged, check_dataset
+from imagenet_int8_assets.core.reading.latent_arrays import LatentArrays, load_latents
+from imagenet_int8_assets.core.reading.latent_torch import FlipUnsupported, batch, decode_codes
+from imagenet_int8_assets.core.dataset.mds import LatentStreamingDataset, Uint8Latents, register_uint8_encoding
+from imagenet_int8_assets.core.reading.parquet_export import export_parquet
+from imagenet_int8_assets.core.latents.quantize import dequantize
+from imagenet_int8_assets.core.common.urls import redact_url
 
-# Importing core.mds above registered the "uint8" latent encoding for this process.
+# Importing core.dataset.mds above registered the "uint8" latent encoding for this process.
 
 
 def open_dataset(
@@ -79,7 +79,7 @@ def _decode_as_recorded(dataset: LatentStreamingDataset, given: dict) -> None:
     not be read with the published 4x32x32 at +-12. Values the caller passed are kept."""
     import json
 
-    from imagenet_int8_assets.core.dataset_check import decode_params
+    from imagenet_int8_assets.core.dataset.dataset_check import decode_params
 
     stream = dataset.streams[0]
     folder = os.path.join(stream.local, stream.split or "")

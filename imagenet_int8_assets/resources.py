@@ -1,7 +1,7 @@
 """Settings for the asset graph: one Dagster resource, fed from environment variables.
 
 Every field can also be overridden per run in the Dagster launchpad (resources.settings.config).
-See the README's configuration table for meanings and defaults.
+The meanings and defaults are the fields' descriptions, rendered in docs/CONFIGURATION.md.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from imagenet_int8_assets.core.cifar import export_cifar10_as_folders, find_cifar10_root
-from imagenet_int8_assets.core.crop_store import CROP_STORAGES, DEFAULT_CROP_STORAGE
-from imagenet_int8_assets.core.encode import LATENT_VALUES, PRECISIONS
-from imagenet_int8_assets.core.hub_upload import DEFAULT_TIMEOUT as HUB_TIMEOUT_S
-from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
-from imagenet_int8_assets.core.parallel import default_workers
-from imagenet_int8_assets.core.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
-from imagenet_int8_assets.core.sources import SourceError, list_class_folders, resolve_source_root
-from imagenet_int8_assets.core.storage import DEFAULT_LATENT_STORAGE, LATENT_STORAGES
-from imagenet_int8_assets.core.vae import (
+from imagenet_int8_assets.core.source.cifar import export_cifar10_as_folders, find_cifar10_root
+from imagenet_int8_assets.core.crops.crop_store import CROP_STORAGES, DEFAULT_CROP_STORAGE
+from imagenet_int8_assets.core.latents.encode import LATENT_VALUES, PRECISIONS
+from imagenet_int8_assets.core.hub.hub_upload import DEFAULT_TIMEOUT as HUB_TIMEOUT_S
+from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
+from imagenet_int8_assets.core.common.parallel import default_workers
+from imagenet_int8_assets.core.crops.preprocess import DEFAULT_RECIPE, RECIPES, check_recipe
+from imagenet_int8_assets.core.source.sources import SourceError, list_class_folders, resolve_source_root
+from imagenet_int8_assets.core.latents.latent_store import DEFAULT_LATENT_STORAGE, LATENT_STORAGES
+from imagenet_int8_assets.core.latents.vae import (
     DEFAULT_VAE,
     PRESETS,
     RANDOM_PRESETS,
@@ -43,25 +43,84 @@ SAMPLE_SOURCE = "sample"  # IMAGENET_INT8_SOURCE value (and default) meaning the
 # Crop side bounds: the report's SSIM needs 11x11 images (so 16, the first multiple of 8 above);
 # 1024 (3 MiB per crop, the SDXL VAE's native size) keeps a class's crops and a VAE batch in memory.
 MIN_CROP_SIZE, MAX_CROP_SIZE = 16, 1024
-# The seed is hashed with each image id (core.encode.image_seed) and also seeds numpy and
+# The seed is hashed with each image id (core.latents.encode.image_seed) and also seeds numpy and
 # scikit-learn (report and probe samples, probe models), which take 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 # Every field's environment variable is IMAGENET_INT8_<FIELD NAME> (the table is derived from the
-# fields below, after the class); plus one that is not a resource field:
+# fields below, after the class); plus one that is not a resource field (see OTHER_VARIABLES):
 PARTITIONS_PER_RUN_VAR = "IMAGENET_INT8_MAX_PARTITIONS_PER_RUN"
 ENV: dict[str, str] = {}  # filled after ImagenetInt8Settings
 
+# Environment variables that are not fields of ImagenetInt8Settings, as (name, default, meaning) in
+# Markdown: docs/CONFIGURATION.md lists them after the fields (imagenet_int8_assets.settings_reference).
+OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    (
+        PARTITIONS_PER_RUN_VAR,
+        f"`{DEFAULT_MAX_PARTITIONS_PER_RUN}`",
+        "Classes per batched run (backfills and `imagenet-int8 build`): 8 runs for ImageNet-1k in a backfill; "
+        "`imagenet-int8 build` makes the first and last of its runs small (an eighth, 16 classes) when a build has "
+        "more than two full runs, so that the parts before the first encode and after the last are short: 10 runs "
+        "(16, 7 x 125, 93, 16). The least orchestration overhead measured (see "
+        "[BENCHMARKS.md](BENCHMARKS.md#class-runs-at-once-measured-beside-a-simulated-gpu)); on an N-GPU node use "
+        "at most classes / N so that every GPU gets a run. Read when the definitions load (the backfill policy), "
+        "so not settable in the launchpad; `imagenet-int8 build --max-partitions-per-run` overrides it.",
+    ),
+    (
+        "HF_TOKEN",
+        "unset",
+        "Hub token with write access, read by `hub_upload` as a Dagster `EnvVar` (never stored in run config, logs, "
+        "metadata or files); unset = huggingface_hub's own login (`hf auth login`).",
+    ),
+    (
+        "HF_ENDPOINT",
+        "unset (huggingface.co)",
+        "Another Hub; credentials in it (`http://user:password@host`) are sent as basic auth and shown only as "
+        "`***` (see [Credentials in HF_ENDPOINT](PUBLISHING.md#credentials-in-hf_endpoint)).",
+    ),
+    (
+        "S3_ENDPOINT_URL",
+        "unset (AWS)",
+        "The endpoint of an S3-compatible store that is not AWS (MinIO, R2, Ceph...), for "
+        "`IMAGENET_INT8_MDS_REMOTE` and for reading `s3://` datasets; credentials come from boto3's usual chain "
+        "(`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, a profile or an instance role).",
+    ),
+    (
+        "IMAGENET_INT8_DEMO_VAE_FALLBACK",
+        "`sdxl-random`",
+        "`imagenet-int8 demo` only: the random preset used when real weights are unavailable (`tiny-random` "
+        "makes the demo fast: about 20 s instead of about a minute on 2 CPU cores).",
+    ),
+    (
+        "DAGSTER_HOME",
+        "`<output>/dagster_home` (CLI)",
+        "The Dagster instance the CLI records runs in; a writable folder (or one that can be created). "
+        "`dagster dev` needs it set to the same folder to show those runs.",
+    ),
+    (
+        "DAGSTER_PG_HOST",
+        "unset",
+        "The PostgreSQL instance's host (see "
+        "[PostgreSQL](BEYOND_ONE_MACHINE.md#postgresql-one-instance-for-every-machine)): with it set, "
+        "`imagenet-int8` writes the PostgreSQL `dagster.yaml` into a new `DAGSTER_HOME`, and the five "
+        "`DAGSTER_PG_*` variables are then required.",
+    ),
+    ("DAGSTER_PG_PORT", "unset", "The PostgreSQL server's port (a number, e.g. 5432)."),
+    ("DAGSTER_PG_DB", "unset", "The PostgreSQL database."),
+    ("DAGSTER_PG_USERNAME", "unset", "The PostgreSQL user."),
+    ("DAGSTER_PG_PASSWORD", "unset", "The PostgreSQL password; may be empty (trust, `.pgpass`), never shown."),
+)
+
 # The settings that decide the bytes of the dataset an output holds. They are recorded in
 # <output>/settings.json when the output is first built; every entry point then uses them, and a
-# launch with different values is refused (README: "One set of settings per output").
+# launch with different values is refused (docs/OPERATING.md: "One set of settings per output").
 RECORDED = (
     "source", "cifar_split", "max_pixels", "crop_recipe", "crop_size", "vae", "vae_fallback",
     "precision", "latent_value", "seed", "store_flip", "quant_range",
 )
 SETTINGS_RECORD = "settings.json"
-# Which settings decide each asset's bytes: its code version (README: "Versions and staleness").
+# Which settings decide each asset's bytes: its code version (docs/OPERATING.md, "Versions and staleness").
 # crop_storage and latent_storage are in none of them, nor in RECORDED: they decide how crops and
 # latents are kept, not their values (readers follow what each partition's files hold), so
 # changing them marks nothing stale and re-encodes nothing; a class picks the new mode up when it
@@ -119,49 +178,293 @@ def check_writable_folder(path: Path, variable: str) -> None:
 
 
 class ImagenetInt8Settings(ConfigurableResource):
-    """Where the data is, which VAE encodes it, and how (see README: Configuration)."""
+    """Where the data is, which VAE encodes it, and how (see docs/CONFIGURATION.md)."""
 
-    source: str = Field(default=SAMPLE_SOURCE, description="Folder of class subfolders, an ImageNet root with train/, or 'sample'.")
-    output: str = Field(default=DEFAULT_OUTPUT, description="Output root for every artifact.")
-    vae: str = Field(default=DEFAULT_VAE, description="VAE preset name, Hub id, or local diffusers folder.")
-    vae_fallback: str = Field(default="", description="Random preset to use when real weights cannot be loaded (the demo sets sdxl-random; empty = fail).")
-    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
-    batch_size: int = Field(default=0, description="Images per VAE forward pass; 0 = auto: on a GPU half the largest batch that fits (probed once, cached), on the CPU 16.")
-    devices: str = Field(default="", description="Devices that encode, comma-separated (cuda:0,cuda:1; cpu:0,cpu:1 simulate devices on the CPU); empty = every GPU (or the CPU). Runs that encode lease one each.")
-    device_wait: int = Field(default=3600, description="Seconds a run waits for a free device before failing.")
-    crop_recipe: str = Field(default=DEFAULT_RECIPE, description=f"One of {', '.join(RECIPES)}.")
-    crop_size: int = Field(default=256, description="Crop side in pixels, a multiple of 8 from 16 to 1024: 256 (published) or 512.")
-    precision: str = Field(default="fp32", description="Encode precision: fp32, bf16 or fp16 (NaN/Inf samples are redone in fp32).")
-    store_flip: bool = Field(default=False, description="Also store the latent of the horizontally flipped crop (vae_output_flip).")
-    seed: int = Field(default=0, description="Run seed for per-image latent sampling and the report/probe samples (0 to 2**32 - 1).")
-    latent_value: str = Field(default="sample", description="Stored latent: 'sample' (seeded per image) or 'mean'.")
-    quant_range: float = Field(default=0.0, description="uint8 range +-R; 0 = the VAE's default (SDXL: 12, as published).")
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="Refuse images declaring more pixels.")
-    crop_storage: str = Field(default=DEFAULT_CROP_STORAGE, description="How preprocessed_crops keeps crops: none (a hash per crop; recomputed from the source and verified when needed), png (lossless) or raw (uint8 .npy).")
-    latent_storage: str = Field(default=DEFAULT_LATENT_STORAGE, description="What vae_latents keeps: full (posterior mean, std and the stored latent) or latent (only the stored latent and its flip).")
-    workers: int = Field(default=0, description="Processes for scanning and cropping (0 = all cores).")
-    report_per_class: int = Field(default=4, description="Images per class decoded for the reconstruction report (seeded sample).")
-    report_grid_images: int = Field(default=8, description="Rows in the reconstruction grid image.")
-    report_max_psnr_gap: float = Field(default=1.0, description="Check threshold: mean PSNR loss (dB) of uint8 vs float latents.")
-    report_max_clip_fraction: float = Field(default=0.05, description="Check threshold: fraction of latent values clipped by the range.")
-    report_blocking: bool = Field(default=False, description="When true a failed reconstruction check is an error (blocks), else a warning.")
-    probe_per_class: int = Field(default=20, description="Latents per class used by the latent probe (seeded subsample).")
-    probe_max_classes: int = Field(default=100, description="Classes used by the latent probe (a seeded subset when there are more).")
-    probe_pool: int = Field(default=8, description="Latents are average-pooled to probe_pool x probe_pool before the probe.")
-    cifar_split: str = Field(default="train", description="For a CIFAR-10 source: train, test or all.")
-    automation: bool = Field(default=False, description="Start the build_automation sensor (materializes new, changed and missing classes, on the GPU) when the code location loads; else turn it on in the UI.")
-    sensor_interval: int = Field(default=30, description="Seconds between evaluations of the class_folders sensor and the build_automation sensor.")
-    refresh_cron: str = Field(default=DEFAULT_REFRESH_CRON, description="Cron of the refresh_source schedule (rescan the source; stopped until turned on).")
-    mds_remote: str = Field(default="", description="Object storage the published dataset is mirrored to: s3://bucket/prefix (any S3-compatible store; endpoint from S3_ENDPOINT_URL). mds_shards uploads each class version, mds_dataset publishes index.json there last; empty = the local folder only.")
-    hub_repo: str = Field(default="", description="Hub dataset repository (owner/name) that hub_upload publishes to; empty = hub_upload does nothing and says how to enable it.")
-    hub_private: bool = Field(default=True, description="Create the Hub repository as private (an existing repository keeps its visibility).")
-    hub_revision: str = Field(default="main", description="Hub branch to publish to (created from main when missing).")
-    hub_commit_message: str = Field(default="", description="Commit message of hub_upload's commits (empty = one naming the samples, classes and VAE).")
-    hub_license: str = Field(default="", description="License id in the dataset card (empty = 'other', pointing at ImageNet's terms of access).")
-    hub_files_per_commit: int = Field(default=100, description="Most files in one Hub commit (the Hub recommends a few hundred at most).")
-    hub_timeout: int = Field(default=HUB_TIMEOUT_S, description="Seconds of silence after which hub_upload gives up a request to the Hub (a wait for its next bytes, not a whole transfer).")
-    parquet_export: bool = Field(default=True, description="hub_upload also exports the samples as parquet (data/*.parquet) so that `datasets` and the Hub viewer read them.")
-    publish_random_weights: bool = Field(default=False, description="Let hub_upload publish a dataset encoded with random VAE weights (refused otherwise).")
+    source: str = Field(
+        default=SAMPLE_SOURCE,
+        description=(
+            "Folder of class subfolders, an ImageNet root that contains `train/`, or a CIFAR-10 \"python version\" "
+            "folder (see [CIFAR-10](OUTPUT.md#cifar-10)). `sample` = the bundled sample dataset, generated under "
+            "`<output>/sample_source` by the first `raw_manifest` run. Partitions are the class folders "
+            "registered by the scan and the `class_folders` sensor (see [Live class "
+            "partitions](OPERATING.md#live-class-partitions)). Set but empty is an error. Must not contain the "
+            "output, nor lie inside it."
+        ),
+    )
+    output: str = Field(
+        default=DEFAULT_OUTPUT,
+        description=(
+            "Output root for every artifact (see [Output layout](OUTPUT.md#output-layout)): a writable folder, or "
+            "one that can be created; not the source, not inside it."
+        ),
+    )
+    vae: str = Field(
+        default=DEFAULT_VAE,
+        description=(
+            "A preset (see [Presets](VAES.md#presets): `imagenet-int8 presets` lists them), a Hub id of a "
+            "diffusers `AutoencoderKL`, a local `AutoencoderKL` folder, or a local AuraEquiVAE weights file."
+        ),
+    )
+    vae_fallback: str = Field(
+        default="",
+        description=(
+            "A random preset used when the real weights of `IMAGENET_INT8_VAE` cannot be loaded; empty = fail "
+            "instead. The demo sets it (to `IMAGENET_INT8_DEMO_VAE_FALLBACK`, default `sdxl-random`). Recorded "
+            "with the output, so the UI and automation use it too."
+        ),
+    )
+    device: str = Field(
+        default="auto",
+        description=(
+            "`auto` (GPU when there is one, else CPU), `cpu`, `cuda`, `cuda:N` (N < the GPUs torch sees; `cuda` "
+            "needs a GPU)."
+        ),
+    )
+    batch_size: int = Field(
+        default=0,
+        description=(
+            "Images per VAE forward pass; `0` = auto: on a GPU, half the largest power of two (at most 256) that "
+            "fits, found by trial forward passes when a run starts and cached per GPU model, VAE, precision and "
+            "crop size in `<output>/.devices/encoder_profile.json`; on the CPU 16. On the CPU rounded down to a "
+            "multiple of torch's thread count, at least one per thread, so results do not depend on it (see "
+            "[Reproducibility](GUARANTEES.md#reproducibility-what-is-bit-identical-and-the-codecs-edges)); an "
+            "out-of-memory pass is retried with half. The chosen value is in the `vae_latents` metadata "
+            "(`batch_size_choice`) and the build record."
+        ),
+    )
+    devices: str = Field(
+        default="",
+        description=(
+            "Devices that encode, comma-separated (`cuda:0,cuda:1`; `cpu:0,cpu:1` simulate devices on the CPU); "
+            "empty = every GPU torch sees (or the CPU). Every run that encodes leases one device for its duration "
+            "(a lock under `<output>/.devices/` that dies with the process), and `imagenet-int8` sets the `gpu` "
+            "pool limit to the device count, so N GPUs encode N batches of classes at once (see [On a GPU "
+            "node](BEYOND_ONE_MACHINE.md#on-a-gpu-node))."
+        ),
+    )
+    device_wait: int = Field(
+        default=3600,
+        description="Seconds a run waits for a free device before it fails (naming the holders).",
+    )
+    crop_recipe: str = Field(
+        default=DEFAULT_RECIPE,
+        description=(
+            f"One of {', '.join(f'`{name}`' for name in RECIPES)}: `imagenet.int8` is pixel-identical to the "
+            "published build, `adm` the guided-diffusion/DiT/SiT/EDM2 centre crop; see "
+            "[Crop recipes](OUTPUT.md#crop-recipes)."
+        ),
+    )
+    crop_size: int = Field(
+        default=256,
+        description=(
+            "Crop side in pixels: 256 (published; 4x32x32 latents with an f8 VAE) or 512 (4x64x64); any multiple "
+            f"of 8 from {MIN_CROP_SIZE} (the report's 11x11 SSIM window) to {MAX_CROP_SIZE} (3 MiB per crop)."
+        ),
+    )
+    precision: str = Field(
+        default="fp32",
+        description=(
+            "`fp32`, `bf16` or `fp16`. Any sample that comes out NaN/Inf in a lower precision is re-encoded in "
+            "fp32 (see [Precision](VAES.md#precision))."
+        ),
+    )
+    store_flip: bool = Field(
+        default=False,
+        description=(
+            "Also store the latent of the horizontally flipped crop (`vae_output_flip` column) for flip "
+            "augmentation without re-encoding."
+        ),
+    )
+    seed: int = Field(
+        default=0,
+        description=(
+            "Run seed for the per-image latent sample and the report's and probe's samples: 0 to `2**32 - 1` "
+            "(numpy and scikit-learn take no more)."
+        ),
+    )
+    latent_value: str = Field(
+        default="sample",
+        description=(
+            "Value stored in the dataset: `sample` (as published, but seeded per image, so rebuilds give the same "
+            "bytes) or `mean`."
+        ),
+    )
+    quant_range: float = Field(
+        default=0.0,
+        description=(
+            "uint8 range +-R; `0` = the VAE's default. The SDXL presets default to 12, what every published "
+            "reader decodes; other VAEs to their own default (see [Presets](VAES.md#presets)). Finite and >= 0."
+        ),
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        description="Files declaring more pixels are refused before decoding (decompression bombs).",
+    )
+    crop_storage: str = Field(
+        default=DEFAULT_CROP_STORAGE,
+        description=(
+            "How `preprocessed_crops` keeps crops: `none` (no pixels: per image the sha256 of the crop and the "
+            "source file's size and mtime; a build hashes the crops it encodes, so they are made once; "
+            "`vae_latents` materialized alone and the report recompute the crop from the source and verify the "
+            "hash, so a source file changed since fails with a message naming it), `png` (lossless, compress "
+            "level 1: about 0.6x raw, ~5-8 ms per crop to write) or `raw` (uint8 `.npy`, 196,608 bytes per "
+            "256x256 crop, fastest to re-encode). Does not change the dataset's bytes, is not recorded with the "
+            "output and marks nothing stale; a class takes a new value when it is next built. See [Disk "
+            "footprint](OUTPUT.md#disk-footprint)."
+        ),
+    )
+    latent_storage: str = Field(
+        default=DEFAULT_LATENT_STORAGE,
+        description=(
+            "What `vae_latents` keeps: `full` (posterior mean and std and the stored latent, float32) or `latent` "
+            "(only the stored latent and its flip: a third of the space; the dataset, statistics, report and "
+            "parquet export need nothing else, the probe then has no `mean+std` features). Does not change the "
+            "dataset's bytes; not recorded, marks nothing stale. See [Disk footprint](OUTPUT.md#disk-footprint)."
+        ),
+    )
+    workers: int = Field(
+        default=0,
+        description="Processes for scanning and cropping; 0 = all cores; negative is an error.",
+    )
+    report_per_class: int = Field(
+        default=4,
+        description=(
+            "Images per class decoded for the reconstruction report (seeded sample); the demo uses 1. See "
+            "[Reconstruction report](OUTPUT.md#reconstruction-report)."
+        ),
+    )
+    report_grid_images: int = Field(
+        default=8,
+        description="Rows of the reconstruction grid image.",
+    )
+    report_max_psnr_gap: float = Field(
+        default=1.0,
+        description=(
+            "Check threshold: mean PSNR (dB) lost by decoding the uint8 codes instead of the float latents; "
+            "finite, >= 0."
+        ),
+    )
+    report_max_clip_fraction: float = Field(
+        default=0.05,
+        description="Check threshold: fraction of latent values clipped by the uint8 range; 0 to 1.",
+    )
+    report_blocking: bool = Field(
+        default=False,
+        description=(
+            "`false`: a failed `reconstruction_quality` check is a warning; `true`: an error that blocks the "
+            "steps after it."
+        ),
+    )
+    probe_per_class: int = Field(
+        default=20,
+        description=(
+            "Latents per class for the latent probe (seeded subsample); see [Latent "
+            "probe](OUTPUT.md#latent-probe)."
+        ),
+    )
+    probe_max_classes: int = Field(
+        default=100,
+        description=(
+            "Classes for the latent probe (a seeded subset when there are more: SVC and boosting grow with the "
+            "class count)."
+        ),
+    )
+    probe_pool: int = Field(
+        default=8,
+        description=(
+            "Latents are average-pooled to this spatial size before the probe (4x32x32 -> 256 features); must "
+            "divide the latent side (crop size / 8) or be at least it."
+        ),
+    )
+    cifar_split: str = Field(
+        default="train",
+        description="For a CIFAR-10 source: `train`, `test` or `all`.",
+    )
+    automation: bool = Field(
+        default=False,
+        description=(
+            "`true` starts the `build_automation` sensor when the code location loads (it encodes on the GPU by "
+            "itself); else turn it on in the UI's Automation page. See "
+            "[Automation](OPERATING.md#automation-and-the-schedule)."
+        ),
+    )
+    sensor_interval: int = Field(
+        default=30,
+        description="Seconds between evaluations of the `class_folders` and `build_automation` sensors.",
+    )
+    refresh_cron: str = Field(
+        default=DEFAULT_REFRESH_CRON,
+        description=(
+            "Cron of the `refresh_source` schedule (a rescan; stopped until turned on) and of the automation's "
+            "daily retry of missing or failed classes."
+        ),
+    )
+    mds_remote: str = Field(
+        default="",
+        description=(
+            "Object storage the published dataset is also written to: `s3://bucket/prefix` on any S3-compatible "
+            "store (endpoint from `S3_ENDPOINT_URL`, credentials from boto3's usual chain). `mds_shards` uploads "
+            "each new class version, `mds_dataset` publishes `index.json` there last; see [Object "
+            "storage](BEYOND_ONE_MACHINE.md#object-storage-the-dataset-in-a-bucket). Empty = the local folder "
+            "only."
+        ),
+    )
+    hub_repo: str = Field(
+        default="",
+        description=(
+            "Hub dataset repository (`owner/name`) that `hub_upload` publishes to; empty = no `hub_upload` asset "
+            "in the graph (a repository emptied for one run in the launchpad fails that run, saying how to enable "
+            "publishing). See [Publishing](PUBLISHING.md)."
+        ),
+    )
+    hub_private: bool = Field(
+        default=True,
+        description="Create the repository private (an existing repository keeps its visibility).",
+    )
+    hub_revision: str = Field(
+        default="main",
+        description="Branch to publish to; created from `main` when missing.",
+    )
+    hub_commit_message: str = Field(
+        default="",
+        description=(
+            "Commit message; empty = `imagenet-int8: N samples in K classes, VAE <name>` (numbered `(i/n)` when "
+            "an upload takes several commits)."
+        ),
+    )
+    hub_license: str = Field(
+        default="",
+        description=(
+            "License id in the card; empty = `other`, pointing at ImageNet's terms of access (the latents derive "
+            "from ImageNet images, which may be used for non-commercial research and education only)."
+        ),
+    )
+    hub_files_per_commit: int = Field(
+        default=100,
+        description="Most files per Hub commit (the Hub advises a few hundred at most).",
+    )
+    hub_timeout: int = Field(
+        default=HUB_TIMEOUT_S,
+        description=(
+            "Seconds of silence after which `hub_upload` gives up a request to the Hub: connecting, or waiting "
+            "for its next bytes (not a limit on a whole transfer, so large files still go up). The run then fails "
+            "saying what it was doing; re-running resumes. A positive integer."
+        ),
+    )
+    parquet_export: bool = Field(
+        default=True,
+        description=(
+            "`hub_upload` also publishes the samples as parquet (`data/<class>.parquet`), read by `datasets` and "
+            "the Hub viewer."
+        ),
+    )
+    publish_random_weights: bool = Field(
+        default=False,
+        description=(
+            "Let `hub_upload` publish a dataset encoded with random VAE weights (a fallback or a `*-random` "
+            "preset); refused otherwise."
+        ),
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ImagenetInt8Settings:
@@ -211,7 +514,7 @@ class ImagenetInt8Settings(ConfigurableResource):
         from the UI, `dagster asset materialize` and automation go on side by side). A run of a
         build holds nothing: the build holds the lock. Refused at once, naming the build, while one
         runs. Sensors and schedules (no run) take no lock."""
-        from imagenet_int8_assets.core.build_lock import (
+        from imagenet_int8_assets.core.common.build_lock import (
             BUILD_LOCK_VAR,
             BuildLockBusy,
             BuildLockError,
@@ -286,7 +589,7 @@ class ImagenetInt8Settings(ConfigurableResource):
 
     def record_settings(self, replace: bool = False) -> Path:
         """Write ``settings.json`` for the output when it has none (or ``replace``); returns its path."""
-        from imagenet_int8_assets.core.storage import atomic_write_json
+        from imagenet_int8_assets.core.common.files import atomic_write_json
 
         path = self.output_path / SETTINGS_RECORD
         if replace or not path.is_file():
@@ -338,8 +641,8 @@ class ImagenetInt8Settings(ConfigurableResource):
         if self.precision not in PRECISIONS:
             raise _bad("precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
         if self.mds_remote:
-            from imagenet_int8_assets.core.mds_remote import check_remote_url
-            from imagenet_int8_assets.core.urls import redact_url
+            from imagenet_int8_assets.core.dataset.mds_remote import check_remote_url
+            from imagenet_int8_assets.core.common.urls import redact_url
 
             try:
                 check_remote_url(self.mds_remote)
@@ -354,7 +657,7 @@ class ImagenetInt8Settings(ConfigurableResource):
         if self.batch_size < 0:
             raise _bad("batch_size", self.batch_size, "use a positive number of images per pass, or 0 for the largest that fits")
         if self.devices.strip():
-            from imagenet_int8_assets.core.devices import DeviceSettingError, parse_devices
+            from imagenet_int8_assets.core.latents.devices import DeviceSettingError, parse_devices
 
             try:
                 parse_devices(self.devices)
@@ -425,7 +728,7 @@ class ImagenetInt8Settings(ConfigurableResource):
         Values, source and output not nested, the output (a writable folder, or one that can be
         created; ``dagster_home`` too when given; nothing is created), the source's class folders,
         the device (torch sees that GPU), the VAE (resolvable without loading weights; see
-        ``core.vae.check_vae``) and the bucket of ``mds_remote`` (exists and can be listed, in
+        ``core.latents.vae.check_vae``) and the bucket of ``mds_remote`` (exists and can be listed, in
         seconds: ``RemoteMds.check_bucket``), so a missing bucket stops the build before any encoding.
         Returns the reason the demo's VAE fallback will be used, or None.
         """
@@ -440,13 +743,13 @@ class ImagenetInt8Settings(ConfigurableResource):
             if find_cifar10_root(source) is None:
                 list_class_folders(root)
         if self.mds_remote:
-            from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds
+            from imagenet_int8_assets.core.dataset.mds_remote import RemoteError, RemoteMds
 
             try:
                 RemoteMds(self.mds_remote).check_bucket()
             except RemoteError as exc:
                 raise SettingsError(f"{ENV['mds_remote']}={self.mds_remote!r}: {exc}.") from None
-        from imagenet_int8_assets.core.devices import DeviceSettingError, visible_devices
+        from imagenet_int8_assets.core.latents.devices import DeviceSettingError, visible_devices
 
         try:
             resolve_device(self.device)
@@ -560,7 +863,7 @@ def _effective(name: str, values: dict):
     """A recorded setting's value as it acts: a range of 0 is the VAE's default range, so 0 and
     the VAE's default (12 for SDXL) are the same setting; everything else as it is."""
     if name == "quant_range" and not values.get(name):
-        from imagenet_int8_assets.core.vae import vae_default_range
+        from imagenet_int8_assets.core.latents.vae import vae_default_range
 
         default = vae_default_range(str(values.get("vae", "")))
         return float(default) if default is not None else 0.0

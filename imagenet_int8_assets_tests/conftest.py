@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from imagenet_int8_assets.stages import DATASET_STEPS
+from imagenet_int8_assets.build.stages import DATASET_STEPS
 from imagenet_int8_assets.sample import synthetic_picture
 
 REPO = Path(__file__).resolve().parent.parent

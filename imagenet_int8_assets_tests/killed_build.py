@@ -11,8 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from imagenet_int8_assets.dead_runs import PID_TAG
-from imagenet_int8_assets.instance import GPU_POOL
+from imagenet_int8_assets.build.dead_runs import PID_TAG
+from imagenet_int8_assets.build.instance import GPU_POOL
 
 # Printed by the CLI once its DAGSTER_HOME is initialized (under the CLI's own locks).
 INSTANCE_READY_LINE = "Dagster instance: DAGSTER_HOME="

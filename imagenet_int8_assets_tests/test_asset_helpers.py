@@ -94,7 +94,7 @@ def test_good_images_are_counted_from_two_columns_of_the_manifest(tmp_path):
     import pandas as pd
 
     from imagenet_int8_assets.assets.manifest import COUNT_COLUMNS, ok_counts_by_class, read_manifest
-    from imagenet_int8_assets.core.storage import manifest_path
+    from imagenet_int8_assets.core.common.layout import manifest_path
     from imagenet_int8_assets.resources import ImagenetInt8Settings
 
     settings = ImagenetInt8Settings(output=str(tmp_path / "out"))

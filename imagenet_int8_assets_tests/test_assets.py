@@ -8,11 +8,11 @@ import dagster as dg
 import pytest
 import torch
 
-from imagenet_int8_assets.cli import error_text
-from imagenet_int8_assets.core.mds_index import class_home, read_class_index
-from imagenet_int8_assets.core.sources import SourceError
-from imagenet_int8_assets.core.storage import mds_root
-from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.build.run_events import error_text
+from imagenet_int8_assets.core.dataset.mds_index import class_home, read_class_index
+from imagenet_int8_assets.core.source.sources import SourceError
+from imagenet_int8_assets.core.common.layout import mds_root
+from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError, max_partitions_per_run
 from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from imagenet_int8_assets.core.build_lock import (
+from imagenet_int8_assets.core.common.build_lock import (
     BuildLockBusy,
     build_lock_path,
     current_host,
@@ -25,7 +25,7 @@ from imagenet_int8_assets.core.build_lock import (
     process_is_alive,
     process_start_token,
 )
-from imagenet_int8_assets.dead_runs import (
+from imagenet_int8_assets.build.dead_runs import (
     HOST_TAG,
     PID_TAG,
     START_TAG,
@@ -33,14 +33,14 @@ from imagenet_int8_assets.dead_runs import (
     fail_dead_build_runs,
     process_run_tags,
 )
-from imagenet_int8_assets.instance import GPU_POOL, prepare_dagster_home
+from imagenet_int8_assets.build.instance import GPU_POOL, prepare_dagster_home
 from imagenet_int8_assets_tests.conftest import REPO, cli_env, make_image_folder
 from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
 
 BIN = Path(sys.executable).parent
 HOLDER = """
 import sys, time
-from imagenet_int8_assets.core.build_lock import hold_build_lock
+from imagenet_int8_assets.core.common.build_lock import hold_build_lock
 with hold_build_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -225,7 +225,7 @@ def _alembic_heads(home: Path) -> dict[str, int]:
 
 PREPARE = """
 import sys
-from imagenet_int8_assets.instance import prepare_dagster_home
+from imagenet_int8_assets.build.instance import prepare_dagster_home
 prepare_dagster_home(sys.argv[1])
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
-from imagenet_int8_assets.core.devices import lock_path
+from imagenet_int8_assets.core.latents.devices import lock_path
 from imagenet_int8_assets_tests.killed_build import alive, kill_build_during_gpu_run, run_processes
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
@@ -134,7 +134,7 @@ def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
 
 
 def test_class_batches_every_class_once_in_order_with_small_edges_in_big_builds():
-    from imagenet_int8_assets.class_runs import class_batches, edge_size
+    from imagenet_int8_assets.build.class_runs import class_batches, edge_size
 
     classes = [f"c{i:04d}" for i in range(1000)]
     batches = class_batches(classes, classes, 125)
@@ -163,7 +163,7 @@ def test_class_batches_follow_the_registration_order_and_cover_exactly_the_class
     """Dagster orders dynamic partitions by registration: a class added later ("a" after "b", "c")
     comes last whatever its name. Every run's range must cover exactly its classes in that order
     (sorted ranges made "a".."c" an empty range: the run built nothing)."""
-    from imagenet_int8_assets.class_runs import class_batches
+    from imagenet_int8_assets.build.class_runs import class_batches
     from imagenet_int8_assets.partitions import partition_order, register_classes
 
     with dg.DagsterInstance.ephemeral() as instance:
@@ -216,7 +216,7 @@ def _two_class_build(tmp_path: Path, runs_at_once: str) -> tuple[subprocess.Pope
 def test_runs_at_once_never_starts_more_run_processes_than_batches_and_bounds_by_memory(tmp_path):
     """--runs-at-once 1000 on a two-class source (one class per run): at most two run processes
     ever exist (a user saw 636 start and the machine run out of memory)."""
-    from imagenet_int8_assets.class_runs import available_memory, run_process_bytes, runs_at_once_limit
+    from imagenet_int8_assets.build.class_runs import available_memory, run_process_bytes, runs_at_once_limit
     from imagenet_int8_assets.resources import ImagenetInt8Settings
 
     proc, log = _two_class_build(tmp_path, "1000")
@@ -251,7 +251,7 @@ def test_a_run_process_can_die_with_the_build_before_its_heavy_imports():
     import sys
 
     code = (
-        "import sys, imagenet_int8_assets.class_runs as m; "
+        "import sys, imagenet_int8_assets.build.class_runs as m; "
         "heavy = [n for n in ('dagster', 'torch', 'diffusers', 'streaming', 'pandas') if n in sys.modules]; "
         "assert not heavy, heavy; assert callable(m.run_process)"
     )
@@ -275,3 +275,17 @@ def test_a_build_killed_while_its_run_processes_start_leaves_none(tmp_path):
     while any(alive(c) for c in children) and time.monotonic() < gone:
         time.sleep(0.05)
     assert not any(alive(c) for c in children), f"run processes outlived the build: {children}"
+
+
+def test_warm_imports_name_real_modules_and_a_moved_one_fails_loudly():
+    import importlib.util
+
+    import pytest
+
+    from imagenet_int8_assets.build.class_runs import DATASET_RUN_IMPORTS, MissingWarmImport, warm_imports
+
+    assert [name for name in DATASET_RUN_IMPORTS if importlib.util.find_spec(name) is None] == []
+    warm_imports(("imagenet_int8_assets.core.common.files",)).join()  # real modules: nothing raised
+    moved = "imagenet_int8_assets.core.quality.no_such_module"
+    with pytest.raises(MissingWarmImport, match="no_such_module.*DATASET_RUN_IMPORTS"):
+        warm_imports(("imagenet_int8_assets.core.common.files", moved)).join()

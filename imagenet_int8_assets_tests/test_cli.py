@@ -10,7 +10,7 @@ import sys
 import dagster as dg
 import pandas as pd
 
-from imagenet_int8_assets.core.mds_index import class_home, index_sample_count, read_class_index
+from imagenet_int8_assets.core.dataset.mds_index import class_home, index_sample_count, read_class_index
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 
 
@@ -119,7 +119,7 @@ def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path)
 
 
 def test_presets_command_lists_every_preset_with_its_properties(tmp_path):
-    from imagenet_int8_assets.core.vae import PRESETS
+    from imagenet_int8_assets.core.latents.vae import PRESETS
 
     proc = run_cli([str(BIN / "imagenet-int8"), "presets"], cli_env(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imagenet_int8_assets.core.storage import file_sha256
-from imagenet_int8_assets.core.aura_latents import equivariance_error, hflip_latent, vflip_latent
-from imagenet_int8_assets.core.aura_model import (
+from imagenet_int8_assets.core.common.files import file_sha256
+from imagenet_int8_assets.core.latents.aura_latents import equivariance_error, hflip_latent, vflip_latent
+from imagenet_int8_assets.core.latents.aura_model import (
     AURA_CONFIG,
     AURA_NUM_PARAMS,
     AURA_NUM_TENSORS,
@@ -21,7 +21,7 @@ from imagenet_int8_assets.core.aura_model import (
     AuraEquiVAE,
     build_random_aura,
 )
-from imagenet_int8_assets.core.aura_weights import AuraWeightsError, load_aura_state_dict
+from imagenet_int8_assets.core.latents.aura_weights import AuraWeightsError, load_aura_state_dict
 
 TINY = AuraConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, head_dim=16, norm_groups=8)
 

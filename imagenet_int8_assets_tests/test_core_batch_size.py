@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.batch_size import (
+from imagenet_int8_assets.core.latents.batch_size import (
     CPU_BATCH_SIZE,
     BatchSizeProbeError,
     _meta_copy,
@@ -49,7 +49,7 @@ def never_called(n: int) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.vae import load_vae
 
     return load_vae("tiny-random")
 
@@ -146,7 +146,7 @@ def test_the_real_probe_runs_the_encoder_and_catches_out_of_memory(tiny):
 def test_encoder_flops(tiny, tmp_path):
     import torch
 
-    from imagenet_int8_assets.core.vae import VaeInfo, load_vae
+    from imagenet_int8_assets.core.latents.vae import VaeInfo, load_vae
 
     class OneConv(torch.nn.Module):
         def __init__(self):

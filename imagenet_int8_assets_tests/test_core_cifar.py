@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.core.cifar import (
+from imagenet_int8_assets.core.source.cifar import (
     MARKER,
     CifarError,
     export_cifar10_as_folders,
     find_cifar10_root,
     read_cifar10,
 )
-from imagenet_int8_assets.core.sources import class_labels, list_class_folders
+from imagenet_int8_assets.core.source.sources import class_labels, list_class_folders
 
 LABEL_NAMES = [
     "airplane", "automobile", "bird", "cat", "deer",

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 from huggingface_hub import DatasetCard
 
-from imagenet_int8_assets.core import dataset_card as dc
-from imagenet_int8_assets.core import mds, mds_index
-from imagenet_int8_assets.core.storage import manifest_path, mds_root
+from imagenet_int8_assets.core.hub import dataset_card as dc
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings

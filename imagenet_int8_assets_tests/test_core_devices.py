@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.devices import (
+from imagenet_int8_assets.core.latents.devices import (
     DeviceLeaseTimeout,
     DeviceSettingError,
     gpu_pool_limit,
@@ -103,7 +103,7 @@ def test_threads_never_share_a_device(tmp_path):
 
 INTERVALS = """
 import json, sys, time
-from imagenet_int8_assets.core.devices import lease_device
+from imagenet_int8_assets.core.latents.devices import lease_device
 out = []
 for _ in range(int(sys.argv[3])):
     with lease_device(sys.argv[1], sys.argv[2].split(","), timeout_s=60, poll_s=0.01) as device:
@@ -133,7 +133,7 @@ def test_processes_never_share_a_device(tmp_path):
 
 HOLDER = """
 import sys, time
-from imagenet_int8_assets.core.devices import lease_device
+from imagenet_int8_assets.core.latents.devices import lease_device
 with lease_device(sys.argv[1], sys.argv[2].split(","), timeout_s=5, purpose="run-" + sys.argv[3]) as device:
     print(device, flush=True)
     time.sleep(600)
@@ -199,10 +199,10 @@ def test_when_all_devices_are_taken_a_lease_waits_then_gets_the_freed_one(tmp_pa
 
 ENCODE = """
 import numpy as np
-from imagenet_int8_assets.core.devices import select_device, torch_device
-from imagenet_int8_assets.core.encode import encode_posterior, select_latent
-from imagenet_int8_assets.core.quantize import quantize
-from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.core.latents.devices import select_device, torch_device
+from imagenet_int8_assets.core.latents.encode import encode_posterior, select_latent
+from imagenet_int8_assets.core.latents.quantize import quantize
+from imagenet_int8_assets.core.latents.vae import load_vae
 
 def encode_classes(output, work, device, names):
     # what a batched encode run does on its leased device: each class's latents and uint8 codes
@@ -218,7 +218,7 @@ def encode_classes(output, work, device, names):
 WORKER = ENCODE + """
 import json, os, sys, time
 from pathlib import Path
-from imagenet_int8_assets.core.devices import lease_device
+from imagenet_int8_assets.core.latents.devices import lease_device
 
 def meet(barrier, device, parties):
     # every party holds its lease at once: they hold distinct devices
@@ -274,7 +274,7 @@ def test_the_instance_gpu_pool_follows_the_device_count(tmp_path, monkeypatch):
     """prepare_dagster_home (the one test here that imports Dagster, through instance.py)."""
     from dagster import DagsterInstance
 
-    from imagenet_int8_assets.instance import GPU_POOL, GPU_POOL_RECORD, prepare_dagster_home
+    from imagenet_int8_assets.build.instance import GPU_POOL, GPU_POOL_RECORD, prepare_dagster_home
 
     def limit(home: Path) -> int:
         with DagsterInstance.get() as instance:

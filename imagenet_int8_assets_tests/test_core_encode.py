@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.encode import image_seed, non_finite_count, select_latent, standard_normal
+from imagenet_int8_assets.core.latents.encode import image_seed, non_finite_count, select_latent, standard_normal
 from imagenet_int8_assets_tests.vae_doubles import WrappedVae
 
 
@@ -43,7 +43,7 @@ def _overflowing_vae():
     """tiny-random with a huge first convolution: fp16 overflows on busy images, not on flat ones."""
     import torch
 
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.vae import load_vae
 
     vae = load_vae("tiny-random")
     with torch.no_grad():
@@ -64,7 +64,7 @@ def _busy_and_flat():
 def test_fp16_overflow_is_reencoded_in_fp32_per_sample():
     import torch
 
-    from imagenet_int8_assets.core.encode import encode_posterior, to_model_input
+    from imagenet_int8_assets.core.latents.encode import encode_posterior, to_model_input
 
     vae, crops = _overflowing_vae(), _busy_and_flat()
     with torch.inference_mode():  # the guard is needed: plain fp16 really overflows here
@@ -79,8 +79,8 @@ def test_fp16_overflow_is_reencoded_in_fp32_per_sample():
 
 
 def test_precision_error_is_reported_in_quantization_steps():
-    from imagenet_int8_assets.core.encode import precision_error
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.encode import precision_error
+    from imagenet_int8_assets.core.latents.vae import load_vae
 
     crops = _busy_and_flat()
     vae = load_vae("tiny-random")
@@ -129,8 +129,8 @@ def _same(a, b):
 def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_flight):
     """Pieces of any size form the same passes; on the CPU ``in_flight=2`` runs the bookkeeping
     of passes queued ahead of their results that CUDA uses (collecting late, replaying on OOM)."""
-    from imagenet_int8_assets.core.encode import PosteriorEncoder, encode_posterior
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.encode import PosteriorEncoder, encode_posterior
+    from imagenet_int8_assets.core.latents.vae import load_vae
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     # 7 crops of 32x32 (fp16 is slow on the CPU): busy, busy, 3 flat, busy, busy
@@ -159,7 +159,7 @@ def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_fli
                 # one image per pass no longer divides over 2 threads: the threads were halved, and the
                 # images re-encoded then are those one thread computes (the busy ones, re-encoded in fp32
                 # after the fp16 overflow). On some CPUs one thread sums in another order than two
-                # (README, Reproducibility): those rows equal each image encoded alone on one thread.
+                # (docs/GUARANTEES.md, Reproducibility): those rows equal each image encoded alone on one thread.
                 with torch_threads(1):
                     alone = encode_posterior(flaky.vae, images, "cpu", batch_size=1, precision="fp32")
                 for field in ("mean", "std"):

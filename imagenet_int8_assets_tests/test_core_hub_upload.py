@@ -1,12 +1,12 @@
-"""core.hub_upload without Dagster: the repository layout, what a re-upload sends and deletes,
+"""core.hub.hub_upload without Dagster: the repository layout, what a re-upload sends and deletes,
 branches and the Hub's folder limit, against the fake Hub (the real huggingface_hub client)."""
 
 import numpy as np
 import pytest
 from huggingface_hub import HfApi
 
-from imagenet_int8_assets.core import hub_upload as hub
-from imagenet_int8_assets.core import mds, mds_index
+from imagenet_int8_assets.core.hub import hub_upload as hub
+from imagenet_int8_assets.core.dataset import mds, mds_index
 
 INFO = {"vae": {"family": "autoencoder-kl", "requested": "tiny-random", "repo_id": None}, "seed": 0}
 

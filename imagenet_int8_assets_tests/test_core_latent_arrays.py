@@ -14,10 +14,10 @@ import warnings
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core import mds, mds_index
-from imagenet_int8_assets.core.aura_latents import hflip_latent
-from imagenet_int8_assets.core.latent_arrays import load_latents
-from imagenet_int8_assets.core.quantize import dequantize
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.latents.aura_latents import hflip_latent
+from imagenet_int8_assets.core.reading.latent_arrays import load_latents
+from imagenet_int8_assets.core.latents.quantize import dequantize
 from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
 
 # label, text, samples: texts (and labels) of different lengths, so sample sizes differ by class
@@ -269,7 +269,7 @@ def test_one_text_per_label_is_checked(tmp_path):
 def test_decode_codes_equals_the_numpy_decoder():
     import torch
 
-    from imagenet_int8_assets.core.latent_torch import decode_codes
+    from imagenet_int8_assets.core.reading.latent_torch import decode_codes
 
     codes = np.arange(256, dtype=np.uint8).reshape(1, 4, 8, 8)
     for value_range in (12.0, 8.0, 3.37):
@@ -283,7 +283,7 @@ def test_decode_codes_equals_the_numpy_decoder():
 def test_flip_augmentation_aura_stored_and_refused(tmp_path, monkeypatch):
     import torch
 
-    from imagenet_int8_assets.core.latent_torch import FlipUnsupported, batch
+    from imagenet_int8_assets.core.reading.latent_torch import FlipUnsupported, batch
 
     # AuraEquiVAE latents: flipped in latent space (width flipped, channels [-4:-2] negated)
     aura = load_latents(_write_one(tmp_path / "aura", AURA_INFO, (16, 8, 8), 8.0, flips=False))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from streaming import StreamingDataset
 
-from imagenet_int8_assets.core import mds, mds_index
-from imagenet_int8_assets.core.quantize import dequantize
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.latents.quantize import dequantize
 from imagenet_int8_assets.reader import LatentStreamingDataset, open_dataset
 
 
@@ -132,7 +132,7 @@ def test_rewriting_a_class_adds_a_version_and_leaves_the_published_dataset_alone
 
 
 def test_class_names_map_to_safe_folder_names(tmp_path):
-    from imagenet_int8_assets.core.storage import class_dir_name
+    from imagenet_int8_assets.core.common.layout import class_dir_name
 
     plain = ["n01440764", "airplane", "index.json", "a b", "c-1_2.x"]
     assert [class_dir_name(n) for n in plain] == plain

@@ -1,4 +1,4 @@
-"""core.mds_remote: the published dataset mirrored to an S3-compatible bucket (moto's server mode,
+"""core.dataset.mds_remote: the published dataset mirrored to an S3-compatible bucket (moto's server mode,
 started here, reached over HTTP by the real boto3 client and by streaming's reader)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.mds_remote import RemoteError, RemoteMds, check_remote_url
-from imagenet_int8_assets.core.storage import manifest_path, mds_root
+from imagenet_int8_assets.core.dataset import mds_index
+from imagenet_int8_assets.core.dataset.mds_remote import RemoteError, RemoteMds, check_remote_url
+from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, run_cli
@@ -283,8 +283,8 @@ def _samples_of(dataset, ids) -> list[tuple]:
 def test_a_bucket_set_on_a_built_output_gets_the_dataset_and_the_summary_tells_the_truth(
     built_sample, s3_env, tmp_path, monkeypatch
 ):
-    from imagenet_int8_assets.build_plan import plan_build
-    from imagenet_int8_assets.cli import _summary
+    from imagenet_int8_assets.build.plan import plan_build
+    from imagenet_int8_assets.build.driver import _summary
 
     built = built_sample["settings"]
     url = f"s3://{s3_env.new_bucket()}/ds2"
@@ -371,8 +371,8 @@ def test_a_remote_dataset_decodes_with_the_shape_and_range_it_records(s3_env, tm
     decode as its build record says, not with the published 4x32x32 at +-12."""
     import numpy as np
 
-    from imagenet_int8_assets.core import mds
-    from imagenet_int8_assets.core.quantize import dequantize
+    from imagenet_int8_assets.core.dataset import mds
+    from imagenet_int8_assets.core.latents.quantize import dequantize
     from imagenet_int8_assets.reader import open_dataset
 
     root = tmp_path / "mds"

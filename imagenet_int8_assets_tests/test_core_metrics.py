@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.core import metrics
-from imagenet_int8_assets.core.metrics import batch_metrics, lpips_available, psnr, ssim, summarize
-from imagenet_int8_assets.core.quantize import ChannelStats
-from imagenet_int8_assets.core.report_figures import (
+from imagenet_int8_assets.core.quality import metrics
+from imagenet_int8_assets.core.quality.metrics import batch_metrics, lpips_available, psnr, ssim, summarize
+from imagenet_int8_assets.core.latents.quantize import ChannelStats
+from imagenet_int8_assets.core.quality.report_figures import (
     GRID_HEADER,
     GRID_PAD,
     TEXT_BOX_MAX_HEIGHT,

@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core import mds, mds_index
-from imagenet_int8_assets.core.latent_arrays import load_latents
-from imagenet_int8_assets.core.parquet_export import export_parquet, image_ids_from_output
-from imagenet_int8_assets.core.quantize import dequantize, quantize
-from imagenet_int8_assets.core.storage import mds_root, write_latents
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.reading.latent_arrays import load_latents
+from imagenet_int8_assets.core.reading.parquet_export import export_parquet, image_ids_from_output
+from imagenet_int8_assets.core.latents.quantize import dequantize, quantize
+from imagenet_int8_assets.core.common.layout import mds_root
+from imagenet_int8_assets.core.latents.latent_store import write_latents
 from imagenet_int8_assets.reader import open_dataset
 
 CLASSES = {"n01440764": (0, "tench, Tinca tinca", 5), "n02676566": (402, "acoustic guitar", 7), "zz": (7, "z", 3)}
@@ -133,7 +134,7 @@ def test_one_class_version_and_the_image_id_check(tmp_path, monkeypatch, hf_offl
 
 
 def test_a_real_build_exports_with_its_image_ids(built_sample, tmp_path, hf_offline):
-    from imagenet_int8_assets.core.storage import read_latents
+    from imagenet_int8_assets.core.latents.latent_store import read_latents
 
     output = built_sample["settings"].output_path
     root = mds_root(output)
@@ -226,7 +227,7 @@ def test_export_refuses_destinations_holding_what_it_did_not_write(tmp_path, mon
 
 
 def parquet_bytes_of(root) -> bytes:
-    from imagenet_int8_assets.core.parquet_export import parquet_bytes
+    from imagenet_int8_assets.core.reading.parquet_export import parquet_bytes
 
     return parquet_bytes(load_latents(root))
 

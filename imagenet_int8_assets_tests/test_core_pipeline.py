@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.preprocess import crop_task
+from imagenet_int8_assets.core.crops.preprocess import crop_task
 from imagenet_int8_assets_tests.vae_doubles import WrappedVae
 
 SIZE = 32  # small crops keep the tiny VAE fast (fp16 is slow on the CPU); the crop recipe is the real one
@@ -89,14 +89,14 @@ class AlwaysOutOfMemory(SlowVae):
 
 
 def tasks_for(files) -> list[tuple]:
-    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
 
     return [(str(f), RECIPE, SIZE, DEFAULT_MAX_PIXELS) for f in files]
 
 
 def serial(vae, tasks, batch_size, precision="fp32", flip=False, crop=crop_task):
     """Today's path: every crop first, then encode_posterior over the good ones."""
-    from imagenet_int8_assets.core.encode import encode_posterior
+    from imagenet_int8_assets.core.latents.encode import encode_posterior
 
     results = [crop(t) for t in tasks]
     ok = [i for i, (arr, _) in enumerate(results) if arr is not None]
@@ -158,7 +158,7 @@ def no_process_left_behind():
 
 @pytest.fixture(scope="module")
 def vae():
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.vae import load_vae
 
     return load_vae("tiny-random").to("cpu")
 
@@ -195,7 +195,7 @@ def reference(vae, tasks):
 
 @pytest.mark.timeout(120)
 def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(vae, tasks, reference):
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     ok, failed, crops, post, flipped = reference
@@ -224,7 +224,7 @@ def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(vae, tasks, re
 
 @pytest.mark.timeout(120)
 def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tasks):
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     first, second = tasks[:12], tasks[12:]  # the bad file is in the first, the truncated one in the second
@@ -255,7 +255,7 @@ def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tas
 def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_the_stream(vae, tasks):
     import threading
 
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     sizes = [8, 8, len(tasks) - 16]
     next_encoding = threading.Event()
@@ -296,8 +296,8 @@ def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_t
 def test_a_class_without_images_gets_latents_of_the_crop_size(vae, tasks):
     """An empty class between others takes the shape from their tasks; with no task at all the
     shape comes from ``image_hw`` (0, C, S/8, S/8) as encode_posterior gives it, never (0, C, 0, 0)."""
-    from imagenet_int8_assets.core.encode import encode_posterior
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.encode import encode_posterior
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     expected = encode_posterior(vae, np.empty((0, SIZE, SIZE, 3), dtype=np.uint8), "cpu", 4, "fp32")
     assert expected.mean.shape[2:] != (0, 0)
@@ -317,8 +317,8 @@ def test_a_class_without_images_gets_latents_of_the_crop_size(vae, tasks):
 def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
     import torch
 
-    from imagenet_int8_assets.core.pipeline import encode_stream
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.vae import load_vae
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     overflowing = load_vae("tiny-random")
@@ -334,7 +334,7 @@ def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
 
 @pytest.mark.timeout(120)
 def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(vae, tasks, reference):
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     ok, failed, _, post, flipped = reference
@@ -362,7 +362,7 @@ def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(vae,
 def test_the_queue_bounds_how_far_the_workers_run_ahead(vae, source, tmp_path):
     import shutil
 
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     folder = tmp_path / "src" / "n01440764"
     folder.mkdir(parents=True)
@@ -391,7 +391,7 @@ def test_the_queue_bounds_how_far_the_workers_run_ahead(vae, source, tmp_path):
 def test_a_dying_crop_worker_costs_only_its_own_image(vae, source, tmp_path):
     import shutil
 
-    from imagenet_int8_assets.core.pipeline import WORKER_DIED, encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import WORKER_DIED, encode_stream
     from imagenet_int8_assets_tests.conftest import torch_threads
 
     folder = tmp_path / "n01440764"
@@ -430,8 +430,8 @@ def test_a_dying_crop_worker_costs_only_its_own_image(vae, source, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(vae, tasks):
-    from imagenet_int8_assets.core.encode import EncodeOutOfMemory
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.encode import EncodeOutOfMemory
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     shm = shared_memory_names()
     started = time.monotonic()
@@ -447,7 +447,7 @@ def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(vae, tasks
 
 @pytest.mark.timeout(60)
 def test_a_crop_function_error_is_raised_not_recorded(vae, tasks):
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     with pytest.raises(ValueError, match="unpack"):  # crop_task given a 1-tuple: a bug, not a bad image
         encode_stream(vae, [(t[0],) for t in tasks[:6]], "cpu", batch_size=4, workers=1, chunk_size=3)
@@ -463,8 +463,8 @@ def test_crop_workers_die_with_a_process_killed_mid_stream(tasks, tmp_path):
     script = tmp_path / "stream.py"
     script.write_text(
         "import json, sys\n"
-        "from imagenet_int8_assets.core.pipeline import encode_stream\n"
-        "from imagenet_int8_assets.core.vae import load_vae\n"
+        "from imagenet_int8_assets.core.latents.pipeline import encode_stream\n"
+        "from imagenet_int8_assets.core.latents.vae import load_vae\n"
         "from imagenet_int8_assets_tests.test_core_pipeline import slow_crop\n"
         "if __name__ == '__main__':\n"
         "    tasks = [tuple(t) for t in json.loads(sys.argv[1])] * 40\n"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.core.images import ImageRejected, normalize_mode, open_image
-from imagenet_int8_assets.core.preprocess import CropError, crop_adm, crop_file, crop_image, crop_imagenet_int8
+from imagenet_int8_assets.core.source.images import ImageRejected, normalize_mode, open_image
+from imagenet_int8_assets.core.crops.preprocess import CropError, crop_adm, crop_file, crop_image, crop_imagenet_int8
 from imagenet_int8_assets.sample import synthetic_picture
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from imagenet_int8_assets.core.probe import (
+from imagenet_int8_assets.core.quality.probe import (
     DEFAULT_MODELS,
     LOGISTIC,
     MEAN_STD,
@@ -19,7 +19,7 @@ from imagenet_int8_assets.core.probe import (
     run_probe,
     stratified_subsample,
 )
-from imagenet_int8_assets.core.probe_report import (
+from imagenet_int8_assets.core.quality.probe_report import (
     CHANCE_ROW,
     RANDOM_ROW,
     accuracy_table_markdown,

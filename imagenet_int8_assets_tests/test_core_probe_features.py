@@ -1,11 +1,11 @@
-"""The probe's features file and its readiness rule (core.probe.save_features / load_features /
+"""The probe's features file and its readiness rule (core.quality.probe.save_features / load_features /
 too_few_to_probe)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from imagenet_int8_assets.core.probe import MIN_PER_CLASS, load_features, save_features, too_few_to_probe
+from imagenet_int8_assets.core.quality.probe import MIN_PER_CLASS, load_features, save_features, too_few_to_probe
 
 
 def test_features_file_round_trips_atomically(tmp_path):

@@ -1,4 +1,4 @@
-"""The probe's report folder (core.probe_report.build_probe_report / ProbeReport.write)."""
+"""The probe's report folder (core.quality.probe_report.build_probe_report / ProbeReport.write)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from imagenet_int8_assets.core.probe import KNN, LOGISTIC, build_feature_sets, run_probe
-from imagenet_int8_assets.core.probe_report import CHANCE_ROW, build_probe_report, notes_html
+from imagenet_int8_assets.core.quality.probe import KNN, LOGISTIC, build_feature_sets, run_probe
+from imagenet_int8_assets.core.quality.probe_report import CHANCE_ROW, build_probe_report, notes_html
 
 NAMES = ["tench", "springer <dog>", "cassette & player"]
 

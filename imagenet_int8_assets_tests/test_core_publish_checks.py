@@ -1,12 +1,12 @@
-"""The checks before publishing (core.publish_checks) on real MDS class versions."""
+"""The checks before publishing (core.dataset.publish_checks) on real MDS class versions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core import mds, mds_index
-from imagenet_int8_assets.core.publish_checks import NotPublishable, check_publishable, count_rows
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.dataset.publish_checks import NotPublishable, check_publishable, count_rows
 
 
 def _write(root, name, n, seed=0, **info):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.quantize import HIST_LIMIT, HIST_BINS, ChannelStats, dequantize, quantize, step
+from imagenet_int8_assets.core.latents.quantize import HIST_LIMIT, HIST_BINS, ChannelStats, dequantize, quantize, step
 
 
 def test_published_decoder_round_trips_every_byte():

@@ -1,4 +1,4 @@
-"""The reconstruction report's assembly and files (core.reconstruction_report), without Dagster."""
+"""The reconstruction report's assembly and files (core.quality.reconstruction_report), without Dagster."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.core.quantize import ChannelStats
-from imagenet_int8_assets.core.reconstruct import reconstruction_rows
-from imagenet_int8_assets.core.reconstruction_report import (
+from imagenet_int8_assets.core.latents.quantize import ChannelStats
+from imagenet_int8_assets.core.quality.reconstruct import reconstruction_rows
+from imagenet_int8_assets.core.quality.reconstruction_report import (
     CACHE_FOLDER,
     SUMMARY,
     ClassSamples,
@@ -29,7 +29,8 @@ from imagenet_int8_assets.core.reconstruction_report import (
     quality_problems,
     read_summary,
 )
-from imagenet_int8_assets.core.storage import write_crops, write_latents
+from imagenet_int8_assets.core.crops.crop_store import write_crops
+from imagenet_int8_assets.core.latents.latent_store import write_latents
 
 
 def _row(cls, psnr_float, psnr_uint8, ssim=0.9):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from imagenet_int8_assets.core.sources import (
+from imagenet_int8_assets.core.source.sources import (
     ClassLabels,
     SourceError,
     class_data_versions,
@@ -110,7 +110,7 @@ def test_probe_hidden_and_unreadable(tmp_path):
 def _version_frame():
     import pandas as pd
 
-    from imagenet_int8_assets.core.sources import MANIFEST_COLUMNS
+    from imagenet_int8_assets.core.source.sources import MANIFEST_COLUMNS
 
     rows = [
         ("a/x.jpg", "a", 10, 5, "ok", ""),

@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.storage import (
-    MissingArtifact,
-    atomic_dir,
-    read_crops,
-    read_latents,
-    remove_leftovers,
-    write_crops,
-    write_latents,
-)
+from imagenet_int8_assets.core.common.layout import MissingArtifact
+from imagenet_int8_assets.core.common.files import atomic_dir, remove_leftovers
+from imagenet_int8_assets.core.crops.crop_store import read_crops, write_crops
+from imagenet_int8_assets.core.latents.latent_store import read_latents, write_latents
 
 
 def test_failed_write_leaves_the_previous_version(tmp_path):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.storage import atomic_dir, move_into_place, staging_dir
+from imagenet_int8_assets.core.dataset import mds_index
+from imagenet_int8_assets.core.common.files import atomic_dir, move_into_place, staging_dir
 
 
 def names(folder):

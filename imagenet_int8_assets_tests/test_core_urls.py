@@ -1,8 +1,8 @@
-"""Credentials inside URLs are never shown: core.urls."""
+"""Credentials inside URLs are never shown: core.common.urls."""
 
 import pytest
 
-from imagenet_int8_assets.core.urls import has_credentials, redact_url, redact_urls
+from imagenet_int8_assets.core.common.urls import has_credentials, redact_url, redact_urls
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from imagenet_int8_assets.core.encode import encode_posterior
-from imagenet_int8_assets.core.vae import PRESETS, VaeLoadError, build_random_vae, load_vae, resolve_device
+from imagenet_int8_assets.core.latents.encode import encode_posterior
+from imagenet_int8_assets.core.latents.vae import PRESETS, VaeLoadError, build_random_vae, load_vae, resolve_device
 
 
 def _params(module) -> int:
@@ -65,7 +65,7 @@ def test_local_folder_loads_with_its_weights_hash(tmp_path):
 def _run_load(env: dict, spec: str) -> dict:
     code = (
         "import json, sys\n"
-        "from imagenet_int8_assets.core.vae import load_vae, VaeLoadError\n"
+        "from imagenet_int8_assets.core.latents.vae import load_vae, VaeLoadError\n"
         "try:\n"
         f"    vae = load_vae({spec!r})\n"
         "    print(json.dumps({'ok': True, **vae.info.as_dict(), 'params': sum(p.numel() for p in vae.model.parameters())}))\n"
@@ -156,8 +156,8 @@ def test_aura_preset_loads_the_published_file_name_from_the_offline_cache(tmp_pa
     """A full-size bf16 safetensors file under the published `.pt` name, through load_vae's real path."""
     from safetensors.torch import save_file
 
-    from imagenet_int8_assets.core.aura_model import AURA_NUM_TENSORS, AuraEquiVAE
-    from imagenet_int8_assets.core.aura_weights import AURA_WEIGHTS_FILE
+    from imagenet_int8_assets.core.latents.aura_model import AURA_NUM_TENSORS, AuraEquiVAE
+    from imagenet_int8_assets.core.latents.aura_weights import AURA_WEIGHTS_FILE
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in AuraEquiVAE().state_dict().items()}

@@ -11,25 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.stages import DATASET_STEPS as FINAL
-from imagenet_int8_assets.cli import _failures as failures
-from imagenet_int8_assets.core.crop_store import (
-    CropArray,
-    CropVerificationError,
-    pixel_hash,
-)
-from imagenet_int8_assets.core.reconstruct import choose_samples
-from imagenet_int8_assets.core.storage import (
-    crops_dir,
-    folder_bytes,
-    latents_dir,
-    latents_to_store,
-    mds_root,
-    read_crops,
-    read_crops_with_meta,
-    read_latents,
-    write_crops,
-)
+from imagenet_int8_assets.build.stages import DATASET_STEPS as FINAL
+from imagenet_int8_assets.build.driver import _failures as failures
+from imagenet_int8_assets.core.crops.crop_store import CropArray, CropVerificationError, pixel_hash
+from imagenet_int8_assets.core.quality.reconstruct import choose_samples
+from imagenet_int8_assets.core.common.layout import crops_dir, latents_dir, mds_root
+from imagenet_int8_assets.core.common.files import folder_bytes
+from imagenet_int8_assets.core.latents.latent_store import latents_to_store, read_latents
+from imagenet_int8_assets.core.crops.crop_store import read_crops, read_crops_with_meta, write_crops
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import (
     BYTES_SETTINGS,
@@ -251,7 +240,7 @@ def test_converting_a_class_to_another_storage_marks_nothing_stale(builds):
     """Re-materializing one class's crops in another mode: same code version and inputs, so the
     same data version, and no class is stale. Its latents too: classes then mix modes and every
     reader still works. Converted back at the end (the other tests read these files)."""
-    from imagenet_int8_assets.build_plan import plan_build
+    from imagenet_int8_assets.build.plan import plan_build
 
     settings, instance = builds["raw"]["settings"], builds["raw"]["instance"]
     converted = ImagenetInt8Settings(**{**settings.model_dump(), "crop_storage": "none", "latent_storage": "latent"})

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from imagenet_int8_assets.core.storage import mds_root
+from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import DatasetDamaged, load_latents, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from imagenet_int8_assets.core.encode import encode_posterior, forward_batch_size
-from imagenet_int8_assets.core.quantize import ChannelStats, quantize
-from imagenet_int8_assets.core.storage import latents_dir, mds_root, read_latents
-from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.core.latents.encode import encode_posterior, forward_batch_size
+from imagenet_int8_assets.core.latents.quantize import ChannelStats, quantize
+from imagenet_int8_assets.core.common.layout import latents_dir, mds_root
+from imagenet_int8_assets.core.latents.latent_store import read_latents
+from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets_tests.conftest import (
@@ -61,7 +62,7 @@ def test_forward_batches_on_the_cpu_are_a_multiple_of_the_thread_count():
 def test_a_cpu_latent_does_not_depend_on_batch_size_position_or_companions(threads):
     """For a given thread count. Across thread counts the bytes can differ on some CPUs: on AMD EPYC
     with AVX-512 (torch 2.13, oneDNN 3.12) one and two threads give floats up to 2.4e-7 apart (its
-    convolutions sum in another order), while on the machines before they were identical (README,
+    convolutions sum in another order), while on the machines before they were identical (docs/GUARANTEES.md,
     Reproducibility)."""
     vae = load_vae("tiny-random").to("cpu")
     images, others = crops(5), crops(4, seed=100)

@@ -5,8 +5,8 @@ import os
 
 import dagster as dg
 
-from imagenet_int8_assets.cli import error_text
-from imagenet_int8_assets.core.devices import lease_device
+from imagenet_int8_assets.build.run_events import error_text
+from imagenet_int8_assets.core.latents.devices import lease_device
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets_tests.conftest import make_image_folder

@@ -12,9 +12,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from imagenet_int8_assets.core.mds_index import class_home
-from imagenet_int8_assets.core.quantize import quantize
-from imagenet_int8_assets.core.storage import manifest_path, mds_root, read_latents
+from imagenet_int8_assets.core.dataset.mds_index import class_home
+from imagenet_int8_assets.core.latents.quantize import quantize
+from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
+from imagenet_int8_assets.core.latents.latent_store import read_latents
 
 SEED_STYLE_READER = textwrap.dedent(
     '''
@@ -153,7 +154,7 @@ def test_rebuilding_a_partition_gives_the_same_bytes_and_no_leftovers(built_samp
 def test_reconstruction_report_and_probe_are_pictures_and_tables(built_sample):
     from PIL import Image
 
-    from imagenet_int8_assets.core.report_figures import grid_size
+    from imagenet_int8_assets.core.quality.report_figures import grid_size
 
     settings, instance = built_sample["settings"], built_sample["instance"]
     report = settings.output_path / "report"

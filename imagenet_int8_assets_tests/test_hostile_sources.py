@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
 
-from imagenet_int8_assets.core.cifar import class_folder_names, export_cifar10_as_folders
-from imagenet_int8_assets.core.sources import (
+from imagenet_int8_assets.core.source.cifar import class_folder_names, export_cifar10_as_folders
+from imagenet_int8_assets.core.source.sources import (
     class_labels,
     class_name_problem,
     display_name,
@@ -250,7 +250,7 @@ def test_ordinary_cifar_names_need_no_label_record(tmp_path):
 def test_hostile_source_builds_every_good_image_exactly_once(tmp_path):
     """A loop, a link to the source, a cross-class link, an undecodable file name and an
     undecodable class folder: the whole graph builds, each good image is in the dataset once."""
-    from imagenet_int8_assets.core.storage import manifest_path, mds_root
+    from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.reader import open_dataset
     from imagenet_int8_assets.resources import ImagenetInt8Settings

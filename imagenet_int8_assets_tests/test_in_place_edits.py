@@ -16,9 +16,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from imagenet_int8_assets.core.crop_store import VERIFICATION_FAILED_FILE, CropVerificationError, verification_failure
-from imagenet_int8_assets.core.sources import ClassLabels, class_data_versions, scan_source
-from imagenet_int8_assets.core.storage import crops_dir, manifest_path, read_crops, write_crops
+from imagenet_int8_assets.core.crops.crop_store import (
+    VERIFICATION_FAILED_FILE,
+    CropVerificationError,
+    verification_failure,
+)
+from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, scan_source
+from imagenet_int8_assets.core.common.layout import crops_dir, manifest_path
+from imagenet_int8_assets.core.crops.crop_store import read_crops, write_crops
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, crops, encoded_classes, make_image_folder, run_cli
 
 NEW_COLUMNS = ["ctime_ns", "inode", "change"]
@@ -182,7 +187,7 @@ def test_a_failed_verification_is_recorded_until_the_crops_are_written_again(tmp
 
 
 def _dataset_bytes(out: Path) -> dict[str, bytes]:
-    from imagenet_int8_assets.core.mds_index import read_published_index
+    from imagenet_int8_assets.core.dataset.mds_index import read_published_index
 
     root = out / "mds"
     shards = read_published_index(root)["shards"]
@@ -217,7 +222,7 @@ class OutputInstance:
     def rescan(self) -> tuple[int, list[str]]:
         """raw_manifest materialized: (its changed_classes, the classes `imagenet-int8 build` would build)."""
         from imagenet_int8_assets.assets.manifest import read_source_classes
-        from imagenet_int8_assets.build_plan import plan_build
+        from imagenet_int8_assets.build.plan import plan_build
 
         result = self.materialize("raw_manifest")
         assert result.success
@@ -230,7 +235,7 @@ class OutputInstance:
 
 
 def test_build_rebuilds_the_class_of_an_image_rewritten_in_place_and_follows_its_own_advice(tmp_path):
-    from imagenet_int8_assets.cli import _failures
+    from imagenet_int8_assets.build.driver import _failures
 
     source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
     env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_CROP_SIZE="64")

@@ -237,7 +237,7 @@ def test_class_run_gets_a_gpu_on_a_gpu_node(setup: Setup):
     assert_gpu_job(resumed)
     assert container_of(resumed)["args"][:3] == ["dagster", "api", "resume_run"]
 
-    # either asset of the step alone holds the pool too (README: the pool belongs to the step)
+    # either asset of the step alone holds the pool too (docs/BEYOND_ONE_MACHINE.md: the pool belongs to the step)
     for asset in ("vae_latents", "preprocessed_crops"):
         assert_gpu_job(setup.launch(setup.create_run([asset], CLASSES[2:])))
 

@@ -8,7 +8,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.storage import mds_root, read_latents
+from imagenet_int8_assets.core.common.layout import mds_root
+from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings

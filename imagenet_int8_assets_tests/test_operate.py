@@ -238,7 +238,7 @@ def test_refresh_schedule_rescans_at_its_tick(tmp_path):
 
 
 def _dataset_bytes(out: Path) -> dict[str, bytes]:
-    from imagenet_int8_assets.core.mds_index import read_published_index
+    from imagenet_int8_assets.core.dataset.mds_index import read_published_index
 
     root = out / "mds"
     index = read_published_index(root)

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 from PIL import Image
 
-from imagenet_int8_assets.core.sources import imagenet_classes
+from imagenet_int8_assets.core.source.sources import imagenet_classes
 from imagenet_int8_assets_tests.conftest import BIN, cli_env
 
 WNIDS = [wnid for wnid, _, _ in imagenet_classes()[:6]]  # sorted; labels 0..5
@@ -62,10 +62,10 @@ def expected_code(path: Path, image_id: str) -> bytes | None:
     """The uint8 codes a clean build stores for the image at ``path`` with manifest id ``image_id``
     (None when it is not a usable image)."""
     global _VAE
-    from imagenet_int8_assets.core.encode import encode_posterior, select_latent
-    from imagenet_int8_assets.core.preprocess import CropError, crop_file
-    from imagenet_int8_assets.core.quantize import quantize
-    from imagenet_int8_assets.core.vae import load_vae
+    from imagenet_int8_assets.core.latents.encode import encode_posterior, select_latent
+    from imagenet_int8_assets.core.crops.preprocess import CropError, crop_file
+    from imagenet_int8_assets.core.latents.quantize import quantize
+    from imagenet_int8_assets.core.latents.vae import load_vae
 
     data = path.read_bytes()
     key = (image_id, hashlib.sha256(data).hexdigest())
@@ -171,7 +171,7 @@ class OperationSequences(RuleBasedStateMachine):
 
     def _published(self) -> dict[str, tuple[int, list[bytes]]] | None:
         """Per class of the published dataset: its label and its samples' codes (sorted)."""
-        from imagenet_int8_assets.core.dataset_check import class_of_shard
+        from imagenet_int8_assets.core.dataset.dataset_check import class_of_shard
         from imagenet_int8_assets.reader import load_latents, open_dataset
 
         root = self.out / "mds"
@@ -364,7 +364,7 @@ class OperationSequences(RuleBasedStateMachine):
         assert proc.returncode == 0, f"the build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert f"published to s3://{self.bucket}/ds too" in proc.stdout, proc.stdout[-2000:]
         self.built = True
-        from imagenet_int8_assets.core.mds_remote import RemoteMds
+        from imagenet_int8_assets.core.dataset.mds_remote import RemoteMds
 
         with _environ(self.s3.env()):
             remote = RemoteMds(f"s3://{self.bucket}/ds")

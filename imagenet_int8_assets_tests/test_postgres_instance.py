@@ -13,8 +13,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from imagenet_int8_assets.core.mds_remote import RemoteMds
-from imagenet_int8_assets.instance import SHIPPED_DAGSTER_YAML, SHIPPED_POSTGRES_YAML, prepare_dagster_home
+from imagenet_int8_assets.core.dataset.mds_remote import RemoteMds
+from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML, SHIPPED_POSTGRES_YAML, prepare_dagster_home
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets_tests.dagster_dev import (
@@ -81,7 +81,7 @@ def test_an_incomplete_postgres_connection_is_refused_with_what_to_set(tmp_path)
 
 
 def _refusal(home: Path, monkeypatch) -> str:
-    from imagenet_int8_assets.instance import InstanceSettingError
+    from imagenet_int8_assets.build.instance import InstanceSettingError
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with pytest.raises(InstanceSettingError) as refused:

@@ -15,9 +15,9 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.cli import _failures as failures
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.storage import mds_root
+from imagenet_int8_assets.build.driver import _failures as failures
+from imagenet_int8_assets.core.dataset import mds_index
+from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings

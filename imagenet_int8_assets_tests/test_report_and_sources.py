@@ -7,11 +7,11 @@ import shutil
 import dagster as dg
 import numpy as np
 
-from imagenet_int8_assets.core.storage import read_crops
+from imagenet_int8_assets.core.crops.crop_store import read_crops
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets.stages import DATASET_STEPS
+from imagenet_int8_assets.build.stages import DATASET_STEPS
 from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
 from imagenet_int8_assets_tests.test_core_cifar import LABEL_NAMES, full_train_batches, make_cifar
 

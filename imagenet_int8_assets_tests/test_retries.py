@@ -20,15 +20,15 @@ import pytest
 import torch
 import yaml
 
-from imagenet_int8_assets.core.encode import (
+from imagenet_int8_assets.core.latents.encode import (
     EncodeOutOfMemory,
     encode_posterior,
     encode_record,
     is_out_of_memory,
     precision_error,
 )
-from imagenet_int8_assets.core.vae import load_vae
-from imagenet_int8_assets.instance import SHIPPED_DAGSTER_YAML
+from imagenet_int8_assets.core.latents.vae import load_vae
+from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML
 from imagenet_int8_assets_tests.conftest import crops, make_image_folder, torch_threads
 from imagenet_int8_assets_tests.dagster_dev import (
     dagster_dev_env,
@@ -108,7 +108,7 @@ def test_out_of_memory_is_retried_with_fewer_images_per_pass_and_gives_the_same_
 
 def test_below_one_image_per_thread_the_threads_are_halved_and_the_bytes_are_one_threads(tiny, images):
     """Every image ends up encoded alone on one thread: the bytes are exactly those (on CPUs whose
-    kernels sum alike on one and two threads, also those of the two-thread run: README, Reproducibility)."""
+    kernels sum alike on one and two threads, also those of the two-thread run: docs/GUARANTEES.md, Reproducibility)."""
     with torch_threads(1):
         reference = encode_posterior(tiny, images, "cpu", batch_size=1)
     with torch_threads(2):
@@ -219,7 +219,7 @@ def test_a_killed_run_is_failed_and_retried_by_the_daemon(tmp_path: Path, own_tm
     FAILURE and the daemon must re-execute it (dagster/parent_run_id, retry number 1) to SUCCESS."""
     from PIL import Image
 
-    from imagenet_int8_assets.core.storage import manifest_path
+    from imagenet_int8_assets.core.common.layout import manifest_path
 
     started = time.monotonic()
     source = make_image_folder(tmp_path / "src", {"c0": 2, "c1": 2})

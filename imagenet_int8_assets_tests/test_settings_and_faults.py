@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds, disk_full_error
-from imagenet_int8_assets.cli import error_text
-from imagenet_int8_assets.core.metrics import ssim
-from imagenet_int8_assets.core.storage import manifest_path
+from imagenet_int8_assets.build.run_events import error_text
+from imagenet_int8_assets.core.quality.metrics import ssim
+from imagenet_int8_assets.core.common.layout import manifest_path
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import MIN_CROP_SIZE, ImagenetInt8Settings, SettingsError
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
@@ -198,7 +198,7 @@ def test_hub_vaes_are_resolved_without_loading_weights(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     code = (
         "import json, sys\n"
-        "from imagenet_int8_assets.core.vae import check_vae, VaeLoadError\n"
+        "from imagenet_int8_assets.core.latents.vae import check_vae, VaeLoadError\n"
         "out = {}\n"
         "cases = [('acme/tiny-vae', None), ('acme/missing', None), ('acme/missing', 'tiny-random')]\n"
         "cases.append(('flux1-vae', None))\n"
@@ -384,7 +384,7 @@ def test_a_full_dagster_home_is_reported_in_one_line(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     with tmpfs(tmp_path / "home", "8m") as home:
         env = cli_env(tmp_path, DAGSTER_HOME=str(home))
-        code = "import sys; from imagenet_int8_assets.instance import prepare_dagster_home as p; p(sys.argv[1])"
+        code = "import sys; from imagenet_int8_assets.build.instance import prepare_dagster_home as p; p(sys.argv[1])"
         assert run_cli([sys.executable, "-c", code, str(home)], env).returncode == 0  # an instance that worked
         _fill(home, leave=0)
         proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(source)], env, cwd=tmp_path)

@@ -18,8 +18,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from imagenet_int8_assets.core.storage import manifest_path, mds_root
-from imagenet_int8_assets.dead_runs import PID_TAG
+from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
+from imagenet_int8_assets.build.dead_runs import PID_TAG
 from imagenet_int8_assets_tests.conftest import make_image_folder
 from imagenet_int8_assets_tests.dagster_dev import (
     dagster_dev_env,

@@ -8,11 +8,12 @@ from dagster import Failure, MetadataValue
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import ok_rows_by_class, read_manifest, require_classes_in_source
 from imagenet_int8_assets.assets.metadata import PartitionMetadata, markdown_table, progress_logger
-from imagenet_int8_assets.core.crop_store import expected_bytes
-from imagenet_int8_assets.core.parallel import map_ordered
-from imagenet_int8_assets.core.preprocess import crop_task
-from imagenet_int8_assets.core.sources import resolve_source_root
-from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, write_crops
+from imagenet_int8_assets.core.crops.crop_store import expected_bytes
+from imagenet_int8_assets.core.common.parallel import map_ordered
+from imagenet_int8_assets.core.crops.preprocess import crop_task
+from imagenet_int8_assets.core.source.sources import resolve_source_root
+from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes
+from imagenet_int8_assets.core.crops.crop_store import write_crops
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 
@@ -23,7 +24,7 @@ CROPS_DESCRIPTION = (
     "`crops/<class>/meta.json`, with each crop's sha256 and its source file's size and mtime; "
     "readers recompute the crop from the source and verify it), 'png' (lossless PNGs) or "
     "'raw' (`crops/<class>/images.npy`, uint8 N x S x S x 3). Read back in every mode with "
-    "`imagenet_int8_assets.core.storage.read_crops(output, class)`. Materialized with vae_latents "
+    "`imagenet_int8_assets.core.crops.crop_store.read_crops(output, class)`. Materialized with vae_latents "
     "in one step (crops_and_latents): the crops are made once, while the VAE encodes."
 )
 
@@ -121,7 +122,7 @@ def crop_pixels_or_fail(images):
     verified here, and a crop that no longer matches (a changed source file) is a one-line
     ``Failure`` naming the files and what to re-materialize; raw crops are returned as they are
     (memory-mapped)."""
-    from imagenet_int8_assets.core.crop_store import CropArray, CropVerificationError
+    from imagenet_int8_assets.core.crops.crop_store import CropArray, CropVerificationError
 
     if not isinstance(images, CropArray):
         return images

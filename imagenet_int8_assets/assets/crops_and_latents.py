@@ -2,7 +2,7 @@
 
 Materialized together (every build, backfill and automation run), the crops are made once: worker
 processes decode and crop each class from the source while the VAE encodes the crops they made
-(core.pipeline.encode_stream), and each class's crops and latents are written as soon as it is
+(core.latents.pipeline.encode_stream), and each class's crops and latents are written as soon as it is
 encoded. Either asset alone is still a valid selection (``can_subset``): the crops alone are
 cropped and written (to change how they are kept, say); the latents alone are encoded from the
 stored crops, which are read, or recomputed from the source and verified against their hashes.
@@ -21,7 +21,7 @@ from imagenet_int8_assets.assets.crops import CROPS_DESCRIPTION, crop_classes
 from imagenet_int8_assets.assets.latents import LATENTS_DESCRIPTION, encode_classes
 from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
 from imagenet_int8_assets.assets.metadata import GROUP
-from imagenet_int8_assets.instance import GPU_POOL
+from imagenet_int8_assets.build.instance import GPU_POOL
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import DEFAULT_MAX_PARTITIONS_PER_RUN, ImagenetInt8Settings
 

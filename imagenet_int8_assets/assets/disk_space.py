@@ -4,7 +4,7 @@ Every step that writes under the output wraps its work in ``disk_full_guard(step
 When the disk (or quota) fills, the step fails with a ``dagster.Failure`` saying which step (and
 class) it was, how much space the rest of the step needs (from the bytes per image measured so
 far), how much is free, and that running the same build again after freeing space completes it:
-every write is atomic (see ``core.storage``), so a full disk leaves the previous version or
+every write is atomic (see ``core.common.files``), so a full disk leaves the previous version or
 nothing, never a half-written file under its real name.
 """
 

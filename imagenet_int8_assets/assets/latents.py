@@ -11,7 +11,7 @@ from imagenet_int8_assets.assets.crops import CropWriter, crop_pixels_or_fail, c
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.metadata import PartitionMetadata, progress_logger
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
-from imagenet_int8_assets.core.encode import (
+from imagenet_int8_assets.core.latents.encode import (
     encode_posterior,
     encode_record,
     non_finite_count,
@@ -19,15 +19,10 @@ from imagenet_int8_assets.core.encode import (
     select_latent,
     to_model_input,
 )
-from imagenet_int8_assets.core.storage import (
-    bytes_per_image,
-    folder_bytes,
-    latents_to_store,
-    read_crops_with_meta,
-    read_latents,
-    write_latents,
-)
-from imagenet_int8_assets.core.vae import load_vae
+from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes
+from imagenet_int8_assets.core.latents.latent_store import latents_to_store, read_latents, write_latents
+from imagenet_int8_assets.core.crops.crop_store import read_crops_with_meta
+from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
@@ -44,7 +39,7 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     On a GPU both bf16 and fp16 are compared; on the CPU (where they are slow and rarely used)
     only the configured precision, if it is not fp32.
     """
-    from imagenet_int8_assets.core.encode import PRECISIONS
+    from imagenet_int8_assets.core.latents.encode import PRECISIONS
 
     compared = [p for p in PRECISIONS if p != "fp32" and (device.startswith("cuda") or p == precision)]
     report = {}
@@ -53,7 +48,7 @@ def _numerics_report(vae, images: np.ndarray, device: str, precision: str, value
     if vae.info.family == "aura":
         import torch
 
-        from imagenet_int8_assets.core.aura_latents import equivariance_error
+        from imagenet_int8_assets.core.latents.aura_latents import equivariance_error
 
         x = to_model_input(images, device)
         with torch.inference_mode():
@@ -109,7 +104,12 @@ def encode_classes(context, settings: ImagenetInt8Settings, crop_too: bool) -> N
     """Encode the step's classes on a leased device: with ``crop_too`` cropping them from the
     source on the way (``preprocessed_crops`` in the same step, written class by class), else from
     the stored crops."""
-    from imagenet_int8_assets.core.devices import DeviceLeaseTimeout, DeviceSettingError, lease_device, visible_devices
+    from imagenet_int8_assets.core.latents.devices import (
+        DeviceLeaseTimeout,
+        DeviceSettingError,
+        lease_device,
+        visible_devices,
+    )
 
     # refusals (other settings, classes gone from the source) before a device or a model is touched
     source = None
@@ -146,11 +146,11 @@ def _stream(
     image_hw: tuple[int, int] | None = None,
 ):
     """Crop ``tasks`` (``sizes`` per class of ``keys``) on the worker processes while the VAE
-    encodes them (core.pipeline); ``keep_crops(group, rows, crops)`` sees every chunk of good crops
+    encodes them (core.latents.pipeline); ``keep_crops(group, rows, crops)`` sees every chunk of good crops
     first, ``on_class(key, group_result, seconds)`` each class as soon as it is encoded (after the
     run's numerics report, made on the first crops). ``image_hw``: the crop size, for classes
     without images when no class has any. Returns the stream's timing."""
-    from imagenet_int8_assets.core.pipeline import encode_stream
+    from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     samples: list = []
     sampled: list[int] = []  # the group the samples come from: the first with good crops
@@ -165,7 +165,7 @@ def _stream(
         if group == sampled[0] and len(samples) < 8:  # the numerics report looks at the first crops, as unstreamed
             samples.extend(chunk[: 8 - len(samples)])
 
-    def done(group: int, result) -> None:  # the writer thread (core.pipeline), while the next class encodes
+    def done(group: int, result) -> None:  # the writer thread (core.latents.pipeline), while the next class encodes
         nonlocal last
         now = time.monotonic()
         if samples and encoding.run_checks is None and group >= sampled[0]:
@@ -222,14 +222,14 @@ def _encode_stored_crops(context, settings: ImagenetInt8Settings, encoding: "_En
     read, crops kept as hashes only are recomputed by the workers while the VAE encodes, each
     checked against its recorded hash before it is encoded (a changed source file fails the step
     naming it and what to re-materialize)."""
-    from imagenet_int8_assets.core.crop_store import (
+    from imagenet_int8_assets.core.crops.crop_store import (
         PIXEL_HASH,
         CropArray,
         CropVerificationError,
         pixel_hash,
         source_root_of,
     )
-    from imagenet_int8_assets.core.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
 
     crops = {  # raw crops are memory-mapped; png and none crops are computed per class below
         k: read_crops_with_meta(settings.output_path, k, mmap=True, workers=settings.worker_count())
@@ -301,7 +301,7 @@ def _encode_stored_crops(context, settings: ImagenetInt8Settings, encoding: "_En
 def _batch_size_and_flops(context, settings: ImagenetInt8Settings, vae, device: str) -> tuple[int, dict, int | None]:
     """The forward batch (0 = the largest that fits, probed once per device and model, cached under
     the output) and the encoder's FLOPs per image (None when they cannot be counted)."""
-    from imagenet_int8_assets.core.batch_size import encoder_flops, resolve_batch_size
+    from imagenet_int8_assets.core.latents.batch_size import encoder_flops, resolve_batch_size
 
     choice = resolve_batch_size(
         "auto" if settings.batch_size == 0 else settings.batch_size,
@@ -321,7 +321,7 @@ class _Encoding:
     with their metadata."""
 
     def __init__(self, context, settings: ImagenetInt8Settings, leased: str, vae, loaded: str):
-        from imagenet_int8_assets.core.devices import select_device
+        from imagenet_int8_assets.core.latents.devices import select_device
 
         self.context, self.settings, self.leased = context, settings, leased
         self.device = select_device(leased)
@@ -373,7 +373,7 @@ class _Encoding:
             self.metadata.add(key, {"pipeline": MetadataValue.json(timing)})
 
     def write(self, key: str, ids: list[str], post, flipped, seconds: float, crop_meta: dict, streamed: bool) -> None:
-        from imagenet_int8_assets.core.batch_size import tflops
+        from imagenet_int8_assets.core.latents.batch_size import tflops
 
         settings, info, provenance = self.settings, self.info, self.provenance
         oom = post.oom_report()

@@ -19,19 +19,10 @@ from dagster import (
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.sources import (
-    ClassLabels,
-    class_data_versions,
-    find_class_folders,
-    scan_source,
-)
-from imagenet_int8_assets.core.storage import (
-    MissingArtifact,
-    atomic_write_bytes,
-    atomic_write_json,
-    manifest_path,
-)
-from imagenet_int8_assets.core.storage import source_classes_path as classes_json_path
+from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, find_class_folders, scan_source
+from imagenet_int8_assets.core.common.layout import MissingArtifact, manifest_path
+from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json
+from imagenet_int8_assets.core.common.layout import source_classes_path as classes_json_path
 from imagenet_int8_assets.partitions import (
     class_partitions,
     register_classes,
@@ -90,8 +81,8 @@ class DatasetClasses:
 
 def dataset_kept_classes(settings: ImagenetInt8Settings, names) -> list[str]:
     """Those of ``names`` that this output has built (a current MDS version): a dataset holds them."""
-    from imagenet_int8_assets.core import mds_index
-    from imagenet_int8_assets.core.storage import mds_root
+    from imagenet_int8_assets.core.dataset import mds_index
+    from imagenet_int8_assets.core.common.layout import mds_root
 
     root = mds_root(settings.output_path)
     return [k for k in names if (mds_index.class_home(root, k) / mds_index.CURRENT).is_file()]
@@ -142,7 +133,7 @@ def require_classes_in_source(settings: ImagenetInt8Settings, keys) -> None:
             description=(
                 f"{len(missing)} class(es) are not in the source scanned by raw_manifest: {', '.join(missing[:20])}. "
                 "If the folder was added since, materialize raw_manifest first. If it vanished, the dataset keeps its "
-                "last build; to drop the class delete its partition (README: Live class partitions). A partition "
+                "last build; to drop it, delete its partition (docs/OPERATING.md: Live class partitions). A partition "
                 "of another output sharing this DAGSTER_HOME cannot be built here."
             ),
             allow_retries=False,
@@ -244,7 +235,7 @@ def _previous_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame | None:
     ),
 )
 def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    settings.preflight_or_fail()  # every setting checked before any work (README: Settings are checked ...)
+    settings.preflight_or_fail()  # every setting checked before any work (docs/GUARANTEES.md: Settings are checked ...)
     settings.require_recorded_settings_or_fail()
     settings.record_settings()
     source = settings.prepare_source()
@@ -314,7 +305,7 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     if vanished:
         context.log.warning(
             f"{len(vanished)} class folder(s) vanished from the source: {', '.join(vanished[:20])}. The dataset keeps "
-            "their last build (README: Live class partitions)."
+            "their last build (docs/OPERATING.md: Live class partitions)."
         )
     return MaterializeResult(
         metadata={

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from imagenet_int8_assets.core.tables import markdown_table  # noqa: F401 (the assets' table helper)
+from imagenet_int8_assets.core.common.tables import markdown_table  # noqa: F401 (the assets' table helper)
 
 GROUP = "imagenet_int8"
 

@@ -3,7 +3,7 @@
 Dagster 1.13 records an ``AssetCheckResult`` returned from a partition-range step without a
 partition, so the UI would list every checked class as "Skipped". A check that covers a batch
 instead yields one ``AssetCheckEvaluation`` per class, each naming its partition and the
-materialization it checked; the UI then shows each class as passed or failed (README: "Checks in
+materialization it checked; the UI then shows each class as passed or failed (docs/OPERATING.md: "Checks in
 batched runs"). A blocking check that fails for one class fails the step, so the rest of that
 batch's run stops too (its other classes are materialized and checked, but not built further).
 """

@@ -1,4 +1,4 @@
-"""The latent probe (seed 001's study as assets): how well classes can be told apart from latents."""
+"""The latent probe (the CIFAR-10 latent study as assets): how well classes can be told apart from latents."""
 
 import numpy as np
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
@@ -12,20 +12,17 @@ from imagenet_int8_assets.assets.manifest import (
     require_usable_images,
 )
 from imagenet_int8_assets.assets.metadata import markdown_table
-from imagenet_int8_assets.core.plotting import markdown_image
-from imagenet_int8_assets.core.probe import (
+from imagenet_int8_assets.core.common.plotting import markdown_image
+from imagenet_int8_assets.core.quality.probe import (
     FEATURES_FILE,
     build_feature_sets,
     load_features,
     save_features,
     too_few_to_probe,
 )
-from imagenet_int8_assets.core.reconstruct import choose_samples
-from imagenet_int8_assets.core.storage import (
-    MissingArtifact,
-    probe_dir,
-    read_latents,
-)
+from imagenet_int8_assets.core.quality.reconstruct import choose_samples
+from imagenet_int8_assets.core.common.layout import MissingArtifact, probe_dir
+from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 GROUP = "latent_probe"
@@ -109,13 +106,13 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
     description=(
         "Logistic regression, k-NN (k=25), SVC, histogram gradient boosting and random forest "
         "trained on the probe features with a stratified held-out split: an accuracy table in "
-        "the shape of seed 001's Table 1 (plus precision/recall/F1 and a chance row), the best "
+        "the shape of the CIFAR-10 latent study's Table 1 (plus precision/recall/F1 and a chance row), the best "
         "model's confusion matrix, a PCA scatter and per-feature densities."
     ),
 )
 def latent_probe(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core.probe import run_probe
-    from imagenet_int8_assets.core.probe_report import build_probe_report
+    from imagenet_int8_assets.core.quality.probe import run_probe
+    from imagenet_int8_assets.core.quality.probe_report import build_probe_report
 
     labels, class_names, features = load_features(probe_dir(settings.output_path) / FEATURES_FILE)
     note = too_few_to_probe(labels)

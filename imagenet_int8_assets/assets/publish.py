@@ -7,7 +7,7 @@ The token comes from HF_TOKEN as a Dagster ``EnvVar`` (its value is resolved in 
 never stored in the run's config, the event log or any file); without HF_TOKEN, huggingface_hub's
 own login (``hf auth login``) is used. Credentials inside ``HF_ENDPOINT`` (a Hub behind basic auth)
 are sent, never shown: every URL this step logs, records or puts in an error goes through
-``core.urls.redact_url``, and each request gives up after IMAGENET_INT8_HUB_TIMEOUT seconds of silence.
+``core.common.urls.redact_url``, and each request gives up after IMAGENET_INT8_HUB_TIMEOUT seconds of silence.
 """
 
 
@@ -27,10 +27,10 @@ from dagster import (
 from imagenet_int8_assets.assets.quantization import quantization_stats
 from imagenet_int8_assets.assets.report import reconstruction_report
 from imagenet_int8_assets.assets.shards import mds_dataset
-from imagenet_int8_assets.core import hub_upload as hub
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.storage import mds_root, report_dir, stats_path
-from imagenet_int8_assets.core.urls import redact_url, redact_urls
+from imagenet_int8_assets.core.hub import hub_upload as hub
+from imagenet_int8_assets.core.dataset import mds_index
+from imagenet_int8_assets.core.common.layout import mds_root, report_dir, stats_path
+from imagenet_int8_assets.core.common.urls import redact_url, redact_urls
 from imagenet_int8_assets.resources import ENV, ImagenetInt8Settings
 
 PUBLISH_GROUP = "publish"
@@ -104,7 +104,7 @@ def _hub_failure(exc: Exception, settings: ImagenetInt8Settings, endpoint: str) 
 def _require_quality(settings: ImagenetInt8Settings) -> None:
     """With IMAGENET_INT8_REPORT_BLOCKING, refuse to publish what fails reconstruction_quality, also
     when hub_upload runs in another run than the check (Dagster's blocking stops a run's own steps)."""
-    from imagenet_int8_assets.core.reconstruction_report import quality_problems, read_summary
+    from imagenet_int8_assets.core.quality.reconstruction_report import quality_problems, read_summary
 
     if not settings.report_blocking:
         return
@@ -150,8 +150,13 @@ def hub_upload(context: AssetExecutionContext, settings: ImagenetInt8Settings, h
     settings.require_recorded_settings_or_fail()
     from huggingface_hub import HfApi
 
-    from imagenet_int8_assets.core.dataset_card import card_inputs, random_weights_warning, render_card, validate_card
-    from imagenet_int8_assets.core.storage import atomic_write_bytes
+    from imagenet_int8_assets.core.hub.dataset_card import (
+        card_inputs,
+        random_weights_warning,
+        render_card,
+        validate_card,
+    )
+    from imagenet_int8_assets.core.common.files import atomic_write_bytes
 
     output = settings.output_path
     root = mds_root(output)
@@ -237,8 +242,8 @@ def export_parquet(context: AssetExecutionContext, settings: ImagenetInt8Setting
     One file per class version, kept as ``<output>/hub/parquet/<class-dir>/<version>.parquet`` (so
     only classes with a new version are exported again) and published as ``data/<class-dir>.parquet``.
     """
-    from imagenet_int8_assets.core.parquet_export import write_parquet_file
-    from imagenet_int8_assets.core.storage import class_dir_name
+    from imagenet_int8_assets.core.reading.parquet_export import write_parquet_file
+    from imagenet_int8_assets.core.common.layout import class_dir_name
 
     root = mds_root(settings.output_path)
     files, written = {}, 0

@@ -8,14 +8,11 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from imagenet_int8_assets.assets.disk_space import disk_full_guard
 from imagenet_int8_assets.assets.manifest import dataset_classes
 from imagenet_int8_assets.assets.metadata import GROUP, markdown_table
-from imagenet_int8_assets.core.quantize import ChannelStats, recommend_ranges, step
-from imagenet_int8_assets.core.storage import (
-    MissingArtifact,
-    atomic_write_json,
-    disk_footprint,
-    read_latents,
-    stats_path,
-)
+from imagenet_int8_assets.core.latents.quantize import ChannelStats, recommend_ranges, step
+from imagenet_int8_assets.core.common.layout import MissingArtifact, stats_path
+from imagenet_int8_assets.core.common.files import atomic_write_json
+from imagenet_int8_assets.core.dataset.footprint import disk_footprint
+from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 CHANNEL_COLUMNS = ["channel", "count", "min", "max", "mean", "std", "p0.1", "p1", "p50", "p99", "p99.9", "clip_fraction", "quant_rmse", "non_finite"]
@@ -81,7 +78,7 @@ def quantization_stats(context: AssetExecutionContext, settings: ImagenetInt8Set
         space.writing(1, len(json.dumps(record, indent=2, default=float)))
         atomic_write_json(path, record)
     context.log.info(f"{total} latent values: clip fraction {clip:.4%}, quantization RMSE {rmse:.4f}")
-    # what the class stages occupy on disk (README: "Disk footprint"), over the dataset's classes
+    # what the class stages occupy on disk (docs/OUTPUT.md: "Disk footprint"), over the dataset's classes
     footprint = disk_footprint(settings.output_path, keys)
     return MaterializeResult(
         metadata={

@@ -19,16 +19,12 @@ from dagster import (
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import dataset_classes
 from imagenet_int8_assets.assets.metadata import progress_logger
-from imagenet_int8_assets.core import mds_index
-from imagenet_int8_assets.core.crop_store import CropVerificationError
-from imagenet_int8_assets.core.metrics import lpips_available
-from imagenet_int8_assets.core.plotting import markdown_image
-from imagenet_int8_assets.core.reconstruct import (
-    choose_samples,
-    decode_images,
-    reconstruction_rows,
-)
-from imagenet_int8_assets.core.reconstruction_report import (
+from imagenet_int8_assets.core.dataset import mds_index
+from imagenet_int8_assets.core.crops.crop_store import CropVerificationError
+from imagenet_int8_assets.core.quality.metrics import lpips_available
+from imagenet_int8_assets.core.common.plotting import markdown_image
+from imagenet_int8_assets.core.quality.reconstruct import choose_samples, decode_images, reconstruction_rows
+from imagenet_int8_assets.core.quality.reconstruction_report import (
     ClassSamples,
     GridPlan,
     ReportCache,
@@ -37,14 +33,9 @@ from imagenet_int8_assets.core.reconstruction_report import (
     quality_problems,
     read_summary,
 )
-from imagenet_int8_assets.core.storage import (
-    MissingArtifact,
-    mds_root,
-    read_crops,
-    read_latents,
-    report_dir,
-    stats_path,
-)
+from imagenet_int8_assets.core.common.layout import MissingArtifact, mds_root, report_dir, stats_path
+from imagenet_int8_assets.core.crops.crop_store import read_crops
+from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 GROUP = "quality"
@@ -66,7 +57,7 @@ GROUP = "quality"
     ),
 )
 def reconstruction_report(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core.vae import resolve_device
+    from imagenet_int8_assets.core.latents.vae import resolve_device
 
     settings.require_recorded_settings_or_fail()
     classes = dataset_classes(context.instance, settings)
@@ -174,7 +165,7 @@ class _Decoder:
         self.vae = self.dataset = self.offsets = None
 
     def open(self) -> None:
-        from imagenet_int8_assets.core.vae import load_vae_as_recorded
+        from imagenet_int8_assets.core.latents.vae import load_vae_as_recorded
         from imagenet_int8_assets.reader import open_dataset
 
         if self.vae is not None:

@@ -26,18 +26,20 @@ from imagenet_int8_assets.assets.manifest import (
 )
 from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, markdown_table
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
-from imagenet_int8_assets.core import mds_index, publish_checks
-from imagenet_int8_assets.core.encode import non_finite_count
-from imagenet_int8_assets.core.quantize import quantize
-from imagenet_int8_assets.core.storage import bytes_per_image, folder_bytes, mds_root, read_latents, remove_leftovers
-from imagenet_int8_assets.core.urls import redact_url
+from imagenet_int8_assets.core.dataset import mds_index, publish_checks
+from imagenet_int8_assets.core.latents.encode import non_finite_count
+from imagenet_int8_assets.core.latents.quantize import quantize
+from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes, remove_leftovers
+from imagenet_int8_assets.core.common.layout import mds_root
+from imagenet_int8_assets.core.latents.latent_store import read_latents
+from imagenet_int8_assets.core.common.urls import redact_url
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
     ImagenetInt8Settings,
 )
 
-# `core.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
+# `core.dataset.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
 # (about 10 s). Only the two steps that write or open shards import it, inside their bodies, so
 # loading the definitions and running the checks stay fast; index files go through mds_index.
 
@@ -51,13 +53,13 @@ The seed's reader (a `uint8` Encoding registered by hand, `StreamingDataset(loca
 
 def remote_mds(settings: ImagenetInt8Settings):
     """The bucket the published dataset is mirrored to (IMAGENET_INT8_MDS_REMOTE), or None."""
-    from imagenet_int8_assets.core.mds_remote import RemoteMds
+    from imagenet_int8_assets.core.dataset.mds_remote import RemoteMds
 
     return RemoteMds(settings.mds_remote) if settings.mds_remote else None
 
 
 def _remote_or_fail(call):
-    from imagenet_int8_assets.core.mds_remote import RemoteError
+    from imagenet_int8_assets.core.dataset.mds_remote import RemoteError
 
     try:
         return call()
@@ -87,7 +89,7 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     ),
 )
 def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core import mds
+    from imagenet_int8_assets.core.dataset import mds
 
     settings.require_recorded_settings_or_fail()
     require_classes_in_source(settings, context.partition_keys)
@@ -195,7 +197,7 @@ def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: Im
     ),
 )
 def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core import mds
+    from imagenet_int8_assets.core.dataset import mds
 
     settings.require_recorded_settings_or_fail()
     classes = dataset_classes(context.instance, settings)

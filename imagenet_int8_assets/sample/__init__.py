@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imagenet_int8_assets.core.storage import atomic_dir
+from imagenet_int8_assets.core.common.files import atomic_dir
 
 SAMPLE_VERSION = 1
 SAMPLE_CLASSES = {
