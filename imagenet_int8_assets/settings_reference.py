@@ -8,7 +8,7 @@ two marker comments in docs/CONFIGURATION.md; the text around them is written by
     python -m imagenet_int8_assets.settings_reference           # rewrite docs/CONFIGURATION.md
     python -m imagenet_int8_assets.settings_reference --check   # exit 1 when it is out of date
 
-``imagenet_int8_assets_tests/test_settings_reference.py`` fails when the file and the code differ.
+``imagenet_int8_assets_tests/dagster_layer/test_settings_reference.py`` fails when the file and the code differ.
 """
 
 from __future__ import annotations

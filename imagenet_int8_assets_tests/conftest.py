@@ -201,7 +201,7 @@ def built_sample(tmp_path_factory):
 
 
 # -- Fake Hugging Face Hub --------------------------------------------------------------------------
-# imagenet_int8_assets_tests/fake_hub.py: a local server speaking the Hub routes the real
+# imagenet_int8_assets_tests/support/fake_hub.py: a local server speaking the Hub routes the real
 # huggingface_hub client uses (repos, preupload, LFS batch + PUT, commit, tree, paths-info, resolve,
 # validate-yaml). The fixture starts one per test, under tmp_path.
 
@@ -221,7 +221,7 @@ def fake_hub(tmp_path, monkeypatch):
     """
     import secrets
 
-    from imagenet_int8_assets_tests.fake_hub import FakeHub, use_fake_hub
+    from imagenet_int8_assets_tests.support.fake_hub import FakeHub, use_fake_hub
 
     token = "hf_fake" + secrets.token_hex(16)
     with FakeHub(tmp_path / "fake-hub", token) as hub, use_fake_hub(hub, tmp_path / "hf-home", monkeypatch):

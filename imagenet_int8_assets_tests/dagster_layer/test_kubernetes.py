@@ -43,13 +43,13 @@ from imagenet_int8_assets.kubernetes import (
 from imagenet_int8_assets.partitions import register_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets_tests.conftest import REPO
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     dagster_dev_env,
     launch_backfill,
     start_dagster_dev,
     wait_until_served,
 )
-from imagenet_int8_assets_tests.k8s_recorder import JobRecorder, read_recorded_jobs
+from imagenet_int8_assets_tests.support.k8s_recorder import JobRecorder, read_recorded_jobs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -370,7 +370,7 @@ def test_instance_loads_the_launcher_from_dagster_yaml(tmp_path, monkeypatch):
     home.mkdir()
     config = {**launcher_config(tmp_path), "record_dir": str(tmp_path / "jobs"), "gpu_run_k8s_config": {"container_config": {"env": [{"name": "IMAGENET_INT8_DEVICE", "value": "cuda"}]}}}
     instance_yaml = {
-        "run_launcher": {"module": "imagenet_int8_assets_tests.k8s_recorder", "class": "RecordingGpuAwareK8sRunLauncher", "config": config},
+        "run_launcher": {"module": "imagenet_int8_assets_tests.support.k8s_recorder", "class": "RecordingGpuAwareK8sRunLauncher", "config": config},
         "telemetry": {"enabled": False},
     }
     (home / "dagster.yaml").write_text(json.dumps(instance_yaml))  # JSON is YAML
@@ -471,7 +471,7 @@ def dagster_dev_k8s(tmp_path: Path):
         folder.mkdir()
     instance_yaml = {
         "run_launcher": {
-            "module": "imagenet_int8_assets_tests.k8s_recorder",
+            "module": "imagenet_int8_assets_tests.support.k8s_recorder",
             "class": "RecordingGpuAwareK8sRunLauncher",
             "config": {**launcher_config(tmp_path), "record_dir": str(jobs)},
         },

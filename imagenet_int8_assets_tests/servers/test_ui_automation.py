@@ -25,7 +25,7 @@ import pytest
 
 from imagenet_int8_assets.build.instance import prepare_dagster_home
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     ASSET_NODES_QUERY,
     ASSET_STATUS_QUERY,
     DagsterDev,

@@ -7,7 +7,7 @@ Job. Everything before that call is dagster-k8s' and our launcher's own code.
 
 ``RecordingGpuAwareK8sRunLauncher`` is ``GpuAwareK8sRunLauncher`` with one more config field,
 ``record_dir``, so that an instance's dagster.yaml can name it (``run_launcher: {module:
-imagenet_int8_assets_tests.k8s_recorder, class: RecordingGpuAwareK8sRunLauncher, config: ...}``)
+imagenet_int8_assets_tests.support.k8s_recorder, class: RecordingGpuAwareK8sRunLauncher, config: ...}``)
 and a real `dagster dev` daemon launches its runs through it: nothing reaches a cluster, the runs
 stay STARTING, and their Jobs land in ``record_dir``.
 """

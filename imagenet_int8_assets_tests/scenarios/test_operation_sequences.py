@@ -426,7 +426,7 @@ def _environ(values: dict):
 
 @pytest.fixture(scope="module")
 def s3():
-    from imagenet_int8_assets_tests.local_servers import s3_server
+    from imagenet_int8_assets_tests.support.local_servers import s3_server
 
     with s3_server() as server:
         yield server

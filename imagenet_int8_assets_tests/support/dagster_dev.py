@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCATION = "imagenet_int8_assets"
 STARTUP_TIMEOUT_S = 180
 

@@ -30,7 +30,7 @@ from imagenet_int8_assets.core.latents.encode import (
 from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML
 from imagenet_int8_assets_tests.conftest import crops, make_image_folder, torch_threads
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     dagster_dev_env,
     launch_asset_run,
     start_dagster_dev,
@@ -38,7 +38,7 @@ from imagenet_int8_assets_tests.dagster_dev import (
     wait_for_step_worker,
     wait_until_served,
 )
-from imagenet_int8_assets_tests.vae_doubles import WrappedVae
+from imagenet_int8_assets_tests.support.vae_doubles import WrappedVae
 
 # ------------------------------------------------------------------------------------------
 # 1. out of memory in encoding

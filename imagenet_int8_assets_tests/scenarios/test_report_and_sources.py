@@ -13,7 +13,7 @@ from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets.build.stages import DATASET_STEPS
 from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
-from imagenet_int8_assets_tests.test_core_cifar import LABEL_NAMES, full_train_batches, make_cifar
+from imagenet_int8_assets_tests.core.source.test_cifar import LABEL_NAMES, full_train_batches, make_cifar
 
 
 def _settings(source, out, **options):

@@ -18,7 +18,7 @@ from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, run_cli
-from imagenet_int8_assets_tests.local_servers import s3_server
+from imagenet_int8_assets_tests.support.local_servers import s3_server
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,7 +14,7 @@ import dagster as dg
 
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets.core.latents.devices import lock_path
-from imagenet_int8_assets_tests.killed_build import alive, kill_build_during_gpu_run, run_processes
+from imagenet_int8_assets_tests.support.killed_build import alive, kill_build_during_gpu_run, run_processes
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 

@@ -35,7 +35,7 @@ from imagenet_int8_assets.build.dead_runs import (
 )
 from imagenet_int8_assets.build.instance import GPU_POOL, prepare_dagster_home
 from imagenet_int8_assets_tests.conftest import REPO, cli_env, make_image_folder
-from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
+from imagenet_int8_assets_tests.support.killed_build import kill_build_during_gpu_run
 
 BIN = Path(sys.executable).parent
 HOLDER = """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from imagenet_int8_assets_tests.fake_hub import git_blob_id, lfs_pointer
+from imagenet_int8_assets_tests.support.fake_hub import git_blob_id, lfs_pointer
 
 REPO = "fake-user/tiny-int8"
 MiB = 1024 * 1024

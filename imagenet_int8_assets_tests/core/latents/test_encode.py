@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imagenet_int8_assets.core.latents.encode import image_seed, non_finite_count, select_latent, standard_normal
-from imagenet_int8_assets_tests.vae_doubles import WrappedVae
+from imagenet_int8_assets_tests.support.vae_doubles import WrappedVae
 
 
 def test_sample_is_seeded_by_run_seed_and_image_id():

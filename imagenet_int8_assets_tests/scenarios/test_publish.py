@@ -16,7 +16,7 @@ import pytest
 from imagenet_int8_assets.core.dataset import mds_index
 from imagenet_int8_assets.core.hub.hub_upload import FINAL_FILES
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
-from imagenet_int8_assets_tests.test_end_to_end import SEED_STYLE_READER
+from imagenet_int8_assets_tests.scenarios.test_end_to_end import SEED_STYLE_READER
 
 REPO_ID = "me/latents"
 PUBLISH = [str(BIN / "imagenet-int8"), "publish", "--repo", REPO_ID]

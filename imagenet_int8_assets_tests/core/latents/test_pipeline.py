@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from imagenet_int8_assets.core.crops.preprocess import crop_task
-from imagenet_int8_assets_tests.vae_doubles import WrappedVae
+from imagenet_int8_assets_tests.support.vae_doubles import WrappedVae
 
 SIZE = 32  # small crops keep the tiny VAE fast (fp16 is slow on the CPU); the crop recipe is the real one
 RECIPE = "imagenet.int8"
@@ -465,7 +465,7 @@ def test_crop_workers_die_with_a_process_killed_mid_stream(tasks, tmp_path):
         "import json, sys\n"
         "from imagenet_int8_assets.core.latents.pipeline import encode_stream\n"
         "from imagenet_int8_assets.core.latents.vae import load_vae\n"
-        "from imagenet_int8_assets_tests.test_core_pipeline import slow_crop\n"
+        "from imagenet_int8_assets_tests.core.latents.test_pipeline import slow_crop\n"
         "if __name__ == '__main__':\n"
         "    tasks = [tuple(t) for t in json.loads(sys.argv[1])] * 40\n"
         "    encode_stream(load_vae('tiny-random'), tasks, 'cpu', batch_size=4, workers=2, chunk_size=2, crop_fn=slow_crop)\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from imagenet_int8_assets.build.instance import prepare_dagster_home
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     ASSET_NODES_QUERY,
     ASSET_STATUS_QUERY,
     LOCATION,

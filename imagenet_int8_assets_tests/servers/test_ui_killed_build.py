@@ -21,14 +21,14 @@ import pytest
 from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.build.dead_runs import PID_TAG
 from imagenet_int8_assets_tests.conftest import make_image_folder
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     dagster_dev_env,
     launch_backfill,
     start_dagster_dev,
     wait_for_backfill,
     wait_until_served,
 )
-from imagenet_int8_assets_tests.killed_build import kill_build_during_gpu_run
+from imagenet_int8_assets_tests.support.killed_build import kill_build_during_gpu_run
 
 CLASSES = ["n01440764", "n02102040"]
 ASSETS = [

@@ -17,7 +17,7 @@ from imagenet_int8_assets.core.dataset.mds_remote import RemoteMds
 from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML, SHIPPED_POSTGRES_YAML, prepare_dagster_home
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
-from imagenet_int8_assets_tests.dagster_dev import (
+from imagenet_int8_assets_tests.support.dagster_dev import (
     RUNS_QUERY,
     dagster_dev_env,
     launch_backfill,
@@ -26,7 +26,7 @@ from imagenet_int8_assets_tests.dagster_dev import (
     wait_for_classes,
     wait_until_served,
 )
-from imagenet_int8_assets_tests.local_servers import postgres_server, s3_server
+from imagenet_int8_assets_tests.support.local_servers import postgres_server, s3_server
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 CLASS_STEPS = ["preprocessed_crops", "vae_latents", "mds_shards"]
@@ -109,7 +109,7 @@ def test_an_instance_that_cannot_be_opened_is_one_line_saying_what_to_do(tmp_pat
     assert "DAGSTER_PG_PORT='abc' (not valid there)" in _refusal(home, monkeypatch)
     assert "DAGSTER_PG_PORT='abc': use the PostgreSQL server's port" in _refusal(tmp_path / "new-home", monkeypatch)
 
-    from imagenet_int8_assets_tests.dagster_dev import free_port
+    from imagenet_int8_assets_tests.support.dagster_dev import free_port
 
     monkeypatch.setenv("DAGSTER_PG_PORT", str(free_port()))  # nothing listens there
     message = _refusal(home, monkeypatch)
