@@ -9,7 +9,7 @@ What is measured (samples per second, wall time):
 
 1. A dataset of ``--samples`` random 4x32x32 uint8 codes in ``--classes`` classes (ImageNet labels
    and texts, so label texts differ in length) is written with the project's own writer
-   (``mds.write_class_shards`` per class, then ``mds_index.publish``): the published schema
+   (``mds.write_class_shards`` per class, then ``mds_index.swap_in_index``): the published schema
    (``uint8`` column, 4096 bytes), no VAE involved.
 2. The reference: the published reader snippet of the Imagenet.int8 model card, verbatim (its own
    ``uint8`` Encoding registered, ``StreamingDataset(local=..., remote=..., split=None,
@@ -119,7 +119,7 @@ def make_dataset(root: Path, samples: int, classes: int, seed: int = 0) -> dict:
         mds.write_class_shards(root, wnid, codes, label, text, {"seed": seed, "vae": {"family": "autoencoder-kl", "requested": "random codes"}})
         names.append(wnid)
     index, summary = mds_index.merged_index(root, names)
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, names[0]), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, names[0]), summary))
     return {"samples": summary["samples"], "shards": summary["shards"], "bytes": sum(s["raw_data"]["bytes"] for s in index["shards"])}
 
 

@@ -16,18 +16,16 @@ seconds of the process and its children from ``getrusage``, with the load averag
    fresh DAGSTER_HOME, with the settings in ``SETTINGS`` as IMAGENET_INT8_* variables (tiny-random
    VAE on the CPU, ``HF_HUB_OFFLINE=1``, report and probe kept small), for every P of ``--per-run``
    that gives a different number of class runs at that size.
-3. **Reference**: the same work done by the core functions in one fresh Python process without
-   Dagster (``reference_build``, run as ``python -m benchmarks.pipeline --reference-config ...``): the
-   scan (``scan_source``, same workers), manifest and class list; crops and encode in one pass as
-   the ``crops_and_latents`` step does (``load_vae`` once, ``encode_stream`` with the same workers,
-   batch size and precision, each class's ``write_crops``, ``select_latent`` and ``write_latents``
-   with the same provenance as soon as it is encoded); shards (``quantize``, ``write_class_shards``, ``collect_garbage``);
-   statistics (``ChannelStats``); the merged dataset (``check_publishable``, ``merged_index``,
-   ``publish``, ``verify_readable``); the reconstruction report and the latent probe (the core calls
-   of their assets, same settings). Left out is what Dagster and the asset wrappers add: the
-   instance, runs, steps and their events, partitions, staleness, metadata, asset checks, disk-space
-   checks. It runs before the first CLI build of a size and after each; a build's reference is the
-   mean of the two around it.
+3. **Reference**: the same work done by the core stage functions the assets call, in one fresh Python
+   process without Dagster (``reference_build``, run as ``python -m benchmarks.pipeline --reference-config
+   ...``): the scan (``scan_source``, same workers), manifest and class list; crops and encode in one
+   pass as the ``crops_and_latents`` step does (``encode_classes`` with a ``CropSource``, the VAE
+   loaded once); shards (``quantize``, ``write_class_shards``, ``collect_garbage``); statistics
+   (``latent_statistics``); the merged dataset (``publish_dataset``); the reconstruction report
+   (``report_reconstructions``) and the latent probe (the core calls of its assets, same settings).
+   Left out is what Dagster and the asset wrappers add: the instance, runs, steps and their events,
+   partitions, staleness, metadata, asset checks, disk-space checks. It runs before the first CLI
+   build of a size and after each; a build's reference is the mean of the two around it.
 4. Both must build the same dataset: ``mds/index.json`` of every CLI build and of the reference
    must list the same shards (file names, sample counts, sizes, hashes).
 5. ``overhead = (CLI - reference) / CLI`` per build, and least-squares fits of the overhead seconds
@@ -168,12 +166,9 @@ def subset_source(full: Path, root: Path, classes: int) -> Path:
 
 
 def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
-    """Build ``source`` into ``output`` as `imagenet-int8 build` does, with the core functions only.
-
-    Mirrors the asset bodies (assets/manifest, crops, latents, shards, quantization, report,
-    probe) minus what is Dagster's: settings checks against the instance, partitions, metadata,
-    asset checks. Returns seconds per phase.
-    """
+    """Build ``source`` into ``output`` as `imagenet-int8 build` does, with the core stage functions
+    the assets call (minus what is Dagster's: settings checks against the instance, partitions,
+    metadata, asset checks). Returns seconds per phase."""
     phases: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -185,220 +180,85 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
 
     import io
 
-    import numpy as np
-    import pandas as pd
-
-    from imagenet_int8_assets.core.dataset import mds, mds_index, publish_checks
-    from imagenet_int8_assets.core.latents.encode import encode_record, select_latent
-    from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json
+    from imagenet_int8_assets.core.common.layout import manifest_path, mds_root, source_classes_path, stats_path
     from imagenet_int8_assets.core.common.parallel import default_workers
-    from imagenet_int8_assets.core.latents.pipeline import encode_stream
-    from imagenet_int8_assets.core.latents.quantize import ChannelStats, quantize, recommend_ranges, step
-    from imagenet_int8_assets.core.source.sources import (
-        class_data_versions,
-        find_class_folders,
-        resolve_source_root,
-        scan_source,
-    )
-    from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json, remove_leftovers
-    from imagenet_int8_assets.core.common.layout import (
-        manifest_path,
-        mds_root,
-        probe_dir,
-        report_dir,
-        source_classes_path,
-        stats_path,
-    )
-    from imagenet_int8_assets.core.crops.crop_store import read_crops, write_crops
-    from imagenet_int8_assets.core.latents.latent_store import read_latents, write_latents
-    from imagenet_int8_assets.core.latents.vae import load_vae, resolve_device
+    from imagenet_int8_assets.core.crops.crop_store import write_crops
+    from imagenet_int8_assets.core.dataset import mds, mds_index
+    from imagenet_int8_assets.core.dataset.publish_dataset import publish_dataset
+    from imagenet_int8_assets.core.latents.devices import resolve_device
+    from imagenet_int8_assets.core.latents.encode_step import CropSource, EncodeConfig, encode_classes
+    from imagenet_int8_assets.core.latents.latent_store import read_latents
+    from imagenet_int8_assets.core.latents.quantize import codes_range, quantize
+    from imagenet_int8_assets.core.latents.vae import load_vae
+    from imagenet_int8_assets.core.quality.quantization_stats import latent_statistics
+    from imagenet_int8_assets.core.quality.report_step import ReportConfig, report_reconstructions
+    from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
+    from imagenet_int8_assets.core.source.manifest import ok_rows_by_class, read_manifest, recorded_labels
+    from imagenet_int8_assets.core.source.sources import class_data_versions, find_class_folders, resolve_source_root
+    from imagenet_int8_assets.core.source.sources import scan_source
 
     lap("imports")
     workers = s["workers"] if s["workers"] > 0 else default_workers()
-    max_pixels = DEFAULT_MAX_PIXELS
     source = Path(source).expanduser().resolve()
-
-    # raw_manifest
-    root_classes = find_class_folders(source).names
-    frame, labels = scan_source(source, max_pixels=max_pixels, workers=workers, previous=None, extra_classes=[])
-    versions = class_data_versions(frame, labels)
-    buffer = io.BytesIO()
+    keys = sorted(find_class_folders(source).names)  # raw_manifest
+    frame, labels = scan_source(source, max_pixels=DEFAULT_MAX_PIXELS, workers=workers, previous=None, extra_classes=[])
+    versions, buffer = class_data_versions(frame, labels), io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(manifest_path(output), buffer.getvalue())
-    atomic_write_json(
-        source_classes_path(output),
-        {
-            "classes": list(root_classes),
-            "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},
-            "versions": {k: versions[k] for k in root_classes},
-            "vanished": [],
-        },
-    )
-    files = len(frame)
+    atomic_write_json(source_classes_path(output), {
+        "classes": keys, "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},
+        "versions": {k: versions[k] for k in keys}, "vanished": [],
+    })
     lap("scan")
 
-    manifest = pd.read_parquet(manifest_path(output))
-    keys = sorted(root_classes)
+    class Crops:  # what preprocessed_crops writes, as each class is encoded (assets/crops.CropWriter)
+        def write(self, key, ids, images, failed) -> None:
+            write_crops(output, key, ids, images, {"recipe": s["crop_recipe"], "size": s["crop_size"],
+                        "max_pixels": DEFAULT_MAX_PIXELS, "failed": failed}, storage=s["crop_storage"], source_root=root)
 
-    ok = manifest[manifest["status"] == "ok"]
-    by_class = {key: rows for key, rows in ok.groupby("class_folder", sort=False)}
+        def summary(self, classes: int) -> str:
+            return f"crops of {classes} class(es) written"
 
-    def ok_rows(key: str) -> pd.DataFrame:
-        return by_class.get(key, ok.iloc[:0])
-
-    # preprocessed_crops + vae_latents: one pass, the workers crop while the VAE encodes, each class
-    # written as soon as it is encoded (one model for the whole build: the reference has no runs)
-    root = resolve_source_root(source)
-    size = s["crop_size"]
-    device = resolve_device(s["device"])
-    vae = load_vae(s["vae"], fallback=None).to(device)
-    info = vae.info
-    lap("vae_load")
-    provenance = {
-        "vae": info.as_dict(),
-        "device": device,
-        "precision": s["precision"],
-        "latent_value": s["latent_value"] if info.has_posterior else "latent (no posterior)",
-        "seed": s["seed"],
-        "store_flip": False,
-        "encode": encode_record(device, s["batch_size"]),
-    }
-    class_rows = [ok_rows(key) for key in keys]
-    sizes = [len(rows) for rows in class_rows]
-    tasks = [(str(root / i), s["crop_recipe"], size, max_pixels) for rows in class_rows for i in rows["id"]]
-    held: dict = {}
-
-    def keep(group: int, indices: list[int], crops) -> None:
-        if group not in held:  # popped by write, on encode_stream's writer thread
-            held[group] = np.empty((sizes[group], size, size, 3), dtype=np.uint8)
-        held[group][indices] = crops
-
-    def write(group: int, result) -> None:
-        key, all_ids = keys[group], list(class_rows[group]["id"])
-        ids = [all_ids[i] for i in result.ok]
-        failed = [{"id": all_ids[i], "reason": reason} for i, reason in result.failed]
-        images = held.pop(group, np.empty((sizes[group], size, size, 3), dtype=np.uint8))
-        write_crops(
-            output, key, ids, images[result.ok],
-            {"recipe": s["crop_recipe"], "size": size, "max_pixels": max_pixels, "failed": failed},
-            storage=s["crop_storage"], source_root=root,
-        )
-        post = result.posterior
-        arrays = {"mean": post.mean, "latent": select_latent(post.mean, post.std, ids, s["latent_value"], s["seed"])}
-        if post.std is not None:
-            arrays["std"] = post.std
-        meta = {**provenance, "crops": {"recipe": s["crop_recipe"], "size": size}}
-        write_latents(output, key, ids, arrays, meta, storage=s["latent_storage"])
-        encoded.append(len(ids))
-
-    encoded: list[int] = []
-    encode_stream(
-        vae, tasks, device, batch_size=s["batch_size"], precision=s["precision"], workers=workers, groups=sizes,
-        keep_crops=keep, on_group=write,
+    rows, root = ok_rows_by_class(read_manifest(output), keys), resolve_source_root(source)
+    config = EncodeConfig(
+        output=output, precision=s["precision"], batch_size=s["batch_size"], workers=workers,
+        latent_value=s["latent_value"], seed=s["seed"], latent_storage=s["latent_storage"],
+        crop_recipe=s["crop_recipe"], crop_size=s["crop_size"], max_pixels=DEFAULT_MAX_PIXELS, device=s["device"],
     )
-    images_encoded = sum(encoded)
+    vae = load_vae(s["vae"], fallback=None)  # one model for the whole build: the reference has no runs
+    lap("vae_load")
+    encoded = encode_classes(config, keys, lambda: (vae, ""), crop_source=CropSource(rows, root), crop_writer=Crops())
     lap("crops_encode")
-
-    # mds_shards
-    recorded = json.loads(source_classes_path(output).read_text(encoding="utf-8"))["labels"]
-    mroot = mds_root(output)
+    labels, mroot = recorded_labels(output, keys), mds_root(output)  # mds_shards
     for key in keys:
-        ids, arrays, meta = read_latents(output, key)
-        value_range = meta["vae"]["quant_range"]  # IMAGENET_INT8_QUANT_RANGE unset: the VAE's default
-        label, text = int(recorded[key][0]), str(recorded[key][1])
+        _, arrays, meta = read_latents(output, key)
+        value_range = codes_range(s.get("quant_range", 0.0), meta)
         mds.write_class_shards(
-            mroot, key, quantize(arrays["latent"], value_range), label, text,
-            {**meta, "label": label, "label_as_text": text}, value_range=value_range,
+            mroot, key, quantize(arrays["latent"], value_range), labels.index[key], labels.text[key],
+            {**meta, "label": labels.index[key], "label_as_text": labels.text[key]}, value_range=value_range,
         )
         mds_index.collect_garbage(mroot, [key])
     lap("shards")
-
-    # quantization_stats
-    overall = None
-    per_class_json = {}
-    for key in keys:
-        ids, arrays, meta = read_latents(output, key)
-        latent = arrays["latent"]
-        stats = ChannelStats(latent.shape[1], meta["vae"]["quant_range"])
-        stats.update(latent)
-        if overall is None:
-            overall = ChannelStats(latent.shape[1], meta["vae"]["quant_range"])
-        overall.merge(stats)
-        per_class_json[key] = stats.summary()
-        stats.totals()
-    channels = overall.summary()
-    totals = overall.totals()
-    atomic_write_json(
-        stats_path(output),
-        {
-            "quant_range": overall.value_range,
-            "step": step(overall.value_range),
-            "recommended": recommend_ranges(channels),
-            "overall": channels,
-            "per_class": per_class_json,
-            "clip_fraction": totals["clip_fraction"],
-            "quant_rmse": totals["quant_rmse"],
-        },
-    )
+    atomic_write_json(stats_path(output), latent_statistics(output, keys, s.get("quant_range", 0.0)).record)  # quantization_stats
     lap("stats")
-
-    # mds_dataset
-    checked = publish_checks.check_publishable(mroot, keys, {key: len(ok_rows(key)) for key in keys})
-    index, summary = mds_index.merged_index(mroot, keys, checked.versions)
-    first = next(iter(checked.infos.values()))
-    mds_index.publish(mroot, index, mds_index.dataset_record(first, summary))
-    check = mds.verify_readable(mroot)
-    if check["samples"] != summary["samples"]:
-        raise AssertionError(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}")
-    remove_leftovers(mroot)
-    mds_index.collect_garbage(mroot)
-    mds_index.stray_entries(mroot, keys)
+    publish_dataset(mroot, keys, {k: len(r) for k, r in rows.items()})  # mds_dataset
     lap("dataset")
-
-    # reconstruction_report
-    from imagenet_int8_assets.core.quality.metrics import lpips_available
-    from imagenet_int8_assets.core.quality.reconstruct import choose_samples, decode_images, reconstruction_rows
-    from imagenet_int8_assets.core.quality.reconstruction_report import ClassSamples, assemble_report
-    from imagenet_int8_assets.core.latents.vae import load_vae_as_recorded
-    from imagenet_int8_assets.reader import open_dataset
-
-    build = mds_index.published_record(mroot)
-    value_range = float(build["quant_range"])
-    decoder = load_vae_as_recorded(build["vae"]).to(device)
-    dataset = open_dataset(mroot)
-    offsets, start = {}, 0
-    for key in keys:
-        offsets[key] = start
-        start += build["per_class"].get(key, 0)
-    samples, channel_values = [], []
-    for key in keys:
-        ids, arrays, _ = read_latents(output, key)
-        if not ids:
-            continue
-        pick = choose_samples(len(ids), s["report_per_class"], s["seed"], key)
-        _, crops = read_crops(output, key, mmap=True)
-        originals = np.asarray(crops[pick])
-        z_float = arrays["latent"][pick]
-        z_uint8 = np.stack([dataset[offsets[key] + int(i)]["latent"] for i in pick])
-        from_float = decode_images(decoder, z_float, device)
-        from_uint8 = decode_images(decoder, z_uint8, device)
-        rows = [
-            {"class": key, "id": ids[int(i)], **metrics}
-            for i, metrics in zip(pick, reconstruction_rows(originals, from_float, from_uint8))
-        ]
-        samples.append(ClassSamples(key, originals, from_float, from_uint8, rows))
-        channel_values.append(np.moveaxis(z_float, 1, 0).reshape(z_float.shape[1], -1))
-    del dataset
-    stats_record = json.loads(stats_path(output).read_text(encoding="utf-8"))
-    _, lpips_note = lpips_available()
-    report = assemble_report(
-        samples, channel_values, stats_record, value_range, build["vae"]["requested"], lpips_note,
-        per_class=s["report_per_class"], max_grid_images=s["report_grid_images"],
-    )
-    report.write(report_dir(output))
+    report_reconstructions(ReportConfig(output, s["report_per_class"], s["report_grid_images"], s["seed"],
+                                        resolve_device(s["device"])), keys)
     lap("report")
+    _reference_probe(output, keys, s)
+    lap("probe")
+    return {"phases": phases, "files": len(frame), "images": encoded.written,
+            "classes": len(keys), "workers": workers}
 
-    # probe_features, latent_probe
+
+def _reference_probe(output: Path, keys: list[str], s: dict) -> None:
+    """probe_features and latent_probe, as their assets call the core (no stage function yet)."""
+    import numpy as np
+
+    from imagenet_int8_assets.core.common.layout import probe_dir
+    from imagenet_int8_assets.core.latents.latent_store import read_latents
     from imagenet_int8_assets.core.quality.probe import (
         FEATURES_FILE,
         build_feature_sets,
@@ -408,7 +268,10 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         too_few_to_probe,
     )
     from imagenet_int8_assets.core.quality.probe_report import build_probe_report
+    from imagenet_int8_assets.core.quality.reconstruct import choose_samples
+    from imagenet_int8_assets.core.source.manifest import recorded_labels
 
+    labels = recorded_labels(output, keys)
     chosen = keys
     if len(keys) > s["probe_max_classes"]:
         picked = choose_samples(len(keys), s["probe_max_classes"], s["seed"], "probe:classes")
@@ -428,18 +291,16 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         )
         for name, values in features.items():
             sets.setdefault(name, []).append(values)
-        y.extend([int(recorded[key][0])] * len(pick))
+        y.extend([labels.index[key]] * len(pick))
     feature_arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
     present = sorted(set(y))
-    names = [str(recorded[k][1]) for k in chosen if int(recorded[k][0]) in present]
+    names = [labels.text[k] for k in chosen if labels.index[k] in present]
     save_features(probe_dir(output) / FEATURES_FILE, y, names, feature_arrays)
     labels_, class_names, features = load_features(probe_dir(output) / FEATURES_FILE)
     if too_few_to_probe(labels_) is None:
         yy = np.searchsorted(np.unique(labels_), labels_)
         result = run_probe(features, yy, class_names, seed=s["seed"])
         build_probe_report(result, features["sample"], yy, class_names).write(probe_dir(output) / "report")
-    lap("probe")
-    return {"phases": phases, "files": files, "images": images_encoded, "classes": len(keys), "workers": workers}
 
 
 def reference_main(config_path: str, result_path: str) -> int:
@@ -522,7 +383,7 @@ def cli_breakdown(home: Path, wall_start: float, wall_end: float) -> dict[str, A
                 kind = event.event_type_value if event is not None else "LOG"
                 kinds[kind] = kinds.get(kind, 0) + 1
                 message = entry.user_message or ""
-                if event is None and message.startswith("Loaded VAE"):  # assets/latents._Encoding, after the lease
+                if event is None and message.startswith("Loaded VAE"):  # core.latents.encode_step._Encoding, after the lease
                     device["leased"] = entry.timestamp
                 elif event is None and "streamed into the encoder" in message:  # assets/latents._stream's end
                     device["encoded"] = entry.timestamp

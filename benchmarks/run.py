@@ -50,7 +50,7 @@ from PIL import Image
 from benchmarks.machine import cpu_name, package_version
 from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
 from imagenet_int8_assets.core.common.parallel import MIN_ITEMS_FOR_POOL, default_workers, map_ordered
-from imagenet_int8_assets.core.crops.preprocess import DEFAULT_SIZE, crop_file, crop_task
+from imagenet_int8_assets.core.crops.preprocess import DEFAULT_SIZE, crop_file, crop_task, crop_tasks
 from imagenet_int8_assets.sample import SAMPLE_CLASSES, synthetic_picture
 
 SIZE = DEFAULT_SIZE
@@ -197,7 +197,7 @@ def write_images(folder: Path, count: int, workers: int) -> list[str]:
 
 def crop_ours(paths: Sequence[str], recipe: str, workers: int) -> list[np.ndarray]:
     """Our crop step: ``crop_task`` through ``map_ordered`` (in-process when ``workers`` is 1)."""
-    tasks = [(p, recipe, SIZE, DEFAULT_MAX_PIXELS) for p in paths]
+    tasks = crop_tasks("", paths, recipe, SIZE, DEFAULT_MAX_PIXELS)  # the paths as they are
     out = []
     for arr, reason in map_ordered(crop_task, tasks, workers, CHUNKSIZE):
         if arr is None:
@@ -281,7 +281,8 @@ def benchmark_encode(
     import torch
 
     from imagenet_int8_assets.core.latents.encode import encode_posterior
-    from imagenet_int8_assets.core.latents.vae import LoadedVae, load_vae, resolve_device
+    from imagenet_int8_assets.core.latents.devices import resolve_device
+    from imagenet_int8_assets.core.latents.vae import LoadedVae, load_vae
 
     device = resolve_device(device)
     loaded = load_vae(vae)
@@ -431,11 +432,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.skip_encode:  # fail before the crop part, not after it
-        from imagenet_int8_assets.core.latents.vae import VaeLoadError, resolve_device
+        from imagenet_int8_assets.core.latents.devices import DeviceSettingError, resolve_device
 
         try:
             args.device = resolve_device(args.device)
-        except VaeLoadError as exc:
+        except DeviceSettingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     results: dict[str, Any] = {

@@ -119,7 +119,7 @@ def class_folders_sensor(settings: ImagenetInt8Settings) -> SensorDefinition:
 
 
 def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8Settings):
-    from imagenet_int8_assets.assets.manifest import dataset_kept_classes
+    from imagenet_int8_assets.core.source.manifest import dataset_kept_classes
     from imagenet_int8_assets.core.source.sources import SourceError, find_class_folders
 
     source = settings.source_path()
@@ -133,7 +133,7 @@ def check_class_folders(context: SensorEvaluationContext, settings: ImagenetInt8
         return SkipReason(f"Cannot list the class folders of {source}: {exc}")
     registered = registered_classes(context.instance)
     new = sorted(set(folders) - set(registered))
-    vanished = dataset_kept_classes(settings, sorted(set(registered) - set(folders)))
+    vanished = dataset_kept_classes(settings.output_path, sorted(set(registered) - set(folders)))
     if vanished:
         context.log.warning(
             f"{len(vanished)} class folder(s) vanished from {source}: {', '.join(vanished[:20])}. The dataset keeps "

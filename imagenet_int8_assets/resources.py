@@ -30,10 +30,9 @@ from imagenet_int8_assets.core.latents.vae import (
     PRESETS,
     RANDOM_PRESETS,
     VaeLoadError,
-    check_device_name,
     check_vae,
-    resolve_device,
 )
+from imagenet_int8_assets.core.latents.devices import check_device_name, resolve_device
 from imagenet_int8_assets.sample import generate_sample_dataset
 
 DEFAULT_OUTPUT = "./imagenet_int8_data"
@@ -826,10 +825,6 @@ class ImagenetInt8Settings(ConfigurableResource):
             check_writable_folder(self.output_path, "IMAGENET_INT8_OUTPUT")
             return export_cifar10_as_folders(cifar, self.source_path(), self.cifar_split)
         return path
-
-    def range_for(self, vae_default: float) -> float:
-        """The uint8 range: the configured one, or the VAE's default when not set (0)."""
-        return self.quant_range if self.quant_range > 0 else vae_default
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else default_workers()

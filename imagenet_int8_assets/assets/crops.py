@@ -3,14 +3,16 @@ storage setting says (the asset itself is defined with vae_latents in crops_and_
 
 
 import numpy as np
-from dagster import Failure, MetadataValue
+from dagster import MetadataValue
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
-from imagenet_int8_assets.assets.manifest import ok_rows_by_class, read_manifest, require_classes_in_source
+from imagenet_int8_assets.assets.manifest import require_classes_in_source_or_fail
 from imagenet_int8_assets.assets.metadata import PartitionMetadata, markdown_table, progress_logger
 from imagenet_int8_assets.core.crops.crop_store import expected_bytes
+from imagenet_int8_assets.core.source.manifest import ok_rows_by_class, read_manifest
 from imagenet_int8_assets.core.common.parallel import map_ordered
-from imagenet_int8_assets.core.crops.preprocess import crop_task
+from imagenet_int8_assets.core.crops.preprocess import CropTask, crop_task
+from imagenet_int8_assets.core.crops.preprocess import crop_tasks as tasks_of
 from imagenet_int8_assets.core.source.sources import resolve_source_root
 from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes
 from imagenet_int8_assets.core.crops.crop_store import write_crops
@@ -29,9 +31,9 @@ CROPS_DESCRIPTION = (
 )
 
 
-def crop_tasks(settings: ImagenetInt8Settings, root, rows) -> list[tuple]:
-    """The ``crop_task`` tuples of a class's manifest rows."""
-    return [(str(root / i), settings.crop_recipe, settings.crop_size, settings.max_pixels) for i in rows["id"]]
+def crop_tasks(settings: ImagenetInt8Settings, root, rows) -> list[CropTask]:
+    """The ``CropTask``s of a class's manifest rows."""
+    return tasks_of(root, rows["id"], settings.crop_recipe, settings.crop_size, settings.max_pixels)
 
 
 class CropWriter:
@@ -84,8 +86,8 @@ def manifest_rows(context, settings: ImagenetInt8Settings) -> tuple[dict, object
     """The step's classes' good manifest rows ({class: rows}) and the source root; refuses a run
     whose settings conflict with the output's or whose classes left the source."""
     settings.require_recorded_settings_or_fail()
-    require_classes_in_source(settings, context.partition_keys)
-    by_class = ok_rows_by_class(read_manifest(settings), context.partition_keys)
+    require_classes_in_source_or_fail(settings, context.partition_keys)
+    by_class = ok_rows_by_class(read_manifest(settings.output_path), context.partition_keys)
     return by_class, resolve_source_root(settings.source_path())
 
 
@@ -116,17 +118,3 @@ def crop_classes(context, settings: ImagenetInt8Settings) -> None:
         writer.write(key, ids, images[: len(ids)], failed)
     context.log.info(writer.summary(len(context.partition_keys)))
 
-
-def crop_pixels_or_fail(images):
-    """The crops' pixels: a ``CropArray`` (png and none crops) is computed and
-    verified here, and a crop that no longer matches (a changed source file) is a one-line
-    ``Failure`` naming the files and what to re-materialize; raw crops are returned as they are
-    (memory-mapped)."""
-    from imagenet_int8_assets.core.crops.crop_store import CropArray, CropVerificationError
-
-    if not isinstance(images, CropArray):
-        return images
-    try:
-        return images.load()
-    except CropVerificationError as exc:
-        raise Failure(description=str(exc), allow_retries=False) from None

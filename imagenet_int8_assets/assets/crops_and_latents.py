@@ -20,7 +20,7 @@ from dagster import (
 from imagenet_int8_assets.assets.crops import CROPS_DESCRIPTION, crop_classes
 from imagenet_int8_assets.assets.latents import LATENTS_DESCRIPTION, encode_classes
 from imagenet_int8_assets.assets.manifest import raw_manifest, source_class_files
-from imagenet_int8_assets.assets.metadata import GROUP
+from imagenet_int8_assets.assets.metadata import DATASET_GROUP
 from imagenet_int8_assets.build.instance import GPU_POOL
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import DEFAULT_MAX_PARTITIONS_PER_RUN, ImagenetInt8Settings
@@ -32,11 +32,11 @@ CROPS, LATENTS = AssetKey("preprocessed_crops"), AssetKey("vae_latents")
     name="crops_and_latents",
     specs=[
         AssetSpec(
-            CROPS, deps=[raw_manifest, source_class_files], group_name=GROUP, kinds={"numpy"},
+            CROPS, deps=[raw_manifest, source_class_files], group_name=DATASET_GROUP, kinds={"numpy"},
             description=CROPS_DESCRIPTION, skippable=True,
         ),
         AssetSpec(
-            LATENTS, deps=[CROPS], group_name=GROUP, kinds={"pytorch"}, description=LATENTS_DESCRIPTION,
+            LATENTS, deps=[CROPS], group_name=DATASET_GROUP, kinds={"pytorch"}, description=LATENTS_DESCRIPTION,
             skippable=True,
         ),
     ],

@@ -2,8 +2,6 @@
 
 
 import io
-import json
-from dataclasses import dataclass
 
 import pandas as pd
 from dagster import (
@@ -11,6 +9,7 @@ from dagster import (
     AssetObservation,
     DataVersion,
     DataVersionsByPartition,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -18,11 +17,21 @@ from dagster import (
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-from imagenet_int8_assets.assets.metadata import GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, find_class_folders, scan_source
-from imagenet_int8_assets.core.common.layout import MissingArtifact, manifest_path
+from imagenet_int8_assets.assets.metadata import DATASET_GROUP, markdown_table, progress_logger
 from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json
-from imagenet_int8_assets.core.common.layout import source_classes_path as classes_json_path
+from imagenet_int8_assets.core.common.layout import manifest_path, source_classes_path
+from imagenet_int8_assets.core.source.manifest import (
+    DatasetClasses,
+    ManifestRefusal,
+    dataset_kept_classes,
+    previous_manifest,
+    read_source_classes,
+    recorded_labels,
+    require_classes_in_source,
+    require_usable_images,
+)
+from imagenet_int8_assets.core.source.manifest import dataset_classes as split_dataset_classes
+from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, find_class_folders, scan_source
 from imagenet_int8_assets.partitions import (
     class_partitions,
     register_classes,
@@ -31,160 +40,37 @@ from imagenet_int8_assets.partitions import (
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
 
-# what counting each class's good images needs: reading only these two columns of an ImageNet-size
-# manifest takes 0.1 s instead of 0.8 s, and the steps after the last encode read it four times
-COUNT_COLUMNS = ("class_folder", "status")
-
-
-def read_manifest(settings: ImagenetInt8Settings, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """The manifest, or only its ``columns`` (``COUNT_COLUMNS`` to count good images)."""
-    path = manifest_path(settings.output_path)
-    if not path.is_file():
-        raise MissingArtifact(
-            f"No manifest at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
-        )
-    return pd.read_parquet(path, columns=list(columns) if columns else None)
-
-
-def source_classes_path(settings: ImagenetInt8Settings):
-    return classes_json_path(settings.output_path)
-
-
-def read_source_classes(settings: ImagenetInt8Settings) -> dict:
-    """The last scan's classes: ``{"classes": [...], "labels": {class: [index, text]}, "versions": {class: v}}``."""
-    path = source_classes_path(settings)
-    if not path.is_file():
-        raise MissingArtifact(
-            f"No class list at {str(path)!r}. Materialize 'raw_manifest' first (or run `imagenet-int8 build`)."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-@dataclass(frozen=True)
-class DatasetClasses:
-    """Which registered classes form the dataset.
-
-    ``present``: in the source at the last scan. ``vanished``: registered and built by this output
-    but gone from the source; the dataset keeps their last build (never silently dropped).
-    ``foreign``: registered in the instance but neither in this source nor built here (another
-    output sharing the DAGSTER_HOME); left out.
-    """
-
-    present: list[str]
-    vanished: list[str]
-    foreign: list[str]
-
-    @property
-    def in_dataset(self) -> list[str]:
-        return sorted(self.present + self.vanished)
-
-
-def dataset_kept_classes(settings: ImagenetInt8Settings, names) -> list[str]:
-    """Those of ``names`` that this output has built (a current MDS version): a dataset holds them."""
-    from imagenet_int8_assets.core.dataset import mds_index
-    from imagenet_int8_assets.core.common.layout import mds_root
-
-    root = mds_root(settings.output_path)
-    return [k for k in names if (mds_index.class_home(root, k) / mds_index.CURRENT).is_file()]
-
-
 def dataset_classes(instance, settings: ImagenetInt8Settings) -> DatasetClasses:
-    """Split the instance's registered classes by ``DatasetClasses``' rules (reads the last scan)."""
-    in_source = set(read_source_classes(settings)["classes"])
-    others = sorted(set(registered_classes(instance)) - in_source)
-    vanished = dataset_kept_classes(settings, others)
-    foreign = [k for k in others if k not in set(vanished)]
-    return DatasetClasses(sorted(in_source), vanished, foreign)
+    """The instance's registered classes split by ``DatasetClasses``' rules (reads the last scan)."""
+    return split_dataset_classes(settings.output_path, registered_classes(instance))
 
 
-def recorded_labels(settings: ImagenetInt8Settings, keys) -> ClassLabels:
-    """The labels the last scan gave ``keys`` (vanished classes keep theirs)."""
-    from dagster import Failure
-
-    recorded = read_source_classes(settings)["labels"]
-    unknown = [k for k in keys if k not in recorded]
-    if unknown:
-        raise Failure(
-            description=(
-                f"No label for class(es) {', '.join(unknown[:20])}: they are not in the source scanned by raw_manifest. "
-                "Materialize raw_manifest; a partition of another output sharing this DAGSTER_HOME cannot be built here."
-            ),
-            allow_retries=False,
-        )
-    return ClassLabels(
-        scheme="recorded",
-        index={k: int(recorded[k][0]) for k in keys},
-        text={k: str(recorded[k][1]) for k in keys},
-        note="labels recorded by the last raw_manifest scan",
-    )
+def _refusal_fails(call, *args):
+    """``call(*args)``, a ``ManifestRefusal`` turned into a failure that is not retried."""
+    try:
+        return call(*args)
+    except ManifestRefusal as exc:
+        raise Failure(description=str(exc), allow_retries=False) from None
 
 
-def require_classes_in_source(settings: ImagenetInt8Settings, keys) -> None:
-    """A ``Failure`` naming the partitions whose class folder the last scan did not find.
-
-    Rebuilding such a class would replace its last build with an empty one (silently dropping it
-    from the dataset), so it is refused."""
-    from dagster import Failure
-
-    in_source = set(read_source_classes(settings)["classes"])
-    missing = [k for k in keys if k not in in_source]
-    if missing:
-        raise Failure(
-            description=(
-                f"{len(missing)} class(es) are not in the source scanned by raw_manifest: {', '.join(missing[:20])}. "
-                "If the folder was added since, materialize raw_manifest first. If it vanished, the dataset keeps its "
-                "last build; to drop it, delete its partition (docs/OPERATING.md: Live class partitions). A partition "
-                "of another output sharing this DAGSTER_HOME cannot be built here."
-            ),
-            allow_retries=False,
-        )
+def recorded_labels_or_fail(settings: ImagenetInt8Settings, keys) -> ClassLabels:
+    """``core.source.manifest.recorded_labels``; a class without a label fails the step."""
+    return _refusal_fails(recorded_labels, settings.output_path, keys)
 
 
-def ok_rows_by_class(manifest: pd.DataFrame, class_folders) -> dict[str, pd.DataFrame]:
-    """The good images (status ``ok``) of each of ``class_folders``, an empty frame for a class with
-    none. Rows of top-level entries that are not classes (a bad folder name, a link not followed)
-    have class_folder "" and status bad/skipped, so never match. One ``groupby``: a step over a
-    batch of classes splits the manifest once instead of filtering every row once per class (at
-    ImageNet size a mask over the 1.28 M rows costs about 0.13 s)."""
-    ok = manifest[manifest["status"] == "ok"]
-    groups = {key: rows for key, rows in ok.groupby("class_folder", sort=False)}
-    return {key: groups[key] if key in groups else ok.iloc[:0] for key in class_folders}
+def require_classes_in_source_or_fail(settings: ImagenetInt8Settings, keys) -> None:
+    """``core.source.manifest.require_classes_in_source``; a class not in the source fails the step."""
+    _refusal_fails(require_classes_in_source, settings.output_path, keys)
 
 
-def ok_counts_by_class(manifest: pd.DataFrame, class_folders) -> dict[str, int]:
-    """How many good images (status ``ok``) each of ``class_folders`` has, 0 for none: one
-    ``value_counts`` (``COUNT_COLUMNS`` are enough)."""
-    counts = manifest.loc[manifest["status"] == "ok", "class_folder"].value_counts()
-    return {key: int(counts.get(key, 0)) for key in class_folders}
-
-
-def require_usable_images(manifest: pd.DataFrame) -> None:
-    """Stop with "no usable images" and the manifest's counts when no file is ``ok``.
-
-    Nothing to build (every file bad or skipped, or class folders without files): the steps that
-    need at least one image (mds_dataset, probe_features) and `imagenet-int8 build` (right after
-    the manifest) call this first, so the user reads the counts instead of a stack trace.
-    """
-    from dagster import Failure
-
-    if (manifest["status"] == "ok").any():
-        return
-    counts = manifest["status"].value_counts()
-    classes = manifest.loc[manifest["class_folder"] != "", "class_folder"].nunique()
-    raise Failure(
-        description=(
-            f"No usable images: the manifest lists {len(manifest)} file(s) in {classes} class folder(s), "
-            f"0 ok, {int(counts.get('bad', 0))} bad, {int(counts.get('skipped', 0))} skipped, so there is "
-            "nothing to build. Add images to the source's class folders or fix the bad files (raw_manifest's "
-            "metadata lists each with its reason), then materialize raw_manifest again."
-        ),
-        allow_retries=False,
-    )
+def require_usable_images_or_fail(manifest: pd.DataFrame) -> None:
+    """``core.source.manifest.require_usable_images``; no usable image fails the step."""
+    _refusal_fails(require_usable_images, manifest)
 
 
 @observable_source_asset(
     name="source_class_files",
-    group_name=GROUP,
+    group_name=DATASET_GROUP,
     partitions_def=class_partitions,
     required_resource_keys={"settings"},
     description=(
@@ -198,7 +84,7 @@ def require_usable_images(manifest: pd.DataFrame) -> None:
     ),
 )
 def source_class_files(context) -> DataVersionsByPartition:
-    versions = read_source_classes(context.resources.settings)["versions"]
+    versions = read_source_classes(context.resources.settings.output_path)["versions"]
     return DataVersionsByPartition({key: DataVersion(v) for key, v in versions.items()})
 
 
@@ -212,17 +98,9 @@ def _observed_versions(instance) -> dict[str, str]:
     return {key: values[DATA_VERSION_TAG] for key, values in tags.items() if DATA_VERSION_TAG in values}
 
 
-def _previous_manifest(settings: ImagenetInt8Settings) -> pd.DataFrame | None:
-    """The last manifest, to reuse its rows of unchanged files; None when absent or unreadable."""
-    try:
-        return read_manifest(settings)
-    except Exception:  # a damaged manifest is simply rebuilt
-        return None
-
-
 @asset(
     name="raw_manifest",
-    group_name=GROUP,
+    group_name=DATASET_GROUP,
     kinds={"parquet"},
     description=(
         "Every file under the source: relative path (id), class folder, label index and text, "
@@ -241,14 +119,14 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     source = settings.prepare_source()
     root_classes = find_class_folders(source).names
     registered = registered_classes(context.instance)
-    vanished = [k for k in dataset_kept_classes(settings, registered) if k not in set(root_classes)]
+    vanished = [k for k in dataset_kept_classes(settings.output_path, registered) if k not in set(root_classes)]
     context.log.info(f"Scanning {source} with {settings.worker_count()} worker process(es)")
     frame, labels = scan_source(
         source,
         max_pixels=settings.max_pixels,
         workers=settings.worker_count(),
         progress=progress_logger(context.log.info, "files probed"),
-        previous=_previous_manifest(settings),
+        previous=previous_manifest(settings.output_path),
         extra_classes=vanished,
     )
     rewritten = int(frame.attrs.get("rewritten_files", 0))
@@ -266,7 +144,7 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     path = manifest_path(settings.output_path)
     atomic_write_bytes(path, buffer.getvalue())
     atomic_write_json(
-        source_classes_path(settings),
+        source_classes_path(settings.output_path),
         {
             "classes": list(root_classes),
             "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},

@@ -7,7 +7,11 @@ from collections.abc import Callable
 
 from imagenet_int8_assets.core.common.tables import markdown_table  # noqa: F401 (the assets' table helper)
 
-GROUP = "imagenet_int8"
+# The asset groups, each named once (users select them: `dagster asset materialize --select group:quality`).
+DATASET_GROUP = "imagenet_int8"  # the class stages, quantization_stats and the MDS dataset
+QUALITY_GROUP = "quality"  # the reconstruction report and its checks
+PROBE_GROUP = "latent_probe"  # the linear probe and its features
+PUBLISH_GROUP = "publish"  # the Hub upload
 
 
 def progress_logger(

@@ -5,13 +5,11 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import (
-    COUNT_COLUMNS,
     dataset_classes,
-    read_manifest,
-    recorded_labels,
-    require_usable_images,
+    recorded_labels_or_fail,
+    require_usable_images_or_fail,
 )
-from imagenet_int8_assets.assets.metadata import markdown_table
+from imagenet_int8_assets.assets.metadata import PROBE_GROUP, markdown_table
 from imagenet_int8_assets.core.common.plotting import markdown_image
 from imagenet_int8_assets.core.quality.probe import (
     FEATURES_FILE,
@@ -21,16 +19,15 @@ from imagenet_int8_assets.core.quality.probe import (
     too_few_to_probe,
 )
 from imagenet_int8_assets.core.quality.reconstruct import choose_samples
+from imagenet_int8_assets.core.source.manifest import COUNT_COLUMNS, read_manifest
 from imagenet_int8_assets.core.common.layout import MissingArtifact, probe_dir
 from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 
-GROUP = "latent_probe"
-
 
 @asset(
     name="probe_features",
-    group_name=GROUP,
+    group_name=PROBE_GROUP,
     deps=["vae_latents"],
     kinds={"numpy"},
     description=(
@@ -42,10 +39,10 @@ GROUP = "latent_probe"
     ),
 )
 def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    require_usable_images(read_manifest(settings, COUNT_COLUMNS))
+    require_usable_images_or_fail(read_manifest(settings.output_path, COUNT_COLUMNS))
     settings.require_recorded_settings_or_fail()
     all_keys = dataset_classes(context.instance, settings).in_dataset
-    labels = recorded_labels(settings, all_keys)
+    labels = recorded_labels_or_fail(settings, all_keys)
     keys = all_keys
     if len(all_keys) > settings.probe_max_classes:  # SVC and boosting scale with the class count
         chosen = choose_samples(len(all_keys), settings.probe_max_classes, settings.seed, "probe:classes")
@@ -100,7 +97,7 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
 
 @asset(
     name="latent_probe",
-    group_name=GROUP,
+    group_name=PROBE_GROUP,
     deps=[probe_features],
     kinds={"sklearn"},
     description=(

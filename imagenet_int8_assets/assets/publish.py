@@ -24,6 +24,7 @@ from dagster import (
     asset,
 )
 
+from imagenet_int8_assets.assets.metadata import PUBLISH_GROUP
 from imagenet_int8_assets.assets.quantization import quantization_stats
 from imagenet_int8_assets.assets.report import reconstruction_report
 from imagenet_int8_assets.assets.shards import mds_dataset
@@ -33,7 +34,6 @@ from imagenet_int8_assets.core.common.layout import mds_root, report_dir, stats_
 from imagenet_int8_assets.core.common.urls import redact_url, redact_urls
 from imagenet_int8_assets.resources import ENV, ImagenetInt8Settings
 
-PUBLISH_GROUP = "publish"
 TOKEN_VAR = "HF_TOKEN"
 
 

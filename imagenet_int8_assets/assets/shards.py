@@ -1,7 +1,5 @@
 """mds_shards (one MDS folder per class) and mds_dataset (the merged, readable dataset)."""
 
-import json
-
 from dagster import (
     AssetCheckExecutionContext,
     AssetExecutionContext,
@@ -15,24 +13,23 @@ from dagster import (
 
 from imagenet_int8_assets.assets.disk_space import SpaceNeeds
 from imagenet_int8_assets.assets.manifest import (
-    COUNT_COLUMNS,
     dataset_classes,
-    ok_counts_by_class,
     raw_manifest,
-    read_manifest,
-    recorded_labels,
-    require_classes_in_source,
-    require_usable_images,
+    recorded_labels_or_fail,
+    require_classes_in_source_or_fail,
+    require_usable_images_or_fail,
 )
-from imagenet_int8_assets.assets.metadata import GROUP, PartitionMetadata, markdown_table
+from imagenet_int8_assets.assets.metadata import DATASET_GROUP, PartitionMetadata, markdown_table
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
 from imagenet_int8_assets.core.dataset import mds_index, publish_checks
+from imagenet_int8_assets.core.dataset.publish_dataset import DatasetUnreadable, publish_dataset
 from imagenet_int8_assets.core.latents.encode import non_finite_count
-from imagenet_int8_assets.core.latents.quantize import quantize
-from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes, remove_leftovers
+from imagenet_int8_assets.core.latents.quantize import codes_range, quantize, recorded_range
+from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes
 from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.core.common.urls import redact_url
+from imagenet_int8_assets.core.source.manifest import COUNT_COLUMNS, ok_counts_by_class, read_manifest
 from imagenet_int8_assets.partitions import class_partitions
 from imagenet_int8_assets.resources import (
     DEFAULT_MAX_PARTITIONS_PER_RUN,
@@ -69,13 +66,13 @@ def _remote_or_fail(call):
 
 def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     """Per class: the manifest's good images against the samples in the class's MDS index."""
-    manifest = read_manifest(settings, COUNT_COLUMNS)
+    manifest = read_manifest(settings.output_path, COUNT_COLUMNS)
     return publish_checks.count_rows(mds_root(settings.output_path), ok_counts_by_class(manifest, keys), keys)
 
 
 @asset(
     name="mds_shards",
-    group_name=GROUP,
+    group_name=DATASET_GROUP,
     partitions_def=class_partitions,
     backfill_policy=BackfillPolicy.multi_run(DEFAULT_MAX_PARTITIONS_PER_RUN),
     deps=["vae_latents", raw_manifest],
@@ -92,10 +89,10 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
     from imagenet_int8_assets.core.dataset import mds
 
     settings.require_recorded_settings_or_fail()
-    require_classes_in_source(settings, context.partition_keys)
-    labels = recorded_labels(settings, context.partition_keys)
+    require_classes_in_source_or_fail(settings, context.partition_keys)
+    labels = recorded_labels_or_fail(settings, context.partition_keys)
     root = mds_root(settings.output_path)
-    manifest = read_manifest(settings, COUNT_COLUMNS)
+    manifest = read_manifest(settings.output_path, COUNT_COLUMNS)
     space = SpaceNeeds("mds_shards", settings.output_path, sum(ok_counts_by_class(manifest, context.partition_keys).values()))
     partition_metadata, samples, remote = PartitionMetadata(context), 0, remote_mds(settings)
     for key in context.partition_keys:
@@ -107,7 +104,7 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
                 f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
                 "(the latents_are_finite check explains which) before writing shards."
             )
-        value_range = settings.range_for(meta["vae"]["quant_range"])
+        value_range = codes_range(settings.quant_range, meta)
         flips = arrays.get("latent_flip")
         space.writing(len(ids), latent.size * (1 if flips is None else 2), key)
         with space.guard():
@@ -184,7 +181,7 @@ def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: Im
 
 @asset(
     name="mds_dataset",
-    group_name=GROUP,
+    group_name=DATASET_GROUP,
     deps=[mds_shards, "quantization_stats"],
     kinds={"mosaicml"},
     description=(
@@ -197,14 +194,14 @@ def mds_count_matches_manifest(context: AssetCheckExecutionContext, settings: Im
     ),
 )
 def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core.dataset import mds
+    from imagenet_int8_assets.core.dataset.mds_remote import RemoteError
 
     settings.require_recorded_settings_or_fail()
     classes = dataset_classes(context.instance, settings)
     keys = classes.in_dataset
     root = mds_root(settings.output_path)
-    manifest = read_manifest(settings, COUNT_COLUMNS)
-    require_usable_images(manifest)
+    manifest = read_manifest(settings.output_path, COUNT_COLUMNS)
+    require_usable_images_or_fail(manifest)
     if classes.vanished:
         context.log.warning(
             f"{len(classes.vanished)} class(es) vanished from the source: {', '.join(classes.vanished[:20])}. "
@@ -216,25 +213,24 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             f"{len(classes.foreign)} registered class(es) are neither in this source nor built here (another "
             f"output sharing DAGSTER_HOME?), left out: {', '.join(classes.foreign[:20])}"
         )
+    remote = remote_mds(settings)
+
+    def index_space(nbytes: int) -> SpaceNeeds:
+        space = SpaceNeeds("mds_dataset", settings.output_path)
+        space.writing(1, nbytes)
+        return space
+
     try:
-        checked = publish_checks.check_publishable(root, keys, ok_counts_by_class(manifest, classes.present))
-    except publish_checks.NotPublishable as exc:
+        done = publish_dataset(
+            root, keys, ok_counts_by_class(manifest, classes.present), remote=remote, space=index_space,
+            info=context.log.info, upload_progress=_every_n_uploads(context, 50),
+        )
+    except (publish_checks.NotPublishable, DatasetUnreadable, RemoteError) as exc:
         raise Failure(str(exc)) from exc
-    index, summary = mds_index.merged_index(root, keys, checked.versions)  # exactly what was checked
-    first = next(iter(checked.infos.values()))
-    space = SpaceNeeds("mds_dataset", settings.output_path)
-    space.writing(1, 2 * len(json.dumps(index)))
-    with space.guard():
-        published = mds_index.publish(root, index, mds_index.dataset_record(first, summary))
-    check = mds.verify_readable(root)
-    if check["samples"] != summary["samples"]:
-        raise Failure(f"StreamingDataset sees {check['samples']} samples, the index lists {summary['samples']}.")
-    removed = remove_leftovers(root) + mds_index.collect_garbage(root)
-    strays = mds_index.stray_entries(root, keys)
-    remote, remote_metadata = remote_mds(settings), {}
-    if remote is not None:  # after the local sweep: the bucket keeps what the root keeps
-        context.log.info(f"Mirroring the dataset to {redact_url(remote.url)} (class versions first, index.json last)")
-        mirrored = _remote_or_fail(lambda: remote.publish(root, progress=_every_n_uploads(context, 50)))
+    summary, first, strays = done.summary, done.first, done.strays
+    remote_metadata = {}
+    if done.mirrored is not None:
+        mirrored = done.mirrored
         remote_metadata = {
             "remote": redact_url(remote.url),
             "remote_uploaded_files": len(mirrored.uploaded),
@@ -242,24 +238,19 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             "remote_published": "new index" if mirrored.published else "unchanged",
             "remote_removed_versions": len(mirrored.removed),
         }
-        context.log.info(
-            f"{redact_url(remote.url)}: {len(mirrored.uploaded)} file(s) uploaded ({mirrored.uploaded_bytes} bytes), "
-            f"{mirrored.present} already there, index {'published' if mirrored.published else 'unchanged'}, "
-            f"{len(mirrored.removed)} unreferenced version(s) removed"
-        )
     fallback = bool(first.get("vae", {}).get("fallback_reason"))
     metadata = {
         "path": MetadataValue.path(str(root)),
         "samples": summary["samples"],
         "shards": summary["shards"],
         "classes": len(keys),
-        "bytes": int(sum(s["raw_data"]["bytes"] for s in index["shards"])),
+        "bytes": done.bytes,
         "vae": first["vae"]["requested"],
         "vae_revision": first["vae"].get("revision") or "",
         "vae_weights_sha256": first["vae"].get("weights_sha256") or "",
         "vae_fallback": fallback,
         "latent_value": first["latent_value"],
-        "quant_range": first["quant_range"],
+        "quant_range": recorded_range(first),
         "dequantize": first["dequantize"],
         "latent_shape": str(tuple(first["latent_shape"])),
         "schema": MetadataValue.json(first["schema"]),
@@ -273,11 +264,11 @@ def mds_dataset(context: AssetExecutionContext, settings: ImagenetInt8Settings) 
             + (f"\n\nFrom the bucket: `open_dataset(\"{redact_url(remote.url)}\", local=\"/tmp/cache\")`" if remote else "")
         ),
         "stray_entries": ", ".join(strays),
-        "published": "new version" if published else "unchanged (same content as the published index)",
+        "published": "new version" if done.published else "unchanged (same content as the published index)",
         "versions": MetadataValue.md(
             markdown_table([{"class": k, "version": v} for k, v in summary["versions"].items()])
         ),
-        "removed_versions_and_leftovers": len(removed),
+        "removed_versions_and_leftovers": len(done.removed),
         "vanished_classes": ", ".join(classes.vanished),
         "vanished_count": len(classes.vanished),
         "foreign_classes": ", ".join(classes.foreign),

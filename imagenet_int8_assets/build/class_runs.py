@@ -376,7 +376,7 @@ class ClassRuns:
     def _finish(self, active: _Active) -> list[str]:
         from dagster import DagsterEventType, DagsterRunStatus
 
-        from imagenet_int8_assets.build.run_events import failure_lines
+        from imagenet_int8_assets.build.run_events import failure_lines, run_failure_block
         from imagenet_int8_assets.build.dead_runs import fail_run
 
         active.process.join()
@@ -384,7 +384,7 @@ class ClassRuns:
         code = active.process.exitcode
         run = self.instance.get_run_by_id(active.run_id)
         if run is None:
-            return [f"run {active.run_id}:", f"  its process exited with code {code} before the run was created"]
+            return run_failure_block(active.run_id, [f"its process exited with code {code} before the run was created"], False)
         problems = []
         if run.status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
             how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
@@ -399,9 +399,7 @@ class ClassRuns:
         )
         problems += failure_lines(entry.dagster_event for entry in logs)
         succeeded = self.instance.get_run_by_id(active.run_id).status == DagsterRunStatus.SUCCESS
-        if problems or not succeeded:
-            return [f"run {active.run_id}:"] + [f"  {p}" for p in problems or ["failed"]]
-        return []
+        return run_failure_block(active.run_id, problems, succeeded)
 
     def run(self, batches: Sequence[list[str]]) -> list[str]:
         """Execute every batch; returns the failure lines (empty when every run succeeded)."""

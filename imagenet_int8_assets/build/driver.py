@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from imagenet_int8_assets.build.run_events import RunProgress, failure_lines
+from imagenet_int8_assets.build.run_events import RunProgress, failure_lines, run_failure_block
 from imagenet_int8_assets.build.stages import CLASS_STEPS, DATASET_STEPS, MANIFEST_STEPS, PUBLISH_STEPS
 
 
@@ -68,7 +68,7 @@ def _build_locked(
     from dagster._core.utils import make_new_run_id
     from tqdm import tqdm
 
-    from imagenet_int8_assets.assets.manifest import read_source_classes
+    from imagenet_int8_assets.core.source.manifest import read_source_classes
     from imagenet_int8_assets.build.plan import plan_build
     from imagenet_int8_assets.build.class_runs import (
         ClassRuns,
@@ -121,9 +121,7 @@ def _build_locked(
                     run_id=run_id,
                     raise_on_error=False,
                 )
-            problems = _failures(result)
-            if problems or not result.success:
-                failures.extend([f"run {run_id}:"] + [f"  {p}" for p in problems or ["failed"]])
+            failures.extend(run_failure_block(run_id, _failures(result), result.success))
             return result.success
 
         # class runs in processes of their own (a GPU node: devices + 1 at once), the first ones
@@ -145,7 +143,7 @@ def _build_locked(
         try:
             bar.set_description("manifest")
             if run(MANIFEST_STEPS) and _usable_images(settings, failures):
-                plan = plan_build(instance, defs, settings, read_source_classes(settings)["classes"], force)
+                plan = plan_build(instance, defs, settings, read_source_classes(settings.output_path)["classes"], force)
                 batches = class_batches(partition_order(instance), plan.classes, per_run)
                 bar.total = 1 + len(CLASS_STEPS) * len(plan.classes) + (len(DATASET_STEPS) if plan.dataset else 0) + publish
                 bar.refresh()
@@ -192,14 +190,17 @@ def _build_locked(
 def _usable_images(settings, failures: list[str]) -> bool:
     """After the manifest: False, with the "no usable images" message in ``failures``, when there
     is nothing to build (the build then stops instead of failing in later steps)."""
-    from dagster import Failure
-
-    from imagenet_int8_assets.assets.manifest import COUNT_COLUMNS, read_manifest, require_usable_images
+    from imagenet_int8_assets.core.source.manifest import (
+        COUNT_COLUMNS,
+        ManifestRefusal,
+        read_manifest,
+        require_usable_images,
+    )
 
     try:
-        require_usable_images(read_manifest(settings, COUNT_COLUMNS))
-    except Failure as exc:
-        failures.append(f"  {exc.description}")
+        require_usable_images(read_manifest(settings.output_path, COUNT_COLUMNS))
+    except ManifestRefusal as exc:
+        failures.append(f"  {exc}")
         return False
     return True
 

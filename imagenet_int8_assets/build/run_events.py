@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 
 class RunProgress:
@@ -71,3 +72,11 @@ def failure_lines(events) -> list[str]:
             data = event.event_specific_data
             lines.append(f"check {data.check_name} failed: {data.description or ''}")
     return lines
+
+
+def run_failure_block(run_id: str, problems: Sequence[str], succeeded: bool) -> list[str]:
+    """What a build reports for one of its runs: nothing when it succeeded without a problem,
+    else ``run <id>:`` and each problem on an indented line (``failed`` when there is none)."""
+    if not problems and succeeded:
+        return []
+    return [f"run {run_id}:"] + [f"  {p}" for p in problems or ["failed"]]

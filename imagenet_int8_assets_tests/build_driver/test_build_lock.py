@@ -1,4 +1,4 @@
-"""One build per output, and killed builds never block anyone (issue 7, items 2 and 3).
+"""One build per output, and killed builds never block anyone.
 
 Real processes throughout: lock holders are separate Python processes killed with SIGKILL, the
 builds are real `imagenet-int8` subprocesses, the runs live in a real SQLite Dagster instance.
@@ -34,10 +34,9 @@ from imagenet_int8_assets.build.dead_runs import (
     process_run_tags,
 )
 from imagenet_int8_assets.build.instance import GPU_POOL, prepare_dagster_home
-from imagenet_int8_assets_tests.conftest import REPO, cli_env, make_image_folder
+from imagenet_int8_assets_tests.support.builds import BIN, REPO, cli_env, make_image_folder
 from imagenet_int8_assets_tests.support.killed_build import kill_build_during_gpu_run
 
-BIN = Path(sys.executable).parent
 HOLDER = """
 import sys, time
 from imagenet_int8_assets.core.common.build_lock import hold_build_lock
@@ -230,6 +229,7 @@ prepare_dagster_home(sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_new_dagster_home_initialize_it_one_at_a_time(tmp_path):
     # Builds of different outputs may share a DAGSTER_HOME set by the user. Without the init lock,
     # three processes creating one new SQLite instance together left two alembic heads in
@@ -251,6 +251,7 @@ def test_processes_sharing_a_new_dagster_home_initialize_it_one_at_a_time(tmp_pa
         assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_builds_at_once_then_a_killed_build_that_blocks_nothing(tmp_path):
     source = make_image_folder(tmp_path / "src", {"n01440764": 3, "n02102040": 2})

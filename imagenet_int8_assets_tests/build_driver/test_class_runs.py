@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets.core.latents.devices import lock_path
 from imagenet_int8_assets_tests.support.killed_build import alive, kill_build_during_gpu_run, run_processes
 
@@ -35,6 +36,7 @@ def _class_runs(instance: dg.DagsterInstance) -> list[dg.RunRecord]:
     ]
 
 
+@pytest.mark.slow
 def test_runs_at_once_over_two_devices_encode_each_class_once_with_the_serial_bytes(tmp_path):
     source = make_image_folder(tmp_path / "src", {c: 3 for c in CLASSES})
     command = [str(BIN / "imagenet-int8"), "build", "--source", str(source), "--max-partitions-per-run", "1"]
@@ -77,6 +79,7 @@ def test_runs_at_once_over_two_devices_encode_each_class_once_with_the_serial_by
         assert len(_class_runs(instance)) == 4
 
 
+@pytest.mark.slow
 def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
     # the first class is big enough that its run is still encoding when the test kills it
     source = make_image_folder(tmp_path / "src", {CLASSES[0]: 40, CLASSES[1]: 2, CLASSES[2]: 2})
@@ -133,6 +136,18 @@ def test_a_run_process_that_dies_fails_its_run_and_the_build_goes_on(tmp_path):
     assert "44 samples in 3 classes" in again.stdout
 
 
+def test_a_runs_failure_block_is_one_form_for_in_process_and_class_runs():
+    """The block the build prints for a run, wherever the run executed (the manifest and dataset
+    runs in the build's process, class runs in processes of their own)."""
+    from imagenet_int8_assets.build.run_events import run_failure_block
+
+    assert run_failure_block("r1", [], True) == []
+    assert run_failure_block("r1", [], False) == ["run r1:", "  failed"]
+    assert run_failure_block("r2", ["vae_latents: out of memory", "check x failed: y"], True) == [
+        "run r2:", "  vae_latents: out of memory", "  check x failed: y",
+    ]
+
+
 def test_class_batches_every_class_once_in_order_with_small_edges_in_big_builds():
     from imagenet_int8_assets.build.class_runs import class_batches, edge_size
 
@@ -186,6 +201,7 @@ def test_class_batches_follow_the_registration_order_and_cover_exactly_the_class
     assert class_batches(order, ["not-registered"], 3) == []
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_run_process_and_the_next_build_fails_its_runs(tmp_path):
     source = make_image_folder(tmp_path / "src", {CLASSES[0]: 12, CLASSES[1]: 12})
     env, home = cli_env(tmp_path), tmp_path / "out" / "dagster_home"
@@ -213,6 +229,7 @@ def _two_class_build(tmp_path: Path, runs_at_once: str) -> tuple[subprocess.Pope
     return proc, log
 
 
+@pytest.mark.slow
 def test_runs_at_once_never_starts_more_run_processes_than_batches_and_bounds_by_memory(tmp_path):
     """--runs-at-once 1000 on a two-class source (one class per run): at most two run processes
     ever exist (a user saw 636 start and the machine run out of memory)."""

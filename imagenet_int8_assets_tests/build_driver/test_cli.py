@@ -9,9 +9,10 @@ import sys
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from imagenet_int8_assets.core.dataset.mds_index import class_home, index_sample_count, read_class_index
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, run_cli
 
 
 
@@ -19,6 +20,7 @@ from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder,
 
 
 
+@pytest.mark.slow
 def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
     source = make_image_folder(tmp_path / "src", {"n01440764": 3, "n02676566": 2, "n09999999x": 0})
     (source / "n02676566" / "broken.JPEG").write_bytes(b"\xff\xd8\xff garbage")
@@ -51,6 +53,7 @@ def test_build_errors_are_clear_and_nonzero(tmp_path):
     assert "RANDOM" not in proc.stdout + proc.stderr  # only the demo may fall back
 
 
+@pytest.mark.slow
 def test_demo_falls_back_loudly_and_says_how_to_read(tmp_path):
     env = cli_env(tmp_path)
     del env["IMAGENET_INT8_VAE"]  # the real default, unavailable offline: the demo's fallback
@@ -65,6 +68,7 @@ def test_demo_falls_back_loudly_and_says_how_to_read(tmp_path):
     assert check.stdout.split()[:4] == ["21", "(4,", "32,", "32)"]
 
 
+@pytest.mark.slow
 def test_dagster_asset_materialize_one_partition(tmp_path):
     source = make_image_folder(tmp_path / "src", {"n01440764": 2, "n01443537": 3})
     env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source), DAGSTER_HOME=str(tmp_path / "home"))
@@ -86,6 +90,7 @@ def test_dagster_asset_materialize_one_partition(tmp_path):
         assert instance.get_materialized_partitions(dg.AssetKey("vae_latents")) == {"n01443537"}
 
 
+@pytest.mark.slow
 def test_a_build_killed_mid_write_then_rerun_leaves_a_complete_dataset(tmp_path):
     import signal
     import time

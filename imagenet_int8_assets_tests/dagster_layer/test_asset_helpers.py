@@ -1,4 +1,4 @@
-"""The Dagster-layer helpers that replace per-class instance queries in batched steps (issue 10):
+"""The Dagster-layer helpers that replace per-class instance queries in batched steps:
 PartitionMetadata (metadata per partition without re-reading every dynamic partition per call)
 and latest_materializations (one batch query instead of one per partition). Real instance, real runs."""
 
@@ -88,26 +88,3 @@ def test_a_preloaded_vae_is_used_once_and_a_failed_preload_leaves_the_error_to_t
         assert "no-such-vae" in str(exc)
     else:
         raise AssertionError("a VAE folder that does not exist loaded")
-
-
-def test_good_images_are_counted_from_two_columns_of_the_manifest(tmp_path):
-    import pandas as pd
-
-    from imagenet_int8_assets.assets.manifest import COUNT_COLUMNS, ok_counts_by_class, read_manifest
-    from imagenet_int8_assets.core.common.layout import manifest_path
-    from imagenet_int8_assets.resources import ImagenetInt8Settings
-
-    settings = ImagenetInt8Settings(output=str(tmp_path / "out"))
-    frame = pd.DataFrame({
-        "id": ["a/1.jpg", "a/2.jpg", "a/3.jpg", "b/1.jpg", "junk"],
-        "class_folder": ["a", "a", "a", "b", ""],
-        "status": ["ok", "bad", "ok", "skipped", "ok"],
-        "reason": ["", "truncated", "", "too small", ""],
-    })
-    path = manifest_path(settings.output_path)
-    path.parent.mkdir(parents=True)
-    frame.to_parquet(path, index=False)
-    counts = read_manifest(settings, COUNT_COLUMNS)
-    assert list(counts.columns) == list(COUNT_COLUMNS) and len(counts) == 5
-    assert list(read_manifest(settings).columns) == list(frame.columns)
-    assert ok_counts_by_class(counts, ["a", "b", "c"]) == {"a": 2, "b": 0, "c": 0}

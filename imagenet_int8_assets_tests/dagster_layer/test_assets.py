@@ -15,7 +15,7 @@ from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError, max_partitions_per_run
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import make_image_folder, materialize_all
 
 PARTITIONED = ("preprocessed_crops", "vae_latents", "mds_shards")
 

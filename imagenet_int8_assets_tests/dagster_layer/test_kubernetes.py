@@ -14,17 +14,13 @@ it; the kubeconfig is a minimal fake file (nothing connects to it).
   context (what the Helm chart's user deployment passes to runs) is kept but does not pull a GPU
   run off the GPU nodes; the instance loads the launcher and its options from dagster.yaml, as the
   Helm chart's ``CustomRunLauncher`` renders it.
-- Backfill: a real `dagster dev` (webserver + daemon) whose instance launches runs through the
-  recording launcher; two asset backfills launched as the UI launches them (GraphQL
-  ``launchPartitionBackfill``); the daemon creates, queues and launches their runs, and every class
-  run that encodes got the GPU while every other run did not. The runs are never executed (no
-  cluster), which is why the backfills target assets whose upstream is outside them.
+
+The runs of backfills launched by a real daemon are in servers/test_k8s_backfill_launches.py.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -36,136 +32,33 @@ from dagster._core.storage.dagster_run import RunOpConcurrency
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.kubernetes import (
     GPU_POOL_ASSET_KEYS,
-    RUN_KIND_LABEL,
     GpuAwareK8sRunLauncher,
     run_uses_pool,
 )
 from imagenet_int8_assets.partitions import register_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import REPO
-from imagenet_int8_assets_tests.support.dagster_dev import (
-    dagster_dev_env,
-    launch_backfill,
-    start_dagster_dev,
-    wait_until_served,
+from imagenet_int8_assets_tests.support.builds import REPO
+from imagenet_int8_assets_tests.support.k8s_jobs import (
+    CLASS_ASSETS,
+    CLASSES,
+    GPU,
+    IMAGE,
+    LABEL,
+    NAMESPACE,
+    assert_common,
+    assert_cpu_job,
+    assert_gpu_job,
+    container_of,
+    env_of,
+    gpu_limit,
+    launcher_config,
+    pod_spec_of,
 )
 from imagenet_int8_assets_tests.support.k8s_recorder import JobRecorder, read_recorded_jobs
 
 pytestmark = pytest.mark.timeout(300)
 
-CLASSES = ["n01440764", "n02102040", "n02979186", "n03000684"]  # the bundled sample's
-CLASS_ASSETS = ("preprocessed_crops", "vae_latents", "mds_shards")
 DATASET_ASSETS = ("quantization_stats", "mds_dataset", "reconstruction_report", "probe_features", "latent_probe")
-IMAGE = "registry.example/imagenet-int8:test"
-NAMESPACE = "imagenet-int8"
-GPU = "nvidia.com/gpu"
-LABEL = "imagenet-int8/node-pool"
-PVC_VOLUME = {"name": "data", "persistentVolumeClaim": {"claimName": "imagenet-int8-data"}}
-PVC_MOUNT = {"name": "data", "mountPath": "/data"}
-# How long the backfill test waits for the daemon to launch every run it can, after the location loaded
-BACKFILL_LAUNCH_DEADLINE_S = 150
-
-# Read by the launcher, never contacted: its server (port 1) would refuse a connection, so a test
-# that reached the Kubernetes API would fail instead of passing.
-FAKE_KUBECONFIG = """\
-apiVersion: v1
-kind: Config
-clusters:
-- name: offline
-  cluster: {server: "https://127.0.0.1:1"}
-users:
-- name: offline
-  user: {token: not-a-token}
-contexts:
-- name: offline
-  context: {cluster: offline, user: offline}
-current-context: offline
-"""
-
-
-def launcher_config(tmp_path: Path) -> dict:
-    """The launcher's config as the Helm chart's CustomRunLauncher would pass it (minus the
-    in-cluster connection): image, namespace, service account, instance ConfigMap, the PostgreSQL
-    password Secret, env and the shared volume."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(FAKE_KUBECONFIG)
-    return {
-        "load_incluster_config": False,
-        "kubeconfig_file": str(kubeconfig),
-        "job_image": IMAGE,
-        "image_pull_policy": "Always",
-        "job_namespace": NAMESPACE,
-        "service_account_name": "dagster",
-        "instance_config_map": "dagster-instance",
-        "postgres_password_secret": "dagster-postgresql-secret",
-        "dagster_home": "/opt/dagster/dagster_home",
-        "env_config_maps": ["dagster-pipeline-env"],
-        "env_vars": ["IMAGENET_INT8_OUTPUT=/data/out", "IMAGENET_INT8_VAE"],  # the second passes this process's value through
-        "volumes": [PVC_VOLUME],
-        "volume_mounts": [PVC_MOUNT],
-    }
-
-
-# ------------------------------------------------------------------------------------------
-# reading a recorded Job
-
-
-def container_of(job: dict) -> dict:
-    containers = job["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, containers
-    return containers[0]
-
-
-def pod_spec_of(job: dict) -> dict:
-    return job["spec"]["template"]["spec"]
-
-
-def env_of(job: dict) -> dict:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container_of(job).get("env", [])}
-
-
-def gpu_limit(job: dict) -> str | None:
-    resources = container_of(job).get("resources") or {}
-    return (resources.get("limits") or {}).get(GPU) or (resources.get("requests") or {}).get(GPU)
-
-
-def assert_gpu_job(job: dict, node_pool: str = "gpu") -> None:
-    assert gpu_limit(job) == "1", container_of(job).get("resources")
-    spec = pod_spec_of(job)
-    assert spec["nodeSelector"] == {LABEL: node_pool}, spec.get("nodeSelector")
-    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec.get("tolerations", []), spec.get("tolerations")
-    assert job["spec"]["template"]["metadata"]["labels"][RUN_KIND_LABEL] == "gpu"
-    assert job["metadata"]["labels"][RUN_KIND_LABEL] == "gpu"
-
-
-def assert_cpu_job(job: dict) -> None:
-    assert gpu_limit(job) is None, container_of(job).get("resources")
-    spec = pod_spec_of(job)
-    assert spec["nodeSelector"] == {LABEL: "cpu"}, spec.get("nodeSelector")
-    assert not spec.get("tolerations"), spec.get("tolerations")
-    assert job["spec"]["template"]["metadata"]["labels"][RUN_KIND_LABEL] == "cpu"
-
-
-def assert_common(job: dict, run_id: str) -> None:
-    """What every run pod gets from the launcher's config: image, command, Dagster env, the
-    IMAGENET_INT8_* env, the shared volume."""
-    container = container_of(job)
-    assert container["image"] == IMAGE
-    assert container["imagePullPolicy"] == "Always"
-    assert container["args"][:3] == ["dagster", "api", "execute_run"], container["args"][:3]
-    assert run_id in container["args"][3]
-    env = env_of(job)
-    assert env["DAGSTER_HOME"] == "/opt/dagster/dagster_home"
-    assert env["DAGSTER_RUN_JOB_NAME"] == "__ASSET_JOB"
-    assert env["DAGSTER_PG_PASSWORD"] == {"secretKeyRef": {"name": "dagster-postgresql-secret", "key": "postgresql-password"}}
-    assert env["IMAGENET_INT8_OUTPUT"] == "/data/out"
-    assert env["IMAGENET_INT8_VAE"] == "tiny-random"  # passed through from the launching process
-    assert {"configMapRef": {"name": "dagster-pipeline-env"}} in container["envFrom"]
-    assert PVC_MOUNT in container["volumeMounts"]
-    spec = pod_spec_of(job)
-    assert PVC_VOLUME in spec["volumes"]
-    assert spec["serviceAccountName"] == "dagster"
-    assert job["metadata"]["labels"]["dagster/run-id"] == run_id
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,127 +349,3 @@ def test_deploy_values_launcher_config(tmp_path, monkeypatch):
     assert_cpu_job(jobs["cpu"])
     assert container_of(jobs["cpu"])["resources"] == {"limits": {"memory": "32Gi"}, "requests": {"cpu": "4", "memory": "16Gi"}}
     assert "IMAGENET_INT8_DEVICE" not in env_of(jobs["cpu"])
-
-
-# ------------------------------------------------------------------------------------------
-# backfills: the real daemon
-
-
-@pytest.fixture
-def dagster_dev_k8s(tmp_path: Path):
-    """`dagster dev` on an instance whose runs are launched by the recording Kubernetes launcher;
-    the class partitions registered, the gpu pool at run granularity with room for every GPU run."""
-    out, home, tmp, jobs = tmp_path / "out", tmp_path / "home", tmp_path / "tmp", tmp_path / "jobs"
-    for folder in (out, home, tmp):
-        folder.mkdir()
-    instance_yaml = {
-        "run_launcher": {
-            "module": "imagenet_int8_assets_tests.support.k8s_recorder",
-            "class": "RecordingGpuAwareK8sRunLauncher",
-            "config": {**launcher_config(tmp_path), "record_dir": str(jobs)},
-        },
-        "run_coordinator": {
-            "module": "dagster.core.run_coordinator",
-            "class": "QueuedRunCoordinator",
-            "config": {"dequeue_interval_seconds": 1},
-        },
-        "concurrency": {"pools": {"granularity": "run"}},
-        # the launched runs never start (no cluster): nothing may fail or retry them meanwhile
-        "run_monitoring": {"enabled": False},
-        "run_retries": {"enabled": False},
-        "telemetry": {"enabled": False},
-    }
-    (home / "dagster.yaml").write_text(json.dumps(instance_yaml))
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        register_classes(instance, CLASSES)
-        instance.event_log_storage.set_concurrency_slots("gpu", 8)
-    # (its IMAGENET_INT8_VAE=tiny-random is also what the launcher passes through: env_vars)
-    env = dagster_dev_env(out, home, tmp, IMAGENET_INT8_MAX_PARTITIONS_PER_RUN="2")
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
-        yield dev, jobs
-    finally:
-        dev.stop()
-
-
-def test_backfill_runs_launched_by_the_daemon_get_the_gpu_config(dagster_dev_k8s):
-    dev, jobs_dir = dagster_dev_k8s
-    wait_until_served(dev)
-    started = time.monotonic()
-    # 1. class runs (2 classes per run) with the unpartitioned assets whose parents are outside
-    #    the backfill, so that the daemon launches them all at once (none is ever executed)
-    mixed = launch_backfill(dev, CLASSES, [*CLASS_ASSETS, "reconstruction_report", "latent_probe"])
-    # 2. class runs of mds_shards alone: partitioned like the class runs, but no encode step
-    shards = launch_backfill(dev, CLASSES[:2], ["mds_shards"])
-
-    def backfill_runs(backfill_id):
-        return dev_instance_runs(dev, backfill_id)
-
-    def complete(runs_by_backfill, jobs) -> bool:
-        covered = {
-            backfill: [(r.asset_selection, r.tags.get("dagster/asset_partition_range_start")) for r in runs]
-            for backfill, runs in runs_by_backfill.items()
-        }
-        mixed_assets = set().union(*[a for a, _ in covered[mixed]]) if covered[mixed] else set()
-        wanted = {dg.AssetKey(a) for a in (*CLASS_ASSETS, "reconstruction_report", "latent_probe")}
-        class_starts = {start for a, start in covered[mixed] if start}
-        launched = {r.run_id for runs in runs_by_backfill.values() for r in runs} <= set(jobs)
-        return (
-            mixed_assets == wanted
-            and class_starts == {CLASSES[0], CLASSES[2]}
-            and len(covered[shards]) == 1
-            and launched
-        )
-
-    runs_by_backfill, jobs = {}, {}
-    while True:
-        # the jobs first: a run is marked STARTING before its Job is built, so every run whose Job
-        # was read is STARTING in the runs read after it (read the other way round, a run
-        # launched in between shows QUEUED beside its Job)
-        jobs = {r["job"]["metadata"]["labels"]["dagster/run-id"]: r for r in read_recorded_jobs(jobs_dir)}
-        runs_by_backfill = {b: backfill_runs(b) for b in (mixed, shards)}
-        if complete(runs_by_backfill, jobs):
-            break
-        if time.monotonic() - started > BACKFILL_LAUNCH_DEADLINE_S or dev.proc.poll() is not None:
-            pytest.fail(
-                f"the daemon did not launch every run of the backfills within {BACKFILL_LAUNCH_DEADLINE_S}s: runs "
-                f"{ {b: [(sorted(k.to_user_string() for k in r.asset_selection or []), r.status.value) for r in rs] for b, rs in runs_by_backfill.items()} }, "
-                f"jobs {sorted(jobs)}\n--- dagster dev log ---\n{dev.log_tail()}"
-            )
-        time.sleep(1.0)
-    print(f"\n[k8s] every backfill run launched {time.monotonic() - started:.1f}s after the backfills were launched")
-
-    gpu_runs = cpu_runs = 0
-    for backfill, runs in runs_by_backfill.items():
-        for run in runs:
-            recorded = jobs[run.run_id]
-            assert recorded["namespace"] == NAMESPACE
-            job = recorded["job"]
-            assert_common(job, run.run_id)
-            assert run.tags["dagster/backfill"] == backfill
-            assert run.status == dg.DagsterRunStatus.STARTING  # dequeued and launched by the daemon
-            # nothing in the run's tags asks for Kubernetes config: the launcher decided from the plan
-            assert not any(key.startswith("dagster-k8s/") for key in run.tags), run.tags
-            encodes = bool(run.asset_selection & GPU_POOL_ASSET_KEYS)
-            what = f"run {run.run_id} of backfill {backfill}: {sorted(k.to_user_string() for k in run.asset_selection)}"
-            print(f"[k8s] {what} {run.tags.get('dagster/asset_partition_range_start', '')}: "
-                  f"nodeSelector {pod_spec_of(job).get('nodeSelector')}, GPU limit {gpu_limit(job)}")
-            try:
-                if encodes:
-                    assert "dagster/asset_partition_range_start" in run.tags
-                    assert_gpu_job(job)
-                    gpu_runs += 1
-                else:
-                    assert_cpu_job(job)
-                    cpu_runs += 1
-            except AssertionError as error:
-                raise AssertionError(f"{what}: {error}") from error
-    assert gpu_runs == 2, runs_by_backfill  # the 4 classes in runs of 2
-    assert cpu_runs >= 2, runs_by_backfill  # mds_shards alone, and the unpartitioned assets
-
-
-def dev_instance_runs(dev, backfill_id: str):
-    """The runs of a backfill, read from the instance `dagster dev` writes to."""
-    with dg.DagsterInstance.from_config(str(dev.home)) as instance:
-        return list(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id})))
-

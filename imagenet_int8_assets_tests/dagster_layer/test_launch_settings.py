@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import BIN, cli_env
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env
 
 SAMPLE_CLASSES = {"n01440764", "n02102040", "n02979186", "n03000684"}
 
@@ -24,6 +24,7 @@ def _materialize(env: dict, cwd, select: str, config: dict | None = None) -> sub
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_settings_given_per_run_override_the_environment_value_by_value(tmp_path):
     """`{"report_per_class": 1}` for one run keeps the environment's output, VAE and source: the run
     writes into IMAGENET_INT8_OUTPUT (it used to fall back to ./imagenet_int8_data, generate the sample
@@ -80,6 +81,7 @@ query Sensors($selector: RepositorySelector!) {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_code_location_whose_settings_conflict_shows_the_graph_and_refuses_every_launch(tmp_path, monkeypatch):
     """`dagster dev` restarted with IMAGENET_INT8_SEED=3 on an output built with seed 0: when the code

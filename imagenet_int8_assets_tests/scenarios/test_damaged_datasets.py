@@ -1,4 +1,4 @@
-"""Issue 7, item 10: a damaged dataset is refused when opened, with one error naming the file,
+"""A damaged dataset is refused when opened, with one error naming the file,
 what is wrong and how to repair it; the undamaged dataset reads back identically.
 
 One small dataset is built through the real Dagster graph (tiny-random on the CPU); every test
@@ -20,7 +20,7 @@ from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import DatasetDamaged, load_latents, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import make_image_folder, materialize_all
 
 CLASSES = {"alpha": 3, "beta": 2}
 
@@ -30,7 +30,7 @@ def read_all(ds) -> list[tuple[bytes, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def undamaged_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("damaged")
     source = make_image_folder(tmp / "src", CLASSES)
     settings = ImagenetInt8Settings(source=str(source), output=str(tmp / "out"), vae="tiny-random", device="cpu", workers=1)
@@ -50,9 +50,9 @@ def class_of(basename: str) -> str:
 
 
 @pytest.fixture()
-def copy(built, tmp_path) -> Path:
+def copy(undamaged_build, tmp_path) -> Path:
     root = tmp_path / "mds"
-    shutil.copytree(built["root"], root)
+    shutil.copytree(undamaged_build["root"], root)
     return root
 
 
@@ -64,12 +64,12 @@ def damaged(root: Path) -> str:
     return message
 
 
-def test_the_undamaged_copy_opens_and_reads_identically(built, copy):
-    assert len(built["samples"]) == sum(CLASSES.values())
+def test_the_undamaged_copy_opens_and_reads_identically(undamaged_build, copy):
+    assert len(undamaged_build["samples"]) == sum(CLASSES.values())
     ds = open_dataset(copy, shuffle=False)
-    assert read_all(ds) == built["samples"]
+    assert read_all(ds) == undamaged_build["samples"]
     assert "content hash of 2 shard(s)" in ds.verified
-    assert {label for _, label, _ in built["samples"]} == {0, 1}
+    assert {label for _, label, _ in undamaged_build["samples"]} == {0, 1}
 
 
 def test_a_truncated_shard_names_the_file_and_the_class_to_rebuild(copy):
@@ -83,14 +83,14 @@ def test_a_truncated_shard_names_the_file_and_the_class_to_rebuild(copy):
     assert f"rebuild class '{class_of(name)}' (materialize mds_shards for that partition, then mds_dataset)" in message
 
 
-def test_bytes_flipped_inside_a_latent_are_detected_not_decoded(built, copy):
+def test_bytes_flipped_inside_a_latent_are_detected_not_decoded(undamaged_build, copy):
     names = shard_basenames(copy)
     shard = copy / names[-1]
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF  # the shard ends with the last sample's 4096-byte latent
     shard.write_bytes(bytes(data))
     # without verification the reader silently returns a wrong latent: what the hash check prevents
-    assert read_all(open_dataset(copy, verify="size", shuffle=False)) != built["samples"]
+    assert read_all(open_dataset(copy, verify="size", shuffle=False)) != undamaged_build["samples"]
     message = damaged(copy)
     assert f"{shard} has changed bytes (its xxh3_64 is" in message
     assert f"rebuild class '{class_of(names[-1])}'" in message
@@ -157,24 +157,24 @@ def test_several_damaged_shards_are_all_listed(copy):
     assert all(f"rebuild class '{class_of(n)}'" in str(err.value) for n in names)
 
 
-def test_decode_parameters_come_from_the_index_record(built, copy):
+def test_decode_parameters_come_from_the_index_record(undamaged_build, copy):
     index = json.loads((copy / "index.json").read_text())
     assert index["imagenet_int8"]["latent_shape"] == [4, 32, 32]
     (copy / "build.json").unlink()  # the index's own record is enough
-    assert read_all(open_dataset(copy, shuffle=False)) == built["samples"]
+    assert read_all(open_dataset(copy, shuffle=False)) == undamaged_build["samples"]
     index["imagenet_int8"]["latent_shape"] = [16, 32, 32]  # a record that contradicts the shards
     (copy / "index.json").write_text(json.dumps(index))
     message = damaged(copy)
     assert "does not hold latents of shape (16, 32, 32)" in message and "materialize mds_dataset" in message
 
 
-def _published_style(built, tmp_path, change=lambda shards: None) -> tuple[Path, list[dict]]:
+def _published_style(undamaged_build, tmp_path, change=lambda shards: None) -> tuple[Path, list[dict]]:
     """A class of ``built`` laid out as the published Imagenet.int8: flat shard names, no build.json,
     no hashes; ``change`` edits the index's shard entries before it is written."""
-    name = shard_basenames(built["root"])[0]
+    name = shard_basenames(undamaged_build["root"])[0]
     flat = tmp_path / "imagenet.int8"
     flat.mkdir()
-    version = (built["root"] / name).parent
+    version = (undamaged_build["root"] / name).parent
     index = json.loads((version / "index.json").read_text())
     for shard in index["shards"]:
         shutil.copy(version / shard["raw_data"]["basename"], flat / shard["raw_data"]["basename"])
@@ -184,14 +184,14 @@ def _published_style(built, tmp_path, change=lambda shards: None) -> tuple[Path,
     return flat, index["shards"]
 
 
-def test_a_published_style_dataset_without_hashes_is_checked_by_size(built, tmp_path):
+def test_a_published_style_dataset_without_hashes_is_checked_by_size(undamaged_build, tmp_path):
     """The published Imagenet.int8: flat shard names, no build.json, no hashes."""
-    flat, shards = _published_style(built, tmp_path)
+    flat, shards = _published_style(undamaged_build, tmp_path)
     with pytest.warns(UserWarning, match="record no content hash .* verified their sizes only"):
         ds = open_dataset(flat, shuffle=False)
     assert ds.verified.startswith("existence and size")
     assert ds.latent_shape == (4, 32, 32) and ds.value_range == 12.0  # the published defaults
-    assert read_all(ds) == [s for s in built["samples"] if s[2] == class_of(shard_basenames(built["root"])[0])]
+    assert read_all(ds) == [s for s in undamaged_build["samples"] if s[2] == class_of(shard_basenames(undamaged_build["root"])[0])]
     shard = flat / shards[0]["raw_data"]["basename"]
     with open(shard, "r+b") as fh:
         fh.truncate(10)
@@ -252,9 +252,9 @@ def test_a_count_that_the_shard_header_repeats_must_still_fit_the_file(copy):
             run()
 
 
-def test_a_published_style_dataset_with_a_wrong_count_is_damage(built, tmp_path):
+def test_a_published_style_dataset_with_a_wrong_count_is_damage(undamaged_build, tmp_path):
     """The published layout (flat shard names, no hashes): the count is checked all the same."""
-    flat, shards = _published_style(built, tmp_path, lambda s: s[0].update(samples=s[0]["samples"] + 1))
+    flat, shards = _published_style(undamaged_build, tmp_path, lambda s: s[0].update(samples=s[0]["samples"] + 1))
     n = shards[0]["samples"] - 1
     shard = flat / shards[0]["raw_data"]["basename"]
     expected = rf"{shard.name} holds {n} samples .* says {n + 1}\..*re-download this shard"

@@ -1,4 +1,4 @@
-"""Issue 7, item 12: what is bit-identical, and the codec's edges.
+"""What is bit-identical, and the codec's edges.
 
 On the CPU an image's latent must not depend on the batch size, its position in the batch or the
 other images in the batch, for a given thread count (a batch that does not divide over the threads
@@ -21,7 +21,7 @@ from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import (
+from imagenet_int8_assets_tests.support.builds import (
     crops,
     make_image_folder,
     materialize_all,

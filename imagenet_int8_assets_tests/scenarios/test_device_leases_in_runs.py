@@ -9,7 +9,7 @@ from imagenet_int8_assets.build.run_events import error_text
 from imagenet_int8_assets.core.latents.devices import lease_device
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import make_image_folder
+from imagenet_int8_assets_tests.support.builds import make_image_folder
 
 
 def _run(tmp_path, **settings_kw):

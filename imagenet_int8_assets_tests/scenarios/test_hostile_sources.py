@@ -1,4 +1,4 @@
-"""Hostile sources (issue 7 items 4, 5, 7): directory link loops and cross-class links, names that
+"""Hostile sources: directory link loops and cross-class links, names that
 are not UTF-8 or cannot be partition keys, and CIFAR-10 label names that try to become paths.
 Real files and real symlinks in tmp_path; one end-to-end build through a real Dagster instance."""
 
@@ -25,7 +25,7 @@ from imagenet_int8_assets.core.source.sources import (
     list_class_folders,
     scan_source,
 )
-from imagenet_int8_assets_tests.conftest import make_image_folder
+from imagenet_int8_assets_tests.support.builds import make_image_folder
 
 SMALL = (40, 30)
 
@@ -254,7 +254,7 @@ def test_hostile_source_builds_every_good_image_exactly_once(tmp_path):
     from imagenet_int8_assets.definitions import build_definitions
     from imagenet_int8_assets.reader import open_dataset
     from imagenet_int8_assets.resources import ImagenetInt8Settings
-    from imagenet_int8_assets_tests.conftest import materialize_all
+    from imagenet_int8_assets_tests.support.builds import materialize_all
 
     src = make_image_folder(tmp_path / "src", {"apple": 3, "pear": 2}, size=SMALL)
     os.symlink(".", src / "apple" / "loop")

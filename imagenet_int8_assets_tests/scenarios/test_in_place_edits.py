@@ -24,7 +24,7 @@ from imagenet_int8_assets.core.crops.crop_store import (
 from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, scan_source
 from imagenet_int8_assets.core.common.layout import crops_dir, manifest_path
 from imagenet_int8_assets.core.crops.crop_store import read_crops, write_crops
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, crops, encoded_classes, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, crops, encoded_classes, make_image_folder, run_cli
 
 NEW_COLUMNS = ["ctime_ns", "inode", "change"]
 
@@ -221,7 +221,7 @@ class OutputInstance:
 
     def rescan(self) -> tuple[int, list[str]]:
         """raw_manifest materialized: (its changed_classes, the classes `imagenet-int8 build` would build)."""
-        from imagenet_int8_assets.assets.manifest import read_source_classes
+        from imagenet_int8_assets.core.source.manifest import read_source_classes
         from imagenet_int8_assets.build.plan import plan_build
 
         result = self.materialize("raw_manifest")
@@ -230,10 +230,11 @@ class OutputInstance:
             m for m in result.asset_materializations_for_node("raw_manifest") if m.asset_key == dg.AssetKey("raw_manifest")
         ).metadata["changed_classes"].value
         with dg.DagsterInstance.from_config(self.home) as instance:
-            plan = plan_build(instance, self.defs, self.settings, read_source_classes(self.settings)["classes"], False)
+            plan = plan_build(instance, self.defs, self.settings, read_source_classes(self.settings.output_path)["classes"], False)
         return changed, plan.classes
 
 
+@pytest.mark.slow
 def test_build_rebuilds_the_class_of_an_image_rewritten_in_place_and_follows_its_own_advice(tmp_path):
     from imagenet_int8_assets.build.driver import _failures
 

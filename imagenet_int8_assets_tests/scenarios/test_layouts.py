@@ -13,7 +13,7 @@ from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import make_image_folder, materialize_all
 
 
 def _build(tmp_path, **options):
@@ -35,6 +35,7 @@ def _metadata(instance, key, partition=None):
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vae", ["tiny-random-16", "aura-tiny-random"])
 def test_sixteen_channel_presets_flow_through_the_graph(tmp_path, vae):
     settings, instance = _build(tmp_path, vae=vae, store_flip=True)
@@ -51,6 +52,7 @@ def test_sixteen_channel_presets_flow_through_the_graph(tmp_path, vae):
     assert np.abs(sample["latent"]).max() <= expected_range
     ids, arrays, meta = read_latents(settings.output_path, "n01440764")
     assert ("std" in arrays) == (vae != "aura-tiny-random")
+    assert "quant_range" not in meta  # the latents do not depend on the range; the codes record it (above)
     latents_meta = _metadata(instance, "vae_latents", "n01440764")
     assert latents_meta["latent_shape"] == "(16, 32, 32)" and latents_meta["stored_flip"] is True
     if vae.startswith("aura"):
@@ -61,6 +63,7 @@ def test_sixteen_channel_presets_flow_through_the_graph(tmp_path, vae):
     assert stats["quant_range"] == expected_range and len(stats["recommended_per_channel"]) == 16
 
 
+@pytest.mark.slow
 def test_512_crops_give_4x64x64_latents(tmp_path):
     settings, instance = _build(tmp_path, vae="tiny-random", crop_size=512)
     info = json.loads((mds_root(settings.output_path) / "build.json").read_text())

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from imagenet_int8_assets.partitions import CLASS_PARTITIONS, registered_classes
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import BIN, REPO, cli_env, encoded_classes, make_image_folder, materialize_all, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, REPO, cli_env, encoded_classes, make_image_folder, materialize_all, run_cli
 
 CLASS_ASSETS = ("preprocessed_crops", "vae_latents", "mds_shards")
 
@@ -159,6 +160,7 @@ def _stale(instance, asset: str, partitions: list[str]) -> dict[str, tuple[str, 
     }
 
 
+@pytest.mark.slow
 def test_staleness_settings_change_and_one_class_change_through_graphql(tmp_path, monkeypatch):
     from imagenet_int8_assets.definitions import build_definitions
 
@@ -196,6 +198,7 @@ def test_staleness_settings_change_and_one_class_change_through_graphql(tmp_path
         assert _stale(instance, "mds_shards", ["b"])["b"] == ("FRESH", [])  # not affected by the precision
 
 
+@pytest.mark.slow
 def test_automation_requests_exactly_the_new_and_changed_classes_then_the_dataset(tmp_path):
     from imagenet_int8_assets.definitions import build_definitions
 
@@ -245,6 +248,7 @@ def _dataset_bytes(out: Path) -> dict[str, bytes]:
     return {s["raw_data"]["basename"]: (root / s["raw_data"]["basename"]).read_bytes() for s in index["shards"]}
 
 
+@pytest.mark.slow
 def test_incremental_build_encodes_only_what_changed_and_force_rebuilds(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
     env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source))
@@ -278,6 +282,7 @@ def test_incremental_build_encodes_only_what_changed_and_force_rebuilds(tmp_path
     assert encoded_classes(out) == {"a": 2, "b": 3, "c": 2}
 
 
+@pytest.mark.slow
 def test_a_launch_with_other_settings_is_refused_with_the_differences(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source))

@@ -42,7 +42,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image
 
 from imagenet_int8_assets.core.source.sources import imagenet_classes
-from imagenet_int8_assets_tests.conftest import BIN, cli_env
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env
 
 WNIDS = [wnid for wnid, _, _ in imagenet_classes()[:6]]  # sorted; labels 0..5
 LABEL = {wnid: i for i, (wnid, _, _) in enumerate(imagenet_classes())}
@@ -424,14 +424,7 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from imagenet_int8_assets_tests.support.local_servers import s3_server
-
-    with s3_server() as server:
-        yield server
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_random_sequences_of_ordinary_operations_keep_every_invariant(tmp_path, s3):
     Machine = type("Machine", (OperationSequences,), {"__init__": lambda self: OperationSequences.__init__(self, tmp_path, s3)})
@@ -452,6 +445,7 @@ def _check(machine: OperationSequences) -> None:
     machine.the_published_dataset_is_whole_and_each_class_a_state_the_user_had()
 
 
+@pytest.mark.slow
 def test_a_class_that_sorts_first_and_a_renamed_class_are_built(tmp_path, s3):
     """A class added later whose name sorts before the built ones was never built when it shared a run
     with them (its run's range, first .. last in sorted order, was empty in the instance's registration
@@ -471,6 +465,7 @@ def test_a_class_that_sorts_first_and_a_renamed_class_are_built(tmp_path, s3):
     machine.teardown()
 
 
+@pytest.mark.slow
 def test_an_image_edited_in_place_is_rebuilt_and_a_killed_build_leaves_a_whole_dataset(tmp_path, s3):
     """New pixels with the size and modification time kept were never rebuilt (and the report's advice
     to run the build looped); a build killed with SIGKILL right after leaves the published dataset

@@ -15,7 +15,7 @@ import pytest
 
 from imagenet_int8_assets.core.dataset import mds_index
 from imagenet_int8_assets.core.hub.hub_upload import FINAL_FILES
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets_tests.scenarios.test_end_to_end import SEED_STYLE_READER
 
 REPO_ID = "me/latents"
@@ -73,6 +73,7 @@ def _grep_token(tmp_path: Path, token: bytes, *texts: str) -> list[str]:
     return hits + [f"output #{i}" for i, text in enumerate(texts) if token.decode() in text]
 
 
+@pytest.mark.slow
 def test_publish_refusals_then_upload_download_rerun_and_one_changed_class(tmp_path, fake_hub):
     source = make_image_folder(tmp_path / "src", {"a": 3, "b": 3, "c": 2})
     env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source))
@@ -174,6 +175,7 @@ def test_publish_refusals_then_upload_download_rerun_and_one_changed_class(tmp_p
     assert _grep_token(tmp_path, token, *outputs) == []
 
 
+@pytest.mark.slow
 def test_a_killed_upload_resumes_sending_only_the_rest(tmp_path, fake_hub):
     source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
     env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source))
@@ -265,6 +267,7 @@ def _instance_text(tmp_path: Path) -> tuple[str, list[str]]:
     return "\n".join(parts), messages
 
 
+@pytest.mark.slow
 def test_credentials_in_hf_endpoint_never_leak_and_a_silent_hub_fails_within_the_timeout(tmp_path, fake_hub):
     """HF_ENDPOINT=http://user:secretpw@host (a Hub behind basic auth): a publish the Hub refuses (HTTP
     500), one whose commit the Hub never answers (it fails within IMAGENET_INT8_HUB_TIMEOUT, saying

@@ -21,7 +21,7 @@ from imagenet_int8_assets.core.common.layout import mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, materialize_all
 
 PARTITIONED = [dg.AssetKey(k) for k in ("preprocessed_crops", "vae_latents", "mds_shards")]
 
@@ -101,12 +101,12 @@ def test_rematerializing_a_class_leaves_the_published_dataset_alone_until_it_is_
 KILL_LOOP = textwrap.dedent(
     """
     import json, sys
-    from imagenet_int8_assets.core import mds_index
+    from imagenet_int8_assets.core.dataset import mds_index
     root, a, b = sys.argv[1], json.loads(open(sys.argv[2]).read()), json.loads(open(sys.argv[3]).read())
     print("ready", flush=True)
     while True:
         for doc in (a, b):
-            mds_index.publish(root, {k: v for k, v in doc.items() if k != "imagenet_int8"}, doc["imagenet_int8"])
+            mds_index.swap_in_index(root, {k: v for k, v in doc.items() if k != "imagenet_int8"}, doc["imagenet_int8"])
     """
 )
 
@@ -149,6 +149,7 @@ def test_a_publication_killed_at_any_moment_leaves_one_whole_version(tmp_path):
         assert _samples(root) == expected[current]
 
 
+@pytest.mark.slow
 def test_a_build_killed_after_remaking_a_class_keeps_the_previous_dataset(tmp_path):
     """The real CLI, killed once a class has a new version: readers see the old dataset; a re-run
     publishes the new one, complete."""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import dagster as dg
 import numpy as np
+import pytest
 
 from imagenet_int8_assets.core.crops.crop_store import read_crops
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
 from imagenet_int8_assets.build.stages import DATASET_STEPS
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import make_image_folder, materialize_all
 from imagenet_int8_assets_tests.core.source.test_cifar import LABEL_NAMES, full_train_batches, make_cifar
 
 
@@ -39,6 +41,11 @@ def test_reconstruction_check_warns_by_default_and_blocks_when_asked(tmp_path):
     # a range far too narrow for the latents (+-0.2): most values clip, and the codes lose PSNR
     narrow = {"report_per_class": 2, "quant_range": 0.2, "report_max_psnr_gap": 0.0, "report_max_clip_fraction": 0.0}
     assert all(r.success for r in materialize_all(build_definitions(_settings(source, tmp_path / "narrow", **narrow)), instance))
+    # the setting is resolved once, when the latents are made: they record it, and the dataset says the same
+    from imagenet_int8_assets.core.latents.latent_store import read_latents
+
+    assert "quant_range" not in read_latents(tmp_path / "narrow", "a")[2]  # the codes record it, not the latents
+    assert json.loads((tmp_path / "narrow" / "mds" / "build.json").read_text())["quant_range"] == 0.2
     for blocking, severity in ((False, dg.AssetCheckSeverity.WARN), (True, dg.AssetCheckSeverity.ERROR)):
         defs = build_definitions(_settings(source, tmp_path / "narrow", report_blocking=blocking, **narrow), partitions_per_run=10)
         job = defs.resolve_implicit_global_asset_job_def()
@@ -68,6 +75,7 @@ def _logs(instance, result, steps) -> list:
     return [e for e in instance.all_logs(result.run_id) if e.step_key in steps and e.user_message]
 
 
+@pytest.mark.slow
 def test_report_decodes_only_the_classes_that_changed_and_matches_a_report_from_scratch(tmp_path):
     """A class rebuilt with another image is decoded again, the others come from the report's
     cache, and the files are byte for byte those of a report decoded from scratch. Classes not

@@ -1,19 +1,16 @@
-"""Issue 8, part 7: a transient failure does not need a human.
+"""A transient failure does not need a human.
 
 1. Out of memory while encoding is retried inside the step with fewer images per forward pass,
    and on the CPU the latents are byte-identical to a run that never ran out of memory. The
    failure is injected into a real tiny VAE (torch itself is not mocked).
-2. A run whose process is killed is failed and re-executed by the shipped instance settings
-   (run monitoring + run retries in dagster.yaml), through a real `dagster dev`.
+2. The shipped instance settings retry a crashed run and not a step that fails on purpose (a run
+   whose process is killed, failed and re-executed by a real daemon, is in
+   servers/test_run_retries_by_the_daemon.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,23 +24,12 @@ from imagenet_int8_assets.core.latents.encode import (
     is_out_of_memory,
     precision_error,
 )
-from imagenet_int8_assets.core.latents.vae import load_vae
 from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML
-from imagenet_int8_assets_tests.conftest import crops, make_image_folder, torch_threads
-from imagenet_int8_assets_tests.support.dagster_dev import (
-    dagster_dev_env,
-    launch_asset_run,
-    start_dagster_dev,
-    wait_for_run,
-    wait_for_step_worker,
-    wait_until_served,
-)
+from imagenet_int8_assets_tests.support.builds import crops, torch_threads
 from imagenet_int8_assets_tests.support.vae_doubles import WrappedVae
 
 # ------------------------------------------------------------------------------------------
 # 1. out of memory in encoding
-
-
 
 
 class OutOfMemoryAbove(WrappedVae):
@@ -68,20 +54,15 @@ class OutOfMemoryAbove(WrappedVae):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_vae("tiny-random").to("cpu")
-
-
-@pytest.fixture(scope="module")
 def images():
     return crops(5)
 
 
-def test_out_of_memory_is_retried_with_fewer_images_per_pass_and_gives_the_same_bytes(tiny):
+def test_out_of_memory_is_retried_with_fewer_images_per_pass_and_gives_the_same_bytes(tiny_vae):
     images = crops(9)
     with torch_threads(2):
-        reference = encode_posterior(tiny, images, "cpu", batch_size=2)
-        flaky = OutOfMemoryAbove(tiny, limit=2)
+        reference = encode_posterior(tiny_vae, images, "cpu", batch_size=2)
+        flaky = OutOfMemoryAbove(tiny_vae, limit=2)
         notes, done = [], []
         post = encode_posterior(flaky, images, "cpu", batch_size=8, log=notes.append, progress=done.append)
         assert torch.get_num_threads() == 2
@@ -106,13 +87,13 @@ def test_out_of_memory_is_retried_with_fewer_images_per_pass_and_gives_the_same_
     assert set(encode_record("cpu", 8, reference)) == {"device_type", "batch_size", "forward_batch_size", "cpu_threads", "torch"}
 
 
-def test_below_one_image_per_thread_the_threads_are_halved_and_the_bytes_are_one_threads(tiny, images):
+def test_below_one_image_per_thread_the_threads_are_halved_and_the_bytes_are_one_threads(tiny_vae, images):
     """Every image ends up encoded alone on one thread: the bytes are exactly those (on CPUs whose
     kernels sum alike on one and two threads, also those of the two-thread run: docs/GUARANTEES.md, Reproducibility)."""
     with torch_threads(1):
-        reference = encode_posterior(tiny, images, "cpu", batch_size=1)
+        reference = encode_posterior(tiny_vae, images, "cpu", batch_size=1)
     with torch_threads(2):
-        flaky = OutOfMemoryAbove(tiny, limit=1)
+        flaky = OutOfMemoryAbove(tiny_vae, limit=1)
         post = encode_posterior(flaky, images, "cpu", batch_size=4, log=lambda _: None)
         assert torch.get_num_threads() == 2  # restored
         record = encode_record("cpu", 4, post)
@@ -122,9 +103,9 @@ def test_below_one_image_per_thread_the_threads_are_halved_and_the_bytes_are_one
     assert record["cpu_threads"] == 2 and record["cpu_threads_used"] == [2, 1]
 
 
-def test_out_of_memory_with_one_image_per_pass_says_what_to_do(tiny, images):
+def test_out_of_memory_with_one_image_per_pass_says_what_to_do(tiny_vae, images):
     with torch_threads(2):
-        flaky = OutOfMemoryAbove(tiny, limit=0)
+        flaky = OutOfMemoryAbove(tiny_vae, limit=0)
         with pytest.raises(EncodeOutOfMemory) as raised:
             encode_posterior(flaky, images, "cpu", batch_size=4, log=lambda _: None)
         assert torch.get_num_threads() == 2
@@ -136,17 +117,17 @@ def test_out_of_memory_with_one_image_per_pass_says_what_to_do(tiny, images):
     assert [n for n, _ in flaky.passes] == [4, 2, 1]
 
 
-def test_other_backends_out_of_memory_errors_are_retried_and_other_errors_are_not(tiny, images):
-    mps = OutOfMemoryAbove(tiny, 2, error=lambda n: RuntimeError(f"MPS backend out of memory (injected, {n} images)"))
+def test_other_backends_out_of_memory_errors_are_retried_and_other_errors_are_not(tiny_vae, images):
+    mps = OutOfMemoryAbove(tiny_vae, 2, error=lambda n: RuntimeError(f"MPS backend out of memory (injected, {n} images)"))
     cpu_allocator = OutOfMemoryAbove(
-        tiny, 2, error=lambda n: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        tiny_vae, 2, error=lambda n: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
     )
     with torch_threads(1):
-        reference = encode_posterior(tiny, images, "cpu", batch_size=2)
+        reference = encode_posterior(tiny_vae, images, "cpu", batch_size=2)
         for flaky in (mps, cpu_allocator):
             post = encode_posterior(flaky, images, "cpu", batch_size=4, log=lambda _: None)
             assert post.oom_retries == 1 and post.mean.tobytes() == reference.mean.tobytes()
-        broken = OutOfMemoryAbove(tiny, 2, error=lambda n: RuntimeError("Given groups=1, weight of size [8, 3, 3, 3]"))
+        broken = OutOfMemoryAbove(tiny_vae, 2, error=lambda n: RuntimeError("Given groups=1, weight of size [8, 3, 3, 3]"))
         with pytest.raises(RuntimeError, match="Given groups=1"):
             encode_posterior(broken, images, "cpu", batch_size=4)
         assert len(broken.passes) == 1  # not retried
@@ -154,12 +135,12 @@ def test_other_backends_out_of_memory_errors_are_retried_and_other_errors_are_no
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("x")) and is_out_of_memory(MemoryError())
 
 
-def test_low_precision_and_its_precision_report_retry_too(tiny, images):
+def test_low_precision_and_its_precision_report_retry_too(tiny_vae, images):
     with torch_threads(2):
-        clean = precision_error(tiny, images[:4], "cpu", "bf16", 12.0)
-        flaky = precision_error(OutOfMemoryAbove(tiny, limit=2), images[:4], "cpu", "bf16", 12.0)
-        reference = encode_posterior(tiny, images, "cpu", batch_size=2, precision="bf16")
-        post = encode_posterior(OutOfMemoryAbove(tiny, limit=2), images, "cpu", batch_size=4, precision="bf16", log=print)
+        clean = precision_error(tiny_vae, images[:4], "cpu", "bf16", 12.0)
+        flaky = precision_error(OutOfMemoryAbove(tiny_vae, limit=2), images[:4], "cpu", "bf16", 12.0)
+        reference = encode_posterior(tiny_vae, images, "cpu", batch_size=2, precision="bf16")
+        post = encode_posterior(OutOfMemoryAbove(tiny_vae, limit=2), images, "cpu", batch_size=4, precision="bf16", log=print)
     assert "oom_retries" not in clean and flaky.pop("oom_retries") == 2  # bf16 and its fp32 reference
     assert flaky == clean
     assert post.oom_retries == 1 and post.mean.tobytes() == reference.mean.tobytes()
@@ -205,79 +186,3 @@ def test_a_step_that_fails_is_not_retried_by_the_shipped_settings(tmp_path: Path
             assert run.status == dg.DagsterRunStatus.FAILURE
             assert run.tags["dagster/failure_reason"] == "STEP_FAILURE"
             assert run.tags["dagster/will_retry"] == "false", run.tags
-
-
-PNG_SIDE = 8000  # a one-colour 8000x8000 PNG: 0.2 MB on disk, about 0.4 s to decode fully
-PNG_COPIES = 48  # so the manifest step takes about 20 s: long enough to be killed mid-step
-RUN_DEADLINE_S = 480  # from the start of the test; the rest of the 600 s is for teardown
-
-
-@pytest.mark.timeout(600)
-def test_a_killed_run_is_failed_and_retried_by_the_daemon(tmp_path: Path, own_tmpdir: Path):
-    """A real `dagster dev` with the shipped dagster.yaml runs raw_manifest, launched as the UI's
-    Materialize button does; its run worker is killed with SIGKILL mid-step. The run must end
-    FAILURE and the daemon must re-execute it (dagster/parent_run_id, retry number 1) to SUCCESS."""
-    from PIL import Image
-
-    from imagenet_int8_assets.core.common.layout import manifest_path
-
-    started = time.monotonic()
-    source = make_image_folder(tmp_path / "src", {"c0": 2, "c1": 2})
-    big = tmp_path / "big.png"
-    Image.new("RGB", (PNG_SIDE, PNG_SIDE), (120, 80, 40)).save(big, compress_level=9)
-    for i in range(PNG_COPIES):  # copies, not links: links to one file are read once
-        shutil.copyfile(big, source / f"c{i % 2}" / f"big_{i:03d}.png")
-    out, home = tmp_path / "out", tmp_path / "home"
-    home.mkdir()
-    shutil.copyfile(SHIPPED_DAGSTER_YAML, home / "dagster.yaml")  # the shipped settings, as they are
-    env = dagster_dev_env(out, home, own_tmpdir, IMAGENET_INT8_SOURCE=str(source))
-    deadline = started + RUN_DEADLINE_S
-
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
-        wait_until_served(dev)
-        run_id = launch_asset_run(dev, ["raw_manifest"])
-        pid = wait_for_step_worker(dev, run_id, "raw_manifest", deadline)
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        print(f"\n[retry] run {run_id[:8]}: worker pid {pid} killed {killed_at - started:.1f}s into the test")
-
-        failed = wait_for_run(dev, {"runIds": [run_id]}, {"FAILURE"}, deadline, "the killed run")
-        tags = {t["key"]: t["value"] for t in failed["tags"]}
-        print(f"[retry] killed run FAILURE {time.monotonic() - killed_at:.1f}s after the kill")
-        retry = wait_for_run(
-            dev, {"tags": [{"key": "dagster/parent_run_id", "value": run_id}]}, {"SUCCESS"}, deadline, "the retry"
-        )
-        print(f"[retry] retry {retry['runId'][:8]} SUCCESS {time.monotonic() - killed_at:.1f}s after the kill")
-        # the retry daemon tags the failed run when it launches the retry, which can come after the
-        # FAILURE status was first seen: read the tags again now
-        failed = wait_for_run(dev, {"runIds": [run_id]}, {"FAILURE"}, deadline, "the killed run")
-        tags = {t["key"]: t["value"] for t in failed["tags"]}
-    finally:
-        dev.stop()
-
-    assert tags.get("dagster/will_retry") == "true", tags
-    retry_tags = {t["key"]: t["value"] for t in retry["tags"]}
-    assert retry_tags["dagster/retry_number"] == "1" and retry_tags["dagster/root_run_id"] == run_id, retry_tags
-    assert [p["path"] for p in retry["assetSelection"]] == [["raw_manifest"]]
-    with dg_instance(home) as instance:
-        crash = [e.message for e in instance.all_logs(run_id) if "terminated by signal 9" in (e.message or "")]
-        assert crash, "the killed run's log does not say its process was killed"
-        # the run and its one retry (the class_folders sensor may add a raw_manifest run of its own)
-        _, group = instance.get_run_group(run_id)
-        assert sorted((r.run_id, r.status.value) for r in group) == sorted(
-            [(run_id, "FAILURE"), (retry["runId"], "SUCCESS")]
-        ), [(r.run_id, r.status) for r in group]
-    import pandas as pd
-
-    manifest = pd.read_parquet(manifest_path(out))
-    assert len(manifest) == 4 + PNG_COPIES and (manifest["status"] == "ok").all()
-    print(f"[retry] whole test {time.monotonic() - started:.1f}s")
-
-
-@contextmanager
-def dg_instance(home: Path):
-    import dagster as dg
-
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        yield instance

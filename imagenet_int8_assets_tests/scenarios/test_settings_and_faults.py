@@ -1,4 +1,4 @@
-"""Issue 7 items 6, 8, 9, 11: settings checked before any work, nothing to build, disk full.
+"""Settings checked before any work, nothing to build, a full disk.
 
 Real settings, a real Dagster instance, the real `imagenet-int8` and `dagster` commands in
 subprocesses, real tmpfs file systems (mounted as root; skipped with the reason printed when
@@ -25,7 +25,7 @@ from imagenet_int8_assets.core.quality.metrics import ssim
 from imagenet_int8_assets.core.common.layout import manifest_path
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.resources import MIN_CROP_SIZE, ImagenetInt8Settings, SettingsError
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, run_cli
 
 TINY = {"vae": "tiny-random", "device": "cpu", "workers": 1}
 
@@ -77,7 +77,7 @@ def _step_errors(result) -> dict[str, str]:
     }
 
 
-# --- item 8: every value is checked before any work -------------------------------------------
+# --- every value is checked before any work -------------------------------------------------
 
 # (variable, raw environment value, settings field, value as the field holds it, run it in Dagster)
 BAD_VALUES = [
@@ -247,6 +247,7 @@ def _cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict, str, str]]:
     }
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_settings_with_one_line_exit_2_and_no_work(tmp_path):
     for name, (args, extra, var, value) in _cli_cases(tmp_path).items():
         env = cli_env(tmp_path, **extra)
@@ -275,7 +276,7 @@ def test_dagster_asset_materialize_gives_the_same_one_line_message(tmp_path):
     assert not (source / "out" / "manifest").exists()
 
 
-# --- item 9: nothing to build -----------------------------------------------------------------
+# --- nothing to build -----------------------------------------------------------------------
 
 
 def _all_bad_source(tmp_path: Path) -> Path:
@@ -312,7 +313,7 @@ def test_cli_stops_after_the_manifest_when_nothing_is_usable(tmp_path):
     assert not (out / "sample_source").exists()  # --source is the source everywhere, also when defs load
 
 
-# --- item 11: disk full -----------------------------------------------------------------------
+# --- disk full ------------------------------------------------------------------------------
 
 
 def test_space_estimate_uses_the_bytes_per_image_measured_so_far(tmp_path):
@@ -335,6 +336,7 @@ def test_space_estimate_uses_the_bytes_per_image_measured_so_far(tmp_path):
         assert disk_full_error(wrapped) is error
 
 
+@pytest.mark.slow
 def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
     """A real 16 MB file system at an output path with a quote and a space: the crops of the
     second class do not fit; after freeing space the same command completes the build, and the

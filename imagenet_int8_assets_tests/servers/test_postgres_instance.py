@@ -11,37 +11,23 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
 from imagenet_int8_assets.core.dataset.mds_remote import RemoteMds
-from imagenet_int8_assets.build.instance import SHIPPED_DAGSTER_YAML, SHIPPED_POSTGRES_YAML, prepare_dagster_home
+from imagenet_int8_assets.build.instance import SHIPPED_POSTGRES_YAML, prepare_dagster_home
 from imagenet_int8_assets.reader import open_dataset
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, make_image_folder, run_cli
 from imagenet_int8_assets_tests.support.dagster_dev import (
     RUNS_QUERY,
     dagster_dev_env,
+    dev_folders,
     launch_backfill,
-    start_dagster_dev,
+    running_dagster_dev,
     wait_for_backfill,
     wait_for_classes,
-    wait_until_served,
 )
-from imagenet_int8_assets_tests.support.local_servers import postgres_server, s3_server
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 CLASS_STEPS = ["preprocessed_crops", "vae_latents", "mds_shards"]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 def _instance(home: Path) -> dg.DagsterInstance:
@@ -59,68 +45,6 @@ def _overlapping(records: list[dg.RunRecord]) -> bool:
 
 def _samples(dataset) -> list[tuple]:
     return [(s["label"], s["label_as_text"], s["latent"].tobytes()) for s in (dataset[i] for i in range(len(dataset)))]
-
-
-def test_the_postgres_instance_has_the_sqlite_instances_settings():
-    sqlite, postgres = (yaml.safe_load(p.read_text()) for p in (SHIPPED_DAGSTER_YAML, SHIPPED_POSTGRES_YAML))
-    storage = postgres.pop("storage")
-    assert postgres == sqlite  # the gpu pool, run retries and run monitoring configured the same way
-    assert storage["postgres"]["postgres_db"].pop("scheme") == "postgresql+psycopg2"
-    assert {k: v["env"] for k, v in storage["postgres"]["postgres_db"].items()} == {
-        "username": "DAGSTER_PG_USERNAME", "password": "DAGSTER_PG_PASSWORD", "hostname": "DAGSTER_PG_HOST",
-        "db_name": "DAGSTER_PG_DB", "port": "DAGSTER_PG_PORT",
-    }
-
-
-def test_an_incomplete_postgres_connection_is_refused_with_what_to_set(tmp_path):
-    env = cli_env(tmp_path, DAGSTER_PG_HOST="127.0.0.1")
-    proc = run_cli([str(BIN / "imagenet-int8"), "build"], env, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "DAGSTER_PG_USERNAME, DAGSTER_PG_PASSWORD, DAGSTER_PG_DB, DAGSTER_PG_PORT are not" in proc.stderr
-    assert "or unset DAGSTER_PG_HOST" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def _refusal(home: Path, monkeypatch) -> str:
-    from imagenet_int8_assets.build.instance import InstanceSettingError
-
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with pytest.raises(InstanceSettingError) as refused:
-        prepare_dagster_home(home)
-    message = str(refused.value)
-    assert "\n" not in message and "Traceback" not in message, message
-    return message
-
-
-def test_an_instance_that_cannot_be_opened_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
-    """PostgreSQL not answering, DAGSTER_PG_PORT not a number, a PostgreSQL dagster.yaml without its
-    variables: one line each, exit code 2 (they ended in raw tracebacks)."""
-    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "pg-home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(SHIPPED_POSTGRES_YAML.read_text())
-    message = _refusal(home, monkeypatch)  # the PostgreSQL dagster.yaml, none of its variables set
-    assert "DAGSTER_PG_HOST (not set)" in message and "point DAGSTER_HOME at another folder" in message, message
-
-    monkeypatch.setenv("DAGSTER_PG_HOST", "127.0.0.1")
-    for name, value in (("DAGSTER_PG_DB", "db"), ("DAGSTER_PG_USERNAME", "me"), ("DAGSTER_PG_PASSWORD", "pw")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DAGSTER_PG_PORT", "abc")
-    assert "DAGSTER_PG_PORT='abc' (not valid there)" in _refusal(home, monkeypatch)
-    assert "DAGSTER_PG_PORT='abc': use the PostgreSQL server's port" in _refusal(tmp_path / "new-home", monkeypatch)
-
-    from imagenet_int8_assets_tests.support.dagster_dev import free_port
-
-    monkeypatch.setenv("DAGSTER_PG_PORT", str(free_port()))  # nothing listens there
-    message = _refusal(home, monkeypatch)
-    assert "is a PostgreSQL instance that cannot be reached" in message and "Connection refused" in message, message
-    assert "pw" not in message.replace("DAGSTER_PG_PASSWORD", "")  # the password is never shown
-
-    env = cli_env(tmp_path, DAGSTER_HOME=str(home), DAGSTER_PG_HOST="127.0.0.1", DAGSTER_PG_PORT="abc",
-                  DAGSTER_PG_DB="db", DAGSTER_PG_USERNAME="me", DAGSTER_PG_PASSWORD="pw")
-    proc = run_cli([str(BIN / "imagenet-int8"), "build"], env, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().count("\n") == 0 and "DAGSTER_PG_PORT='abc'" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(600)
@@ -178,9 +102,7 @@ def test_two_concurrent_runs_on_postgres_publish_to_s3_the_dataset_of_one_run(po
 def test_a_backfill_through_the_webserver_and_daemon_on_postgres_runs_two_batched_runs_at_once(
     postgres, tmp_path, monkeypatch
 ):
-    out, home, tmp = tmp_path / "out", tmp_path / "home", tmp_path / "tmp"
-    for folder in (out, tmp):
-        folder.mkdir()
+    out, home, tmp = dev_folders(tmp_path)
     db = postgres.create_database()
     source = make_image_folder(tmp_path / "src", {c: 3 for c in CLASSES})
     settings = dict(
@@ -194,9 +116,7 @@ def test_a_backfill_through_the_webserver_and_daemon_on_postgres_runs_two_batche
     assert (home / "dagster.yaml").read_text() == SHIPPED_POSTGRES_YAML.read_text()
 
     started = time.monotonic()
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
-        wait_until_served(dev)
+    with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
         wait_for_classes(dev, CLASSES)
         backfill_id = launch_backfill(dev, CLASSES, ["raw_manifest", *CLASS_STEPS, "quantization_stats", "mds_dataset"])
         backfill = wait_for_backfill(dev, backfill_id, started, 480)
@@ -204,8 +124,6 @@ def test_a_backfill_through_the_webserver_and_daemon_on_postgres_runs_two_batche
         runs = dev.graphql(RUNS_QUERY, {"filter": {"tags": [{"key": "dagster/backfill", "value": backfill_id}]}})
         results = runs["runsOrError"]["results"]
         assert results and all(r["status"] == "SUCCESS" for r in results), results
-    finally:
-        dev.stop()
 
     with _instance(home) as instance:
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"

@@ -1,15 +1,21 @@
-"""Test support: a real `dagster dev` (webserver + daemon) in a subprocess, driven through GraphQL
-with the same operations the UI sends."""
+"""Test support: the one harness for a real `dagster dev` (webserver + daemon) in a subprocess,
+driven through GraphQL with the same operations the UI sends.
+
+Every test that needs the servers uses ``running_dagster_dev`` (a context manager): it starts
+`dagster dev` on a free port in its own process group, waits until the code location is served,
+yields a ``DagsterDev`` (``.graphql``, ``.base``, ``.out``, ``.home``, ``.served``, ``.log_tail()``),
+and on the way out stops the whole process group; when the block raised, the tail of the
+`dagster dev` log is printed (pytest shows it with the failure)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-import socket
+import tempfile
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from imagenet_int8_assets_tests.support.builds import BIN, REPO
+from imagenet_int8_assets_tests.support.local_servers import free_port  # noqa: F401  (the tests' one free_port)
+
 LOCATION = "imagenet_int8_assets"
 STARTUP_TIMEOUT_S = 180
 
@@ -164,12 +172,6 @@ def unsynced(dev: "DagsterDev", partitions: list[str]) -> list[tuple[str, str]]:
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def log_tail_of(path: Path, chars: int = 15000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -184,6 +186,7 @@ class DagsterDev:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path, out: Path, home: Path):
         self.proc, self.port, self.log, self.out, self.home = proc, port, log, out, home
         self.base = f"http://127.0.0.1:{port}"
+        self.served: dict | None = None  # wait_until_served's answer, once served
 
     def log_tail(self) -> str:
         return log_tail_of(self.log)
@@ -277,21 +280,30 @@ def dagster_dev_env(out: Path, home: Path, tmp: Path, **settings: str) -> dict:
         IMAGENET_INT8_SENSOR_INTERVAL="5",  # the class_folders sensor registers the classes quickly
         DAGSTER_HOME=str(home),
         TMPDIR=str(tmp),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )
     env.update(settings)
     return env
 
 
-def start_dagster_dev(env: dict, log: Path, out: Path, home: Path) -> DagsterDev:
-    """Start `dagster dev` on a free port in its own process group (stop it with ``DagsterDev.stop``)."""
-    port = free_port()
-    dagster = Path(sys.executable).parent / "dagster"
+def start_dagster_dev(
+    env: dict, log: Path, out: Path, home: Path, command: list[str] | None = None, cwd: Path = REPO,
+    port: int | None = None,
+) -> DagsterDev:
+    """Start `dagster dev` in its own process group (stop it with ``DagsterDev.stop``); prefer
+    ``running_dagster_dev``, which also waits for it and always stops it.
+
+    By default `dagster dev -w workspace.yaml -p <free port> -h 127.0.0.1` from the repository; a
+    test that runs another command line (the demo's printed one) passes ``command`` and the
+    ``port`` that line serves on."""
+    port = port or free_port()
+    if command is None:
+        command = [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-p", str(port), "-h", "127.0.0.1"]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
-            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-p", str(port), "-h", "127.0.0.1"],
-            cwd=REPO,
+            command,
+            cwd=cwd,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -299,6 +311,34 @@ def start_dagster_dev(env: dict, log: Path, out: Path, home: Path) -> DagsterDev
             start_new_session=True,
         )
     return DagsterDev(proc, port, log, out, home)
+
+
+@contextlib.contextmanager
+def running_dagster_dev(
+    env: dict, log: Path, out: Path, home: Path, command: list[str] | None = None, cwd: Path = REPO,
+    port: int | None = None,
+):
+    """`dagster dev` started (``start_dagster_dev``'s arguments), served (``dev.served`` holds
+    ``wait_until_served``'s answer), yielded, and stopped with its whole process group however the
+    block ends; a block that raised gets the log's tail printed."""
+    dev = start_dagster_dev(env, log, out, home, command=command, cwd=cwd, port=port)
+    try:
+        dev.served = wait_until_served(dev)
+        yield dev
+    except BaseException:
+        print(f"--- dagster dev log ({log}) ---\n{dev.log_tail()}")
+        raise
+    finally:
+        dev.stop()
+
+
+def dev_folders(root: Path) -> tuple[Path, Path, Path]:
+    """``root``/out, ``root``/home and ``root``/tmp: a `dagster dev`'s output, DAGSTER_HOME (created
+    by ``prepare_dagster_home`` or the test) and temp dir (out and tmp created)."""
+    out, home, tmp = root / "out", root / "home", root / "tmp"
+    for folder in (out, tmp):
+        folder.mkdir(parents=True, exist_ok=True)
+    return out, home, tmp
 
 
 def wait_for_classes(dev: DagsterDev, partitions: list[str], timeout_s: float = 240) -> None:
@@ -367,7 +407,7 @@ def wait_for_backfill(dev: DagsterDev, backfill_id: str, started: float, deadlin
 
 
 # ------------------------------------------------------------------------------------------
-# single runs (test_retries): launch one as the UI's "Materialize" button does, find its worker
+# single runs (servers/test_run_retries_by_the_daemon.py): launch one as the UI's "Materialize" button does, find its worker
 
 
 ASSET_JOBS_QUERY = """
@@ -473,6 +513,19 @@ def wait_for_step_worker(dev: DagsterDev, run_id: str, step_key: str, deadline: 
             return pid
         time.sleep(0.2)
     pytest.fail(f"run {run_id} did not start step {step_key} in time (worker pid {pid}):\n{dev.log_tail()}")
+
+
+def run_summary(run: dict) -> str:
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    selection = sorted(p["path"][0] for p in run["assetSelection"] or [])
+    shown = {k: v for k, v in tags.items() if k.startswith("dagster/") and "json" not in k}
+    return f"{run['runId'][:8]} {run['status']} {selection} {shown}"
+
+
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, tmp: Path) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
 
 
 def runs_matching(dev: DagsterDev, run_filter: dict) -> list[dict]:

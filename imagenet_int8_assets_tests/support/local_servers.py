@@ -27,8 +27,9 @@ import pytest
 PG_USER = "dagster"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (yet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -91,7 +92,7 @@ def postgres_server() -> Iterator[Postgres]:
     if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(folder, "postgres", "postgres")
         as_server = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
 
     def run(*args: str, timeout: float = 120) -> None:
         proc = subprocess.run([*as_server, *args], capture_output=True, text=True, timeout=timeout)
@@ -141,7 +142,7 @@ class S3Server:
 def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

@@ -48,7 +48,7 @@ import numpy as np
 from imagenet_int8_assets.core.common.files import atomic_dir, atomic_write_json
 from imagenet_int8_assets.core.common.layout import MissingArtifact, crops_dir, read_meta
 from imagenet_int8_assets.core.common.parallel import map_ordered
-from imagenet_int8_assets.core.crops.preprocess import crop_task
+from imagenet_int8_assets.core.crops.preprocess import crop_task, crop_tasks
 from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
 
 CROP_STORAGES = ("raw", "png", "none")
@@ -332,8 +332,8 @@ def _source_loader(
     recorded = meta.get("source") or {}
 
     def load_rows(rows: list[int]) -> np.ndarray:
-        paths = [root / ids[r] for r in rows]
-        tasks = [(str(p), recipe, size, max_pixels) for p in paths]
+        tasks = crop_tasks(root, [ids[r] for r in rows], recipe, size, max_pixels)
+        paths = [Path(t.path) for t in tasks]
         results = list(map_ordered(crop_task, tasks, workers if len(rows) > 1 else 1, chunksize=8))
         crops = [arr for arr, _ in results]
         bad = _verify(meta, rows, crops)

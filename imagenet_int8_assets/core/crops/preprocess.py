@@ -17,6 +17,9 @@ Both upscale images smaller than ``size``. When the intermediate resized image w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -109,8 +112,24 @@ def crop_file(
         raise CropError(f"cannot decode {os.fspath(path)!r}: {exc}") from exc
 
 
-def crop_task(task: tuple[str, str, int, int]) -> tuple[np.ndarray | None, str]:
-    """Process-pool entry point: (path, recipe, size, max_pixels) -> (array or None, reason)."""
+class CropTask(NamedTuple):
+    """One file to crop, as ``crop_task`` takes it on a worker process (a tuple of plain values:
+    pickled cheaply to the pools). Made by ``crop_tasks``."""
+
+    path: str
+    recipe: str
+    size: int
+    max_pixels: int
+
+
+def crop_tasks(root: str | os.PathLike, ids: Iterable[str], recipe: str, size: int, max_pixels: int) -> list[CropTask]:
+    """The crop tasks of image ``ids`` (paths relative to ``root``, or absolute), one per id, in order."""
+    root, size, max_pixels = Path(root), int(size), int(max_pixels)
+    return [CropTask(str(root / i), recipe, size, max_pixels) for i in ids]
+
+
+def crop_task(task: CropTask) -> tuple[np.ndarray | None, str]:
+    """Process-pool entry point: a ``CropTask`` -> (array or None, reason)."""
     path, recipe, size, max_pixels = task
     try:
         return crop_file(path, recipe, size, max_pixels), ""

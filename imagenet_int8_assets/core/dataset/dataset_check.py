@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from imagenet_int8_assets.core.dataset.mds_index import BUILD_INFO, CLASSES, CURRENT, INDEX, RECORD_KEY
 from imagenet_int8_assets.core.dataset.mds_index import LATENT_SHAPE as PUBLISHED_SHAPE
-from imagenet_int8_assets.core.latents.quantize import DEFAULT_RANGE as PUBLISHED_RANGE
+from imagenet_int8_assets.core.latents.quantize import DEFAULT_RANGE, recorded_range
 from imagenet_int8_assets.core.common.files import file_hash
 
 VERIFY_MODES = ("hash", "size", "none")
@@ -54,7 +54,7 @@ class DecodeParams:
     """How the dataset's uint8 codes decode: ``z = (u / 255 - 0.5) * 2 * value_range``."""
 
     latent_shape: tuple[int, ...] = PUBLISHED_SHAPE
-    value_range: float = PUBLISHED_RANGE
+    value_range: float = DEFAULT_RANGE
     source: str = "published defaults (no build record)"
 
 
@@ -187,12 +187,13 @@ def decode_params(root: str | os.PathLike, index: dict) -> DecodeParams:
     if record is None:
         return DecodeParams()
     shape = record.get("latent_shape", PUBLISHED_SHAPE)
-    value_range = record.get("quant_range", PUBLISHED_RANGE)
     if not (isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
         raise DatasetDamaged(f"Dataset damaged: {source} has an invalid latent_shape {shape!r}; {REBUILD_DATASET}.")
-    if isinstance(value_range, bool) or not isinstance(value_range, (int, float)) or not math.isfinite(value_range) or value_range <= 0:
-        raise DatasetDamaged(f"Dataset damaged: {source} has an invalid quant_range {value_range!r}; {REBUILD_DATASET}.")
-    return DecodeParams(tuple(shape), float(value_range), source)
+    try:
+        value_range = recorded_range(record)
+    except ValueError as exc:
+        raise DatasetDamaged(f"Dataset damaged: {source} has an {exc}; {REBUILD_DATASET}.") from None
+    return DecodeParams(tuple(shape), value_range, source)
 
 
 def _check_columns(root: Path, index: dict, decode: DecodeParams) -> None:

@@ -82,7 +82,7 @@ def write_class_shards(
     count, schema, shape and dequantization added (readers ignore it; the merge step checks that
     every class agrees). The shards are written into a hidden temporary folder and appear as a
     version with one rename; the class's ``current.json`` then points at it. The published
-    dataset (``root/index.json``) is not touched: ``mds_index.publish`` does that.
+    dataset (``root/index.json``) is not touched: ``mds_index.swap_in_index`` does that.
     """
     latents_u8 = np.ascontiguousarray(latents_u8, dtype=np.uint8)
     shape = tuple(latents_u8.shape[1:])

@@ -11,7 +11,7 @@ Layout of a dataset root (``<output>/mds``)::
     .previous-index.json             the index that was published before the current one
 
 Readers see exactly what ``index.json`` names. Re-materializing a class only adds a version and
-moves ``current.json``; the dataset changes when ``publish`` atomically replaces ``index.json``.
+moves ``current.json``; the dataset changes when ``swap_in_index`` atomically replaces ``index.json``.
 Versions are deleted only when neither the published index, the one published before it (readers
 that opened it may still be reading), nor a class's ``current.json`` refers to them.
 
@@ -204,7 +204,7 @@ def dataset_record(build_info: dict, summary: dict) -> dict:
     return {**info, "samples": summary["samples"], "per_class": summary["per_class"], "versions": summary["versions"]}
 
 
-def publish(root: str | os.PathLike, index: dict, record: dict) -> bool:
+def swap_in_index(root: str | os.PathLike, index: dict, record: dict) -> bool:
     """Make ``index`` (with ``record`` embedded) the published dataset, atomically.
 
     The index being replaced is kept as ``.previous-index.json`` first, so its shards survive one

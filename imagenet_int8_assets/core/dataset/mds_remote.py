@@ -323,7 +323,7 @@ class RemoteMds:
                 result.present += 1
         return result
 
-    def publish(self, root: str | os.PathLike, progress: Callable[[str], None] | None = None) -> MirrorResult:
+    def mirror_dataset(self, root: str | os.PathLike, progress: Callable[[str], None] | None = None) -> MirrorResult:
         """Mirror the locally published dataset (``root/index.json``) to the bucket.
 
         Uploads every version folder the index names that the bucket lacks, lists the bucket and

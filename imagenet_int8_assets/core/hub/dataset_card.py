@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from imagenet_int8_assets.core.dataset import mds_index
-from imagenet_int8_assets.core.latents.quantize import DEFAULT_RANGE, step
-from imagenet_int8_assets.core.quality.reconstruction_report import CHANNEL_COLUMNS, SUMMARY
+from imagenet_int8_assets.core.latents.quantize import recorded_range, step
+from imagenet_int8_assets.core.quality.reconstruction_report import REPORT_CHANNEL_COLUMNS, SUMMARY
 from imagenet_int8_assets.core.hub.hub_upload import PARQUET_FOLDER
 from imagenet_int8_assets.core.common.layout import (
     manifest_path,
@@ -407,7 +407,7 @@ def _build_section(record: dict, shape: list[int]) -> str:
     vae = record.get("vae") or {}
     crops = record.get("crops") or {}
     encode = record.get("encode") or {}
-    value_range = float(record.get("quant_range") or DEFAULT_RANGE)
+    value_range = recorded_range(record)
     size = crops.get("size", "?")
     recipe = crops.get("recipe", "?")
     recipe_text = _CROP_RECIPES.get(recipe, "").format(s=size, s2=2 * size if isinstance(size, int) else "2x")
@@ -585,7 +585,7 @@ def _stats_section(inputs: CardInputs) -> str:
     head = "## Quantization statistics"
     if stats is None:
         return f"{head}\n\nNo quantization statistics: {_md(inputs.missing.get('stats', 'missing'))}."
-    columns = ["channel", "min", "max", *CHANNEL_COLUMNS[1:]]
+    columns = ["channel", "min", "max", *REPORT_CHANNEL_COLUMNS[1:]]
     parts = [
         head,
         f"Per channel over the whole dataset (float latents before quantization; range +-{_num(stats.get('quant_range'), 'g')}, "
@@ -614,7 +614,7 @@ def streaming_snippet(record: dict, download_dir: str) -> str:
     first batch, decoded, (B, C, H, W) float32.
     """
     shape = [int(d) for d in record.get("latent_shape") or mds_index.LATENT_SHAPE]
-    scale = repr(2 * float(record.get("quant_range") or DEFAULT_RANGE))
+    scale = repr(2 * recorded_range(record))
     column = (record.get("schema") or {}).get("vae_output", "uint8")
     dims = ", ".join(map(str, shape))
     flip = (
@@ -679,7 +679,7 @@ if __name__ == "__main__":
 
 def _reading_section(record: dict, repo_id: str, shape: list[int], parquet: bool) -> str:
     download_dir = _download_dir(repo_id)
-    scale = 2 * float(record.get("quant_range") or DEFAULT_RANGE)
+    scale = 2 * recorded_range(record)
     vae = record.get("vae") or {}
     exclude = ' --exclude "data/*"' if parquet else ""
     dims = ", ".join(map(str, shape))

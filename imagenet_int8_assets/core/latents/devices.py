@@ -1,6 +1,9 @@
 """Every GPU of a node: which devices an encode may use, and an exclusive lease on one of them.
 
-``visible_devices(setting, device)`` lists the devices encode runs may spread over: the names in
+``resolve_device(device)`` decides what ``IMAGENET_INT8_DEVICE`` means (the one device a
+single-device step such as the report's decoder uses, and the checks and messages for a bad
+name or a GPU torch cannot see); ``visible_devices(setting, device)`` lists the devices encode
+runs may spread over: the names in
 ``IMAGENET_INT8_DEVICES`` (``cuda:0,cuda:1``; for tests ``cpu:0,cpu:1``, simulated devices that
 run on the CPU) or, without it, every GPU torch sees (``IMAGENET_INT8_DEVICE`` auto or cuda), the
 one GPU named by cuda:N, or the CPU.
@@ -45,6 +48,8 @@ DEFAULT_LEASE_TIMEOUT_S = 3600.0
 POLL_S = 0.05  # a handoff between runs costs at most this (a poll is an open and a flock per device)
 WAIT_LOG_EVERY_S = 60.0
 _DEVICE = re.compile(r"cpu(:[0-9]+)?|cuda:[0-9]+")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_SETTING = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class DeviceSettingError(ValueError):
@@ -79,6 +84,35 @@ def cuda_device_count() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
+def check_device_name(device: str) -> None:
+    """Refuse an ``IMAGENET_INT8_DEVICE`` that is none of auto, cpu, cuda, cuda:N (no torch import)."""
+    if not isinstance(device, str) or not _DEVICE_SETTING.fullmatch(device):
+        raise DeviceSettingError(f"Unknown device: IMAGENET_INT8_DEVICE={device!r}; use {DEVICE_CHOICES}.")
+
+
+def resolve_device(device: str, cuda_count: int | None = None) -> str:
+    """What ``IMAGENET_INT8_DEVICE`` names, for a step that runs on one device: ``auto`` ->
+    ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as they are.
+    Raises ``DeviceSettingError`` for an unknown name, a GPU name without a GPU, or ``cuda:N``
+    beyond the GPUs torch sees. ``cuda_count`` overrides ``torch.cuda.device_count()`` (tests)."""
+    check_device_name(device)
+    if device == "cpu":
+        return device
+    count = cuda_device_count() if cuda_count is None else cuda_count
+    if device == "auto":
+        return "cuda" if count else "cpu"
+    if count == 0:
+        raise DeviceSettingError(
+            f"IMAGENET_INT8_DEVICE={device!r} but torch sees no CUDA GPU. Use IMAGENET_INT8_DEVICE=auto "
+            "(GPU when present, else CPU) or cpu."
+        )
+    if int(device.partition(":")[2] or 0) >= count:
+        raise DeviceSettingError(
+            f"IMAGENET_INT8_DEVICE={device!r} but torch sees {count} GPU(s): use {DEVICE_CHOICES} with N < {count}."
+        )
+    return device
+
+
 def visible_devices(setting: str | None = None, device: str = "auto", cuda_count: int | None = None) -> list[str]:
     """The devices encode runs spread over, one run per device.
 
@@ -105,27 +139,11 @@ def visible_devices(setting: str | None = None, device: str = "auto", cuda_count
                     f"(cuda:0 to cuda:{count - 1}): name those, or leave it empty for every GPU"
                 )
         return names
-    device = (device or "auto").strip()
-    if device == "cpu":
-        return ["cpu"]
-    if not re.fullmatch(r"auto|cuda(:[0-9]+)?", device):
-        raise DeviceSettingError(f"Unknown device: IMAGENET_INT8_DEVICE={device!r}; use auto, cpu, cuda or cuda:N.")
     count = cuda_device_count() if cuda_count is None else cuda_count
-    if device == "auto" and count == 0:
-        return ["cpu"]
-    if count == 0:
-        raise DeviceSettingError(
-            f"IMAGENET_INT8_DEVICE={device!r} but torch sees no CUDA GPU. Use IMAGENET_INT8_DEVICE=auto "
-            "(GPU when present, else CPU) or cpu."
-        )
-    if ":" in device:
-        index = int(device.split(":")[1])
-        if index >= count:
-            raise DeviceSettingError(
-                f"IMAGENET_INT8_DEVICE={device!r} but torch sees {count} GPU(s): use auto, cpu, cuda or cuda:N with N < {count}."
-            )
+    device = resolve_device((device or "auto").strip(), cuda_count=count)
+    if device == "cpu" or ":" in device:
         return [device]
-    return [f"cuda:{i}" for i in range(count)]
+    return [f"cuda:{i}" for i in range(count)]  # auto or cuda with GPUs: every one
 
 
 def gpu_pool_limit(devices: Sequence[str]) -> int:

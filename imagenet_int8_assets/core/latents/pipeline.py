@@ -1,7 +1,7 @@
 """Cropping overlapped with encoding: worker processes decode and crop the next images while the
 VAE encodes the current ones, with the same bytes as cropping everything first.
 
-``encode_stream`` takes the ``crop_task`` tuples of one class, or of several classes in order, and
+``encode_stream`` takes the ``CropTask``s (``core.crops.preprocess``) of one class, or of several classes in order, and
 runs two sides at once::
 
     producers: `workers` spawned processes     consumer: this thread
@@ -410,7 +410,7 @@ def _chunks(sizes: Sequence[int], chunk_size: int) -> list[_Chunk]:
 
 
 def _image_hw(task) -> tuple[int, int] | None:
-    """The crop size of a ``crop_task`` tuple (path, recipe, size, max_pixels), when it is one."""
+    """The crop size of a ``CropTask`` (or a tuple of the same fields), when it is one."""
     if isinstance(task, tuple) and len(task) >= 3 and isinstance(task[2], int):
         return task[2], task[2]
     return None
@@ -487,7 +487,7 @@ def encode_stream(
 ) -> StreamResult:
     """Crop ``tasks`` on ``workers`` processes while ``vae`` encodes the crops (see the module).
 
-    ``tasks``: ``crop_task`` tuples (path, recipe, size, max_pixels), or whatever ``crop_fn``
+    ``tasks``: ``CropTask``s (path, recipe, size, max_pixels), or whatever ``crop_fn``
     takes; ``crop_fn(task) -> (uint8 (S, S, 3) array or None, reason)`` must be a module-level
     function (it is pickled to spawned processes). ``groups``: the sizes of consecutive groups of
     ``tasks`` (classes), each encoded on its own as ``encode_posterior`` encodes one class
@@ -511,7 +511,7 @@ def encode_stream(
     here. The returned groups then keep their ``ok`` and ``failed`` but not their posteriors
     (``None``), so memory holds a few classes' posteriors at a time instead of all of them.
     ``image_hw``: the crops' (height, width), which gives a group without images its latents' shape
-    (0, C, h, w); by default read from the ``crop_task`` tuples, so needed only when there are none.
+    (0, C, h, w); by default read from the ``CropTask``s, so needed only when there are none.
     """
     tasks = list(tasks)
     sizes = [len(tasks)] if groups is None else [int(n) for n in groups]

@@ -8,16 +8,55 @@ uniformly spread values). The published build truncated instead of rounding (REF
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-DEFAULT_RANGE = 12.0
+DEFAULT_RANGE = 12.0  # the published Imagenet.int8 range: what a record without a range decodes with
+RANGE_KEY = "quant_range"  # the one name every record of codes (class and dataset build.json, stats) holds it under
 LEVELS = 255
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
 # Histogram used for percentiles: bins of width 1/128 (< a tenth of the +-12 step) over +-64.
 HIST_LIMIT = 64.0
 HIST_BINS = 1 << 14
+
+
+def resolve_range(setting: float, vae_default: float) -> float:
+    """The effective uint8 range +-R: ``IMAGENET_INT8_QUANT_RANGE`` when it is > 0, else the VAE's
+    default (``VaeInfo.quant_range``: the preset's, an AuraEquiVAE's clamp, or from its config)."""
+    return float(setting) if setting and setting > 0 else float(vae_default)
+
+
+def codes_range(setting: float, latents_meta: Mapping) -> float:
+    """The range one class's codes are made at: resolved from the setting and the VAE default that its
+    latents' meta records (``meta["vae"]["quant_range"]``).
+
+    The one place the range is decided. Only the steps that make codes from float latents call it
+    (``mds_shards``, ``quantization_stats``: the setting is part of their code version, so a new
+    range re-makes them and nothing else); they record the result under ``RANGE_KEY`` (a class's and
+    the dataset's ``build.json``, the statistics), and every step after them reads it back with
+    ``recorded_range``. The latents themselves do not depend on the range and do not record it.
+    """
+    vae = latents_meta.get("vae")
+    if not isinstance(vae, Mapping) or RANGE_KEY not in vae:
+        raise ValueError("latents meta without the VAE's default range (vae.quant_range); re-materialize vae_latents")
+    return resolve_range(setting, vae[RANGE_KEY])
+
+
+def recorded_range(record: Mapping) -> float:
+    """The range a record of codes says they are quantized over: the one reader of every record.
+
+    ``record["quant_range"]`` (a class's or the dataset's ``build.json`` and its index.json record,
+    ``quantization_stats.json``); a dataset record without one (the published Imagenet.int8) decodes
+    at ``DEFAULT_RANGE`` (+-12). Raises ValueError when the recorded value is not a finite positive
+    number.
+    """
+    value = record.get(RANGE_KEY, DEFAULT_RANGE)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"invalid {RANGE_KEY} {value!r}")
+    return float(value)
 
 
 def step(value_range: float = DEFAULT_RANGE) -> float:

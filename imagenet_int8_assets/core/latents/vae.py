@@ -16,7 +16,6 @@ torch and diffusers are imported only when a model is built, so the Dagster defi
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,39 +220,6 @@ class LoadedVae:
         if self.info.family == "aura":
             return self.model.decode(z)
         return self.model.decode(z).sample
-
-
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-def check_device_name(device: str) -> None:
-    """Refuse a device that is none of auto, cpu, cuda, cuda:N (no torch import)."""
-    if not isinstance(device, str) or not _DEVICE_NAME.fullmatch(device):
-        raise VaeLoadError(f"Unknown device: IMAGENET_INT8_DEVICE={device!r}; use {DEVICE_CHOICES}.")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; a GPU torch cannot see is an error."""
-    check_device_name(device)
-    if device == "cpu":
-        return device
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise VaeLoadError(
-            f"IMAGENET_INT8_DEVICE={device!r} but torch sees no CUDA GPU. Use IMAGENET_INT8_DEVICE=auto "
-            "(GPU when present, else CPU) or cpu."
-        )
-    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
-    if index >= count:
-        raise VaeLoadError(
-            f"IMAGENET_INT8_DEVICE={device!r} but torch sees {count} GPU(s): use auto, cpu, cuda or cuda:N "
-            f"with N < {count}."
-        )
-    return device
 
 
 def build_random_vae(config: Any, seed: int = RANDOM_WEIGHTS_SEED):

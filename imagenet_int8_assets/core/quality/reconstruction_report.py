@@ -34,7 +34,8 @@ from imagenet_int8_assets.core.common.tables import markdown_table
 
 SUMMARY = "summary.json"
 METRICS = ("psnr_float", "psnr_uint8", "psnr_gap", "ssim_float", "ssim_uint8")
-CHANNEL_COLUMNS = ["channel", "mean", "std", "p0.1", "p99.9", "clip_fraction", "quant_rmse"]
+# the per-channel statistics the report (and the dataset card) show: a summary of quantization_stats
+REPORT_CHANNEL_COLUMNS = ["channel", "mean", "std", "p0.1", "p99.9", "clip_fraction", "quant_rmse"]
 
 
 @dataclass
@@ -216,7 +217,7 @@ def assemble_report(
     tables = {
         "overall": markdown_table([overall]),
         "per_class": markdown_table(classes),
-        "channels": markdown_table(stats["overall"], CHANNEL_COLUMNS),
+        "channels": markdown_table(stats["overall"], REPORT_CHANNEL_COLUMNS),
     }
     notes = [lpips_note, f"VAE: {vae_name}; range +-{value_range:g}."]
     page = figures.html_report(
@@ -224,7 +225,7 @@ def assemble_report(
         [
             ("Overall (mean over images)", figures.html_table([overall], list(overall))),
             ("Per class", figures.html_table(classes, list(classes[0]))),
-            ("Latent channels", figures.html_table(stats["overall"], CHANNEL_COLUMNS)),
+            ("Latent channels", figures.html_table(stats["overall"], REPORT_CHANNEL_COLUMNS)),
             ("Notes", "".join(f"<p>{html.escape(note)}</p>" for note in notes)),
         ],
         images,

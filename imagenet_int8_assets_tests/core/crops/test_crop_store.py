@@ -26,7 +26,7 @@ from imagenet_int8_assets.resources import (
     ImagenetInt8Settings,
     SettingsError,
 )
-from imagenet_int8_assets_tests.conftest import (
+from imagenet_int8_assets_tests.support.builds import (
     crops,
     make_image_folder,
     materialize_all,

@@ -9,7 +9,19 @@ import pytest
 from PIL import Image
 
 from imagenet_int8_assets.core.source.images import ImageRejected, normalize_mode, open_image
-from imagenet_int8_assets.core.crops.preprocess import CropError, crop_adm, crop_file, crop_image, crop_imagenet_int8
+import pickle
+
+from imagenet_int8_assets.core.common.parallel import MIN_ITEMS_FOR_POOL, map_ordered
+from imagenet_int8_assets.core.crops.preprocess import (
+    CropError,
+    CropTask,
+    crop_adm,
+    crop_file,
+    crop_image,
+    crop_imagenet_int8,
+    crop_task,
+    crop_tasks,
+)
 from imagenet_int8_assets.sample import synthetic_picture
 
 
@@ -127,3 +139,26 @@ def test_open_image_refuses_by_declared_size_before_decoding(tmp_path):
     bomb.write_bytes(_png_with_declared_size(50000, 50000))
     with pytest.raises(ImageRejected, match="50000x50000"):
         open_image(bomb)
+
+
+def test_crop_tasks_are_named_picklable_and_cross_a_process_pool(tmp_path):
+    pic = synthetic_picture(400, 300, (200, 100, 0), seed=9)
+    (tmp_path / "a").mkdir()
+    _save(pic, tmp_path / "a" / "good.JPEG", quality=90)
+    (tmp_path / "a" / "bad.JPEG").write_text("hello")
+    ids = ["a/good.JPEG", "a/bad.JPEG"] * max(1, MIN_ITEMS_FOR_POOL // 2)
+    tasks = crop_tasks(tmp_path, ids, "adm", 256, 10**8)
+    assert tasks[0] == CropTask(str(tmp_path / "a" / "good.JPEG"), "adm", 256, 10**8)
+    assert [t.path for t in tasks] == [str(tmp_path / i) for i in ids] and tasks[1].size == 256
+    assert pickle.loads(pickle.dumps(tasks[0])) == tasks[0]
+    # absolute ids are kept as they are
+    assert crop_tasks("", [str(tmp_path / "a" / "good.JPEG")], "adm", 256, 10**8)[0].path == tasks[0].path
+    pooled = list(map_ordered(crop_task, tasks, 2, chunksize=8))  # spawned workers: the tasks are pickled
+    with Image.open(tmp_path / "a" / "good.JPEG") as img:
+        expected = guided_diffusion_center_crop(img)
+    for (arr, reason), task in zip(pooled, tasks, strict=True):
+        if task.path.endswith("good.JPEG"):
+            assert reason == ""
+            np.testing.assert_array_equal(arr, expected)
+        else:
+            assert arr is None and "bad.JPEG" in reason

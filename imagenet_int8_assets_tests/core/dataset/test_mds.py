@@ -31,7 +31,7 @@ def three_classes(tmp_path):
 
 def _publish(root, classes):
     index, summary = mds_index.merged_index(root, classes)
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, classes[0]), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, classes[0]), summary))
     return summary
 
 

@@ -17,16 +17,9 @@ from imagenet_int8_assets.core.dataset.mds_remote import RemoteError, RemoteMds,
 from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.reader import DatasetDamaged, open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings, SettingsError
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, run_cli
-from imagenet_int8_assets_tests.support.local_servers import s3_server
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, run_cli
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture
@@ -37,8 +30,8 @@ def s3_env(s3, monkeypatch):
 
 
 @pytest.fixture
-def root(built_sample, tmp_path) -> Path:
-    """A copy of a built dataset's MDS root (the tests change it)."""
+def sample_mds(built_sample, tmp_path) -> Path:
+    """A copy of the built sample's MDS root (the tests change it)."""
     copy = tmp_path / "mds"
     shutil.copytree(mds_root(built_sample["settings"].output_path), copy)
     return copy
@@ -62,18 +55,18 @@ def _samples(dataset) -> list[tuple]:
     return [(s["label"], s["label_as_text"], s["latent"].tobytes()) for s in (dataset[i] for i in range(len(dataset)))]
 
 
-def test_publish_uploads_the_versions_then_the_index_and_streaming_reads_the_bucket(root, s3_env, tmp_path):
+def test_publish_uploads_the_versions_then_the_index_and_streaming_reads_the_bucket(sample_mds, s3_env, tmp_path):
     bucket = s3_env.new_bucket()
     client, puts = _recording_client(s3_env)
     remote = RemoteMds(f"s3://{bucket}/imagenet.int8", client=client)
-    index = json.loads((root / "index.json").read_text())
+    index = json.loads((sample_mds / "index.json").read_text())
 
-    result = remote.publish(root)
+    result = remote.mirror_dataset(sample_mds)
 
-    files = _version_files(root, index)
+    files = _version_files(sample_mds, index)
     assert result.published and sorted(result.uploaded) == sorted(files) and result.removed == []
-    assert remote.list_sizes() == {**files, "index.json": (root / "index.json").stat().st_size,
-                                   "build.json": (root / "build.json").stat().st_size}
+    assert remote.list_sizes() == {**files, "index.json": (sample_mds / "index.json").stat().st_size,
+                                   "build.json": (sample_mds / "build.json").stat().st_size}
     # nothing names a shard before it is there: every version file first, then the index, then build.json
     keys = [k.removeprefix("imagenet.int8/") for k in puts]
     assert keys[-2:] == ["index.json", "build.json"] and set(keys[:-2]) == set(files)
@@ -83,23 +76,23 @@ def test_publish_uploads_the_versions_then_the_index_and_streaming_reads_the_buc
 
     # the real reader, remote=s3://..., downloads the shards and reads what the local folder holds
     from_bucket = open_dataset(f"s3://{bucket}/imagenet.int8", local=tmp_path / "cache")
-    assert _samples(from_bucket) == _samples(open_dataset(root))
+    assert _samples(from_bucket) == _samples(open_dataset(sample_mds))
 
-    again = RemoteMds(f"s3://{bucket}/imagenet.int8", client=client).publish(root)
+    again = RemoteMds(f"s3://{bucket}/imagenet.int8", client=client).mirror_dataset(sample_mds)
     assert (again.uploaded, again.published, again.present) == ([], False, len(files))
 
 
-def test_an_interrupted_upload_resumes_and_an_object_is_never_replaced(root, s3_env):
+def test_an_interrupted_upload_resumes_and_an_object_is_never_replaced(sample_mds, s3_env):
     bucket = s3_env.new_bucket()
     remote = RemoteMds(f"s3://{bucket}/ds", client=s3_env.client())
-    index = json.loads((root / "index.json").read_text())
-    files = sorted(_version_files(root, index))
+    index = json.loads((sample_mds / "index.json").read_text())
+    files = sorted(_version_files(sample_mds, index))
     # a run killed after some uploads: those files are there, no index yet
     for relative in files[:3]:
-        assert remote.create(relative, root / relative, (root / relative).stat().st_size)
+        assert remote.create(relative, sample_mds / relative, (sample_mds / relative).stat().st_size)
     assert remote.read("index.json") is None
 
-    result = remote.publish(root)
+    result = remote.mirror_dataset(sample_mds)
     assert result.published and result.present == 3 and sorted(result.uploaded) == files[3:]
 
     # a bucket object that contradicts its version (same name, other bytes) stops the publication
@@ -107,7 +100,7 @@ def test_an_interrupted_upload_resumes_and_an_object_is_never_replaced(root, s3_
     shard = next(f for f in files if f.endswith(".mds"))
     s3_env.client().put_object(Bucket=bucket, Key=f"other/{shard}", Body=b"not the shard")
     with pytest.raises(RemoteError, match=r"exists with 13 bytes.*delete that object and re-run"):
-        other.publish(root)
+        other.mirror_dataset(sample_mds)
     assert other.read("index.json") is None  # never an index naming a bad shard
     assert other.list_sizes()[shard] == 13  # and the object was not replaced
 
@@ -123,28 +116,28 @@ def _new_version(root: Path, class_name: str, marker: int) -> str:
     folder = mds_index.commit_class_version(root, class_name, staged)
     classes = sorted(mds_index.read_published_index(root)[mds_index.RECORD_KEY]["per_class"])
     index, summary = mds_index.merged_index(root, classes)
-    assert mds_index.publish(root, index, mds_index.dataset_record(info, summary))
+    assert mds_index.swap_in_index(root, index, mds_index.dataset_record(info, summary))
     mds_index.collect_garbage(root)
     return folder.relative_to(root).as_posix()
 
 
-def test_the_previous_index_keeps_its_versions_one_publication_then_they_go(root, s3_env):
+def test_the_previous_index_keeps_its_versions_one_publication_then_they_go(sample_mds, s3_env):
     bucket = s3_env.new_bucket()
     remote = RemoteMds(f"s3://{bucket}/ds", client=s3_env.client())
-    first_index = (root / "index.json").read_bytes()
-    remote.publish(root)
+    first_index = (sample_mds / "index.json").read_bytes()
+    remote.mirror_dataset(sample_mds)
     class_name = sorted(json.loads(first_index)[mds_index.RECORD_KEY]["per_class"])[0]
-    first = mds_index.current_version_dir(root, class_name).relative_to(root).as_posix()
+    first = mds_index.current_version_dir(sample_mds, class_name).relative_to(sample_mds).as_posix()
 
-    second = _new_version(root, class_name, 1)
-    result = remote.publish(root)
+    second = _new_version(sample_mds, class_name, 1)
+    result = remote.mirror_dataset(sample_mds)
     assert result.published and result.removed == []
     assert remote.read(".previous-index.json") == first_index  # readers of the old index keep their shards
-    assert any(k.startswith(first + "/") for k in remote.list_sizes()) and (root / first).is_dir()
+    assert any(k.startswith(first + "/") for k in remote.list_sizes()) and (sample_mds / first).is_dir()
 
-    _new_version(root, class_name, 2)
-    assert not (root / first).exists()  # the local sweep removed it: no index refers to it any more
-    result = remote.publish(root)
+    _new_version(sample_mds, class_name, 2)
+    assert not (sample_mds / first).exists()  # the local sweep removed it: no index refers to it any more
+    result = remote.mirror_dataset(sample_mds)
     assert result.removed == [first]
     listed = remote.list_sizes()
     assert not any(k.startswith(first + "/") for k in listed) and any(k.startswith(second + "/") for k in listed)
@@ -183,38 +176,38 @@ def _multipart(client, bucket: str, key: str, body: bytes) -> None:
     )
 
 
-def test_an_object_changed_in_the_bucket_with_the_same_length_is_never_accepted(root, s3_env):
+def test_an_object_changed_in_the_bucket_with_the_same_length_is_never_accepted(sample_mds, s3_env):
     bucket = s3_env.new_bucket()
     remote = RemoteMds(f"s3://{bucket}/ds", client=s3_env.client())
-    remote.publish(root)
+    remote.mirror_dataset(sample_mds)
     first_index = remote.read("index.json")
     index = json.loads(first_index)
     shard = index["shards"][0]["raw_data"]["basename"]
     _put_altered(s3_env, bucket, f"ds/{shard}")
-    assert remote.list_sizes()[shard] == (root / shard).stat().st_size  # a size check cannot see it
+    assert remote.list_sizes()[shard] == (sample_mds / shard).stat().st_size  # a size check cannot see it
 
     message = rf"s3://{bucket}/ds/{re.escape(shard)} exists with the size of the local file .* but other content.*" \
               r"delete that object and re-run"
     with pytest.raises(RemoteError, match=message):  # the same index again
-        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).mirror_dataset(sample_mds)
     other_class = next(c for c in sorted(index[mds_index.RECORD_KEY]["per_class"]) if not shard.startswith(
-        mds_index.current_version_dir(root, c).relative_to(root).as_posix()))
-    _new_version(root, other_class, 1)
+        mds_index.current_version_dir(sample_mds, c).relative_to(sample_mds).as_posix()))
+    _new_version(sample_mds, other_class, 1)
     with pytest.raises(RemoteError, match=message):  # a new index naming the changed shard is not published
-        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+        RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).mirror_dataset(sample_mds)
     assert remote.read("index.json") == first_index
 
     # create() meets it too (another run listed the bucket before it appeared): refused, not replaced
     with pytest.raises(RemoteError, match=message):
-        remote.create(shard, root / shard, (root / shard).stat().st_size)
+        remote.create(shard, sample_mds / shard, (sample_mds / shard).stat().st_size)
     same = index["shards"][1]["raw_data"]["basename"]
-    assert remote.create(same, root / same, (root / same).stat().st_size) is False  # same content: kept
+    assert remote.create(same, sample_mds / same, (sample_mds / same).stat().st_size) is False  # same content: kept
 
 
-def test_an_object_changed_after_its_upload_is_caught_by_the_check_before_the_index(root, s3_env):
+def test_an_object_changed_after_its_upload_is_caught_by_the_check_before_the_index(sample_mds, s3_env):
     bucket = s3_env.new_bucket()
     client, puts = _recording_client(s3_env)
-    shard = json.loads((root / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    shard = json.loads((sample_mds / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
     changed = []
 
     def change_once(**_):  # before the listing that follows the uploads: someone rewrites the shard
@@ -225,39 +218,39 @@ def test_an_object_changed_after_its_upload_is_caught_by_the_check_before_the_in
     client.meta.events.register("before-call.s3.ListObjectsV2", change_once)
     remote = RemoteMds(f"s3://{bucket}/ds", client=client)
     with pytest.raises(RemoteError, match=rf"1 file\(s\) the index names are not in .* local content .*{re.escape(shard)}"):
-        remote.publish(root)
+        remote.mirror_dataset(sample_mds)
     assert changed and remote.read("index.json") is None
 
 
-def test_objects_whose_etag_is_not_an_md5_are_compared_by_reading_them(root, s3_env):
+def test_objects_whose_etag_is_not_an_md5_are_compared_by_reading_them(sample_mds, s3_env):
     bucket = s3_env.new_bucket()
     client = s3_env.client()
-    shard = json.loads((root / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
-    body = (root / shard).read_bytes()
+    shard = json.loads((sample_mds / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    body = (sample_mds / shard).read_bytes()
     _multipart(client, bucket, f"ok/{shard}", body)
     assert "-" in client.head_object(Bucket=bucket, Key=f"ok/{shard}")["ETag"]
-    result = RemoteMds(f"s3://{bucket}/ok", client=client).publish(root)
+    result = RemoteMds(f"s3://{bucket}/ok", client=client).mirror_dataset(sample_mds)
     assert result.published and shard not in result.uploaded  # read back: the same bytes, kept
 
     _multipart(client, bucket, f"bad/{shard}", _altered(body))
     with pytest.raises(RemoteError, match=r"with the size of the local file .* but other content"):
-        RemoteMds(f"s3://{bucket}/bad", client=client).publish(root)
+        RemoteMds(f"s3://{bucket}/bad", client=client).mirror_dataset(sample_mds)
 
 
 # ---- reading from the bucket: each downloaded shard checked against its recorded hash -------------
 
 
-def test_reading_from_the_bucket_checks_each_downloaded_shard_against_its_hash(root, s3_env, tmp_path):
+def test_reading_from_the_bucket_checks_each_downloaded_shard_against_its_hash(sample_mds, s3_env, tmp_path):
     bucket = s3_env.new_bucket()
-    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).mirror_dataset(sample_mds)
     url = f"s3://{bucket}/ds"
-    local = _samples(open_dataset(root))
+    local = _samples(open_dataset(sample_mds))
     intact = open_dataset(url, local=tmp_path / "intact")
     assert intact.verified.startswith(f"each shard's xxh3_64 hash recorded in index.json, by streaming as the shard "
                                       f"is downloaded from {url}")
     assert _samples(intact) == local
 
-    index = json.loads((root / "index.json").read_text())
+    index = json.loads((sample_mds / "index.json").read_text())
     shard = index["shards"][1]["raw_data"]["basename"]
     _put_altered(s3_env, bucket, f"ds/{shard}")
     damaged = open_dataset(url, local=tmp_path / "damaged")
@@ -300,7 +293,7 @@ def test_a_bucket_set_on_a_built_output_gets_the_dataset_and_the_summary_tells_t
     assert (plan(settings).classes, plan(settings).dataset) == ([], True)  # but the bucket is empty
     assert f"(NOT published to {url}: " in _summary(settings) and "published to" not in _summary(built)
 
-    RemoteMds(url).publish(root)  # what mds_dataset does
+    RemoteMds(url).mirror_dataset(root)  # what mds_dataset does
     assert plan(settings).dataset is False
     assert f"Dataset: {root} (published to {url} too)" in _summary(settings)
 
@@ -380,9 +373,9 @@ def test_a_remote_dataset_decodes_with_the_shape_and_range_it_records(s3_env, tm
     info = {"latent_shape": [16, 8, 8], "quant_range": 5.0, "seed": 0}
     mds.write_class_shards(root, "a", codes, 0, "a", info, value_range=5.0)
     index, summary = mds_index.merged_index(root, ["a"])
-    mds_index.publish(root, index, mds_index.dataset_record(info, summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(info, summary))
     bucket = s3_env.new_bucket()
-    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).publish(root)
+    RemoteMds(f"s3://{bucket}/ds", client=s3_env.client()).mirror_dataset(root)
 
     dataset = open_dataset(f"s3://{bucket}/ds", local=str(tmp_path / "cache"))
     latents = [dataset[i]["latent"] for i in range(len(dataset))]

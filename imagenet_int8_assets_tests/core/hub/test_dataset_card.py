@@ -25,7 +25,7 @@ from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.definitions import build_definitions
 from imagenet_int8_assets.reader import open_dataset
 from imagenet_int8_assets.resources import ImagenetInt8Settings
-from imagenet_int8_assets_tests.conftest import make_image_folder, materialize_all
+from imagenet_int8_assets_tests.support.builds import make_image_folder, materialize_all
 
 REPO_ID = "someone/imagenet-int8-card-test"
 SDXL_SHA = "1598f3d24932bcfe6634e8b618ea1e30ab1d57f5aad13a6d2de446d2199f2341"
@@ -33,7 +33,7 @@ SDXL_REVISION = "bf2fb3a5dbc4ec6c7fc3d3e2a1b5a6bce3ad8c00"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def card_output(tmp_path_factory):
     """A tiny output built by the real graph (tiny-random VAE): a wnid class, a class named 'a|b',
     an empty (bad) file and a text file (skipped) in the source."""
     tmp = tmp_path_factory.mktemp("card-build")
@@ -70,11 +70,11 @@ def _table_rows(block: str) -> list[list[str]]:
     ]
 
 
-def test_card_of_a_built_output_is_a_valid_dataset_card(built):
-    inputs = dc.card_inputs(built)
+def test_card_of_a_built_output_is_a_valid_dataset_card(card_output):
+    inputs = dc.card_inputs(card_output)
     assert inputs.missing == {}
     card = dc.render_card(inputs, repo_id=REPO_ID, parquet=False)
-    assert card == dc.render_card(dc.card_inputs(built), repo_id=REPO_ID, parquet=False)  # deterministic
+    assert card == dc.render_card(dc.card_inputs(card_output), repo_id=REPO_ID, parquet=False)  # deterministic
     assert card == dc.render_card(inputs, repo_id=REPO_ID, license=None, parquet=False)  # None/"": the default
 
     parsed = DatasetCard(card)
@@ -91,12 +91,12 @@ def test_card_of_a_built_output_is_a_valid_dataset_card(built):
     assert "ImageNet's [terms of access]" in card and "license: other" in card
     assert "![Original | decoded from the float latent | decoded from the uint8 code](report/grid.png)" in card
     assert "LPIPS skipped" in card
-    record = json.loads((mds_root(built) / "build.json").read_text())
+    record = json.loads((mds_root(card_output) / "build.json").read_text())
     assert f"`{record['dequantize']}`" in card
 
 
-def test_parquet_card_declares_the_export_for_datasets(built):
-    card = dc.render_card(dc.card_inputs(built), repo_id=REPO_ID, license="cc-by-4.0", parquet=True, pretty_name="Tiny | test")
+def test_parquet_card_declares_the_export_for_datasets(card_output):
+    card = dc.render_card(dc.card_inputs(card_output), repo_id=REPO_ID, license="cc-by-4.0", parquet=True, pretty_name="Tiny | test")
     parsed = DatasetCard(card)
     data = parsed.data.to_dict()
     assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
@@ -112,8 +112,8 @@ def test_parquet_card_declares_the_export_for_datasets(built):
     assert "\n# Tiny | test\n" in card  # a heading needs no escaped pipe
 
 
-def test_validate_card_reports_broken_cards(built):
-    good = dc.render_card(dc.card_inputs(built), repo_id=REPO_ID, parquet=True)
+def test_validate_card_reports_broken_cards(card_output):
+    good = dc.render_card(dc.card_inputs(card_output), repo_id=REPO_ID, parquet=True)
     assert dc.validate_card(good) == []
     assert any("size_categories" in p and "'1K<n<2K'" in p for p in dc.validate_card(good.replace("n<1K", "1K<n<2K")))
     invalid_yaml = good.replace("license: other\n", "license: [other\n", 1)
@@ -137,8 +137,8 @@ def test_size_categories_follow_the_hub():
     assert {n: dc.size_category(n) for n in cases} == cases
 
 
-def test_random_weights_build_is_flagged(built):
-    inputs = dc.card_inputs(built)
+def test_random_weights_build_is_flagged(card_output):
+    inputs = dc.card_inputs(card_output)
     assert inputs.record["vae"]["source"] == "random"
     warning = dc.random_weights_warning(inputs.record)
     assert warning is not None and "RANDOM weights" in warning and "tiny-random" in warning
@@ -152,8 +152,8 @@ def test_random_weights_build_is_flagged(built):
     assert "'stabilityai/sdxl-vae' could not be loaded (no network)" in text and "'sdxl-random'" in text
 
 
-def test_real_weights_record_shows_its_provenance_and_no_warning(built):
-    inputs = dc.card_inputs(built)
+def test_real_weights_record_shows_its_provenance_and_no_warning(card_output):
+    inputs = dc.card_inputs(card_output)
     record = copy.deepcopy(inputs.record)
     record["vae"].update(
         requested="stabilityai/sdxl-vae", repo_id="stabilityai/sdxl-vae", revision=SDXL_REVISION,
@@ -169,16 +169,16 @@ def test_real_weights_record_shows_its_provenance_and_no_warning(built):
     assert dc.validate_card(card) == []
 
 
-def test_counts_per_class_and_bad_files_match_the_build(built):
-    inputs = dc.card_inputs(built)
+def test_counts_per_class_and_bad_files_match_the_build(card_output):
+    inputs = dc.card_inputs(card_output)
     card = dc.render_card(inputs, repo_id=REPO_ID, parquet=False)
     section = _section(card, "## Classes and counts")
     details = section[section.index("<details>") : section.index("</details>")]
     rows = _table_rows(details)
-    record = json.loads((mds_root(built) / "build.json").read_text())
+    record = json.loads((mds_root(card_output) / "build.json").read_text())
     assert {row[1]: int(row[3]) for row in rows} == record["per_class"] == {"n01440764": 3, "a|b": 2}
     assert {row[1]: int(row[0]) for row in rows} == {"a|b": 0, "n01440764": 1}  # labels from the shards' classes
-    manifest = pd.read_parquet(manifest_path(built))
+    manifest = pd.read_parquet(manifest_path(card_output))
     bad, skipped = int((manifest["status"] == "bad").sum()), int((manifest["status"] == "skipped").sum())
     assert (bad, skipped) == (1, 1)
     assert f"**{bad:,} bad**" in section and f"**{skipped:,} skipped**" in section
@@ -187,9 +187,9 @@ def test_counts_per_class_and_bad_files_match_the_build(built):
     assert "a|b/broken.JPEG: empty file (0 bytes)" in [r[3] for r in reasons]
 
 
-def test_missing_inputs_are_stated_not_fatal(built, tmp_path):
+def test_missing_inputs_are_stated_not_fatal(card_output, tmp_path):
     copy_root = tmp_path / "out"
-    shutil.copytree(built, copy_root, ignore=shutil.ignore_patterns("dagster_home", "crops", "latents", "probe"))
+    shutil.copytree(card_output, copy_root, ignore=shutil.ignore_patterns("dagster_home", "crops", "latents", "probe"))
     shutil.rmtree(copy_root / "report")
     (copy_root / "stats" / "quantization_stats.json").unlink()
     manifest_path(copy_root).unlink()
@@ -246,11 +246,11 @@ def _check_batch(batch: dict, expected: dict, shape: tuple) -> None:
         assert expected[latent.tobytes()] == (int(label), str(text))
 
 
-def test_streaming_snippet_reads_the_built_dataset_like_open_dataset(built, tmp_path):
-    card = dc.render_card(dc.card_inputs(built), repo_id=REPO_ID, parquet=False)
+def test_streaming_snippet_reads_the_built_dataset_like_open_dataset(card_output, tmp_path):
+    card = dc.render_card(dc.card_inputs(card_output), repo_id=REPO_ID, parquet=False)
     assert '_encodings["uint8"] = uint8' in card and "* 24.0" in card
-    batch = _run_snippet(card, mds_root(built), tmp_path / "user")
-    _check_batch(batch, _expected(mds_root(built)), (4, 32, 32))
+    batch = _run_snippet(card, mds_root(card_output), tmp_path / "user")
+    _check_batch(batch, _expected(mds_root(card_output)), (4, 32, 32))
 
 
 def test_streaming_snippet_for_the_ndarray_layout(tmp_path):
@@ -261,7 +261,7 @@ def test_streaming_snippet_for_the_ndarray_layout(tmp_path):
             "crops": {"recipe": "adm", "size": 256}, "precision": "fp32", "latent_value": "mean"}
     mds.write_class_shards(root, "n01443537", codes, 1, "goldfish, Carassius auratus", info, value_range=8.0)
     index, summary = mds_index.merged_index(root, ["n01443537"])
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, "n01443537"), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, "n01443537"), summary))
 
     inputs = dc.card_inputs(tmp_path / "out")
     assert set(inputs.missing) == {"report", "stats", "manifest"}

@@ -16,7 +16,7 @@ def _publish(root, classes: dict[str, int], seed: int = 0) -> None:
         codes = np.random.default_rng(seed + n).integers(0, 256, (count, 4, 32, 32), dtype=np.uint8)
         mds.write_class_shards(root, name, codes, n, f"text {name}", INFO)
     index, summary = mds_index.merged_index(root, sorted(classes))
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, sorted(classes)[0]), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, sorted(classes)[0]), summary))
 
 
 def _layout(tmp_path, root):

@@ -1,5 +1,5 @@
 """The largest batch that safely fits (searched once per GPU, VAE, precision and crop size, then
-cached) and the encoder's FLOPs per image (issue 10).
+cached) and the encoder's FLOPs per image.
 
 The GPU search runs here on the CPU with an injected probe (``try_batch``: a fake memory limit)
 and an injected GPU identity; the real probe runs on the CPU with the tiny VAE and with a VAE that
@@ -47,13 +47,6 @@ def never_called(n: int) -> bool:
     raise AssertionError(f"the probe ran ({n} images) but should have been skipped")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from imagenet_int8_assets.core.latents.vae import load_vae
-
-    return load_vae("tiny-random")
-
-
 def test_the_search_doubles_until_a_batch_does_not_fit():
     calls: list[int] = []
     assert largest_fitting_batch(oom_above(40, calls), 512) == (32, {1: True, 2: True, 4: True, 8: True, 16: True, 32: True, 64: False})
@@ -72,41 +65,41 @@ def test_batch_size_setting_values():
             parse_batch_size(bad)
 
 
-def test_on_the_cpu_the_probe_is_skipped(tiny, tmp_path):
+def test_on_the_cpu_the_probe_is_skipped(tiny_vae, tmp_path):
     for device in ("cpu", "cpu:1"):
-        choice = auto_batch_size(tiny, device, "fp32", 256, tmp_path, try_batch=never_called)
+        choice = auto_batch_size(tiny_vae, device, "fp32", 256, tmp_path, try_batch=never_called)
         assert (choice.batch_size, choice.source) == (CPU_BATCH_SIZE, "cpu")
     assert not profile_path(tmp_path).exists()
-    assert resolve_batch_size("12", tiny, "cuda:0", "fp32", 256, tmp_path).batch_size == 12  # a number is kept
+    assert resolve_batch_size("12", tiny_vae, "cuda:0", "fp32", 256, tmp_path).batch_size == 12  # a number is kept
 
 
-def test_on_a_gpu_half_the_largest_fit_is_used_and_cached(tiny, tmp_path):
+def test_on_a_gpu_half_the_largest_fit_is_used_and_cached(tiny_vae, tmp_path):
     logs: list[str] = []
     calls: list[int] = []
-    choice = auto_batch_size(tiny, "cuda:0", "bf16", 256, tmp_path, try_batch=oom_above(100, calls), gpu=H100, log=logs.append)
+    choice = auto_batch_size(tiny_vae, "cuda:0", "bf16", 256, tmp_path, try_batch=oom_above(100, calls), gpu=H100, log=logs.append)
     assert (choice.batch_size, choice.source, choice.largest_fit) == (32, "probe", 64)
     assert calls == [1, 2, 4, 8, 16, 32, 64, 128]
     assert "64 image(s) per pass fit, using 32" in logs[0]
     meta = choice.as_metadata()
     assert meta["tried"]["128"] is False and meta["gpu"] == H100
     # a later run (another process: the file is all it shares) skips the search
-    again = auto_batch_size(tiny, "cuda:1", "bf16", 256, tmp_path, try_batch=never_called, gpu=H100)
+    again = auto_batch_size(tiny_vae, "cuda:1", "bf16", 256, tmp_path, try_batch=never_called, gpu=H100)
     assert (again.batch_size, again.source, again.largest_fit) == (32, "cache", 64)
-    assert resolve_batch_size("auto", tiny, "cuda:1", "bf16", 256, tmp_path, try_batch=never_called, gpu=H100).source == "cache"
+    assert resolve_batch_size("auto", tiny_vae, "cuda:1", "bf16", 256, tmp_path, try_batch=never_called, gpu=H100).source == "cache"
     # another precision, crop size, GPU memory or cap is another key: searched again
-    assert auto_batch_size(tiny, "cuda:0", "fp32", 256, tmp_path, try_batch=oom_above(40), gpu=H100).batch_size == 16
-    assert auto_batch_size(tiny, "cuda:0", "bf16", 512, tmp_path, try_batch=oom_above(20), gpu=H100).batch_size == 8
+    assert auto_batch_size(tiny_vae, "cuda:0", "fp32", 256, tmp_path, try_batch=oom_above(40), gpu=H100).batch_size == 16
+    assert auto_batch_size(tiny_vae, "cuda:0", "bf16", 512, tmp_path, try_batch=oom_above(20), gpu=H100).batch_size == 8
     small = {**H100, "total_memory": 24_000_000_000}
-    assert auto_batch_size(tiny, "cuda:0", "bf16", 256, tmp_path, try_batch=oom_above(9), gpu=small).batch_size == 4
-    assert auto_batch_size(tiny, "cuda:0", "bf16", 256, tmp_path, cap=8, try_batch=oom_above(10**6), gpu=H100).batch_size == 8
+    assert auto_batch_size(tiny_vae, "cuda:0", "bf16", 256, tmp_path, try_batch=oom_above(9), gpu=small).batch_size == 4
+    assert auto_batch_size(tiny_vae, "cuda:0", "bf16", 256, tmp_path, cap=8, try_batch=oom_above(10**6), gpu=H100).batch_size == 8
     entries = json.loads(profile_path(tmp_path).read_text())["batch_sizes"]
     assert len(entries) == 5
     assert all(e["vae"]["requested"] == "tiny-random" for e in entries.values())
 
 
-def test_one_image_that_does_not_fit_is_a_clear_error(tiny, tmp_path):
+def test_one_image_that_does_not_fit_is_a_clear_error(tiny_vae, tmp_path):
     with pytest.raises(BatchSizeProbeError, match=r"One 256x256 image does not fit on cuda:0 \(Fake H100, 79.2 GiB\)"):
-        auto_batch_size(tiny, "cuda:0", "fp32", 256, tmp_path, try_batch=oom_above(0), gpu=H100)
+        auto_batch_size(tiny_vae, "cuda:0", "fp32", 256, tmp_path, try_batch=oom_above(0), gpu=H100)
     assert not profile_path(tmp_path).exists()
 
 
@@ -129,21 +122,21 @@ class _RaisesAbove:
         return self.vae.encode(x)
 
 
-def test_the_real_probe_runs_the_encoder_and_catches_out_of_memory(tiny):
+def test_the_real_probe_runs_the_encoder_and_catches_out_of_memory(tiny_vae):
     import torch
 
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
-    assert forward_probe(tiny, "cpu", "fp32", 32)(3) is True
+    assert forward_probe(tiny_vae, "cpu", "fp32", 32)(3) is True
     with torch_threads(1):  # one thread: passes hold exactly n images
-        probe = forward_probe(_RaisesAbove(tiny, 4, torch.OutOfMemoryError), "cpu", "bf16", 32)
+        probe = forward_probe(_RaisesAbove(tiny_vae, 4, torch.OutOfMemoryError), "cpu", "bf16", 32)
         assert [probe(n) for n in (1, 2, 4, 8)] == [True, True, True, False]
-        assert forward_probe(_RaisesAbove(tiny, 0, torch.OutOfMemoryError), "cpu", "fp32", 32)(1) is False
+        assert forward_probe(_RaisesAbove(tiny_vae, 0, torch.OutOfMemoryError), "cpu", "fp32", 32)(1) is False
         with pytest.raises(ValueError):  # anything else is not a memory limit: it propagates
-            forward_probe(_RaisesAbove(tiny, 1, ValueError), "cpu", "fp32", 32)(2)
+            forward_probe(_RaisesAbove(tiny_vae, 1, ValueError), "cpu", "fp32", 32)(2)
 
 
-def test_encoder_flops(tiny, tmp_path):
+def test_encoder_flops(tiny_vae, tmp_path):
     import torch
 
     from imagenet_int8_assets.core.latents.vae import VaeInfo, load_vae
@@ -159,22 +152,22 @@ def test_encoder_flops(tiny, tmp_path):
     # a multiply-add is 2 FLOPs: 3 inputs x 4 outputs x 8 x 8 pixels x 2
     toy = type("Toy", (), {"model": OneConv(), "info": VaeInfo("toy", "random", family="aura")})()
     assert count_encoder_flops(toy, 8) == 3 * 4 * 64 * 2
-    assert count_encoder_flops(tiny, 256) == 731_512_832
-    assert count_encoder_flops(tiny, 512) > 4 * count_encoder_flops(tiny, 256)  # attention is quadratic
+    assert count_encoder_flops(tiny_vae, 256) == 731_512_832
+    assert count_encoder_flops(tiny_vae, 512) > 4 * count_encoder_flops(tiny_vae, 256)  # attention is quadratic
     # the weights stay where they were: counted on a meta copy
-    assert all(p.device.type == "cpu" for p in tiny.model.parameters())
-    meta = _meta_copy(tiny.model)
-    assert all(p.is_meta for p in meta.parameters()) and meta is not tiny.model
+    assert all(p.device.type == "cpu" for p in tiny_vae.model.parameters())
+    meta = _meta_copy(tiny_vae.model)
+    assert all(p.is_meta for p in meta.parameters()) and meta is not tiny_vae.model
     # the published figure (REFERENCE): the SDXL encoder does 272.7 GFLOPs per 256x256 image
     assert count_encoder_flops(load_vae("sdxl-random"), 256) == pytest.approx(272.7e9, abs=0.05e9)
     # cached under the output: a later run reads the file
-    assert encoder_flops(tiny, 256, tmp_path) == 731_512_832
+    assert encoder_flops(tiny_vae, 256, tmp_path) == 731_512_832
     data = json.loads(profile_path(tmp_path).read_text())
     (key,) = data["flops"]
     data["flops"][key]["flops_per_image"] = 123
     profile_path(tmp_path).write_text(json.dumps(data))
-    assert encoder_flops(tiny, 256, tmp_path) == 123
-    assert encoder_flops(tiny, 256) == 731_512_832  # no output: counted
+    assert encoder_flops(tiny_vae, 256, tmp_path) == 123
+    assert encoder_flops(tiny_vae, 256) == 731_512_832  # no output: counted
 
 
 def test_tflops():

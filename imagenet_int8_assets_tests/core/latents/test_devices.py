@@ -1,4 +1,4 @@
-"""Every GPU of a node (issue 10): device lists, exclusive leases that die with their process, and
+"""Every GPU of a node: device lists, exclusive leases that die with their process, and
 the same dataset from two simulated devices as from one.
 
 Simulated devices (``cpu:0,cpu:1``) run on the CPU; leases are real ``flock`` files taken by real
@@ -26,11 +26,12 @@ from imagenet_int8_assets.core.latents.devices import (
     lease_device,
     lock_path,
     parse_devices,
+    resolve_device,
     select_device,
     torch_device,
     visible_devices,
 )
-from imagenet_int8_assets_tests.conftest import REPO, crops
+from imagenet_int8_assets_tests.support.builds import REPO, crops
 
 SIM = ["cpu:0", "cpu:1"]
 
@@ -57,6 +58,26 @@ def test_visible_devices_from_the_settings():
     ]:
         with pytest.raises(DeviceSettingError, match=message):
             visible_devices(setting, device, cuda_count=count)
+
+
+def test_one_resolver_decides_the_device_setting_with_the_same_messages():
+    """``resolve_device`` (one device: the report's decoder, benchmarks) and ``visible_devices``
+    (every device encode runs spread over) read IMAGENET_INT8_DEVICE the same way."""
+    assert resolve_device("cpu") == "cpu" and resolve_device("cpu", cuda_count=4) == "cpu"
+    assert resolve_device("auto", cuda_count=0) == "cpu"
+    assert resolve_device("auto", cuda_count=2) == "cuda" and resolve_device("cuda:1", cuda_count=2) == "cuda:1"
+    assert resolve_device("cuda", cuda_count=1) == "cuda"
+    for device, count, message in [
+        ("tpu", 0, r"Unknown device: IMAGENET_INT8_DEVICE='tpu'; use auto, cpu, cuda or cuda:N\.$"),
+        ("cuda", 0, "IMAGENET_INT8_DEVICE='cuda' but torch sees no CUDA GPU"),
+        ("cuda:3", 0, "IMAGENET_INT8_DEVICE='cuda:3' but torch sees no CUDA GPU"),
+        ("cuda:2", 2, r"IMAGENET_INT8_DEVICE='cuda:2' but torch sees 2 GPU\(s\): use auto, cpu, cuda or cuda:N with N < 2\.$"),
+    ]:
+        with pytest.raises(DeviceSettingError, match=message) as one:
+            resolve_device(device, cuda_count=count)
+        with pytest.raises(DeviceSettingError) as every:
+            visible_devices(None, device, cuda_count=count)
+        assert str(one.value) == str(every.value)
 
 
 def test_the_gpu_pool_limit_is_the_device_count():

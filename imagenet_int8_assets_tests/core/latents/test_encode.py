@@ -131,7 +131,7 @@ def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_fli
     of passes queued ahead of their results that CUDA uses (collecting late, replaying on OOM)."""
     from imagenet_int8_assets.core.latents.encode import PosteriorEncoder, encode_posterior
     from imagenet_int8_assets.core.latents.vae import load_vae
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     # 7 crops of 32x32 (fp16 is slow on the CPU): busy, busy, 3 flat, busy, busy
     images = np.ascontiguousarray(np.concatenate([_busy_and_flat(), _busy_and_flat()[:2][::-1]])[:, :32, :32])

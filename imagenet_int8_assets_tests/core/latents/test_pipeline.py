@@ -157,16 +157,9 @@ def no_process_left_behind():
 
 
 @pytest.fixture(scope="module")
-def vae():
-    from imagenet_int8_assets.core.latents.vae import load_vae
-
-    return load_vae("tiny-random").to("cpu")
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """22 JPEGs of one class, a text file posing as a JPEG and a truncated JPEG among them."""
-    from imagenet_int8_assets_tests.conftest import make_image_folder
+    from imagenet_int8_assets_tests.support.builds import make_image_folder
 
     root = make_image_folder(tmp_path_factory.mktemp("pipeline") / "src", {"n01440764": 22})
     folder = root / "n01440764"
@@ -182,11 +175,11 @@ def tasks(source):
 
 
 @pytest.fixture(scope="module")
-def reference(vae, tasks):
-    from imagenet_int8_assets_tests.conftest import torch_threads
+def reference(tiny_vae, tasks):
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     with torch_threads(2):
-        return serial(vae, tasks, batch_size=4, flip=True)
+        return serial(tiny_vae, tasks, batch_size=4, flip=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,9 +187,9 @@ def reference(vae, tasks):
 
 
 @pytest.mark.timeout(120)
-def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(vae, tasks, reference):
+def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(tiny_vae, tasks, reference):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     ok, failed, crops, post, flipped = reference
     assert len(failed) == 2 and "cannot decode" in failed[0][1] and len(ok) == 22
@@ -204,11 +197,11 @@ def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(vae, tasks, re
     with torch_threads(2):
         # chunks of 5 tasks against passes of 4 images: passes span chunks and failures
         result = encode_stream(
-            vae, tasks, "cpu", batch_size=4, workers=2, chunk_size=5, flip=True,
+            tiny_vae, tasks, "cpu", batch_size=4, workers=2, chunk_size=5, flip=True,
             keep_crops=lambda group, indices, batch: kept.append((group, indices, batch)),
             progress=lambda group, done: progress.append(done),
         )
-        inline = encode_stream(vae, tasks, "cpu", batch_size=5, workers=0, chunk_size=7)
+        inline = encode_stream(tiny_vae, tasks, "cpu", batch_size=5, workers=0, chunk_size=7)
     assert_same(result.groups[0], ok, failed, post, flipped)
     assert_same(inline.groups[0], ok, failed, post)
     # the crops handed over are the serial crops, in order, once each
@@ -223,19 +216,19 @@ def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(vae, tasks, re
 
 
 @pytest.mark.timeout(120)
-def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tasks):
+def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(tiny_vae, tasks):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     first, second = tasks[:12], tasks[12:]  # the bad file is in the first, the truncated one in the second
     handed = []  # on_group: each class as soon as it is encoded, in order, with its posteriors
     with torch_threads(2):
-        expected = [serial(vae, part, batch_size=4, precision="bf16") for part in (first, second)]
+        expected = [serial(tiny_vae, part, batch_size=4, precision="bf16") for part in (first, second)]
         result = encode_stream(
-            vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)]
+            tiny_vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)]
         )
         streamed = encode_stream(
-            vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)],
+            tiny_vae, tasks, "cpu", batch_size=4, precision="bf16", workers=2, chunk_size=5, groups=[len(first), len(second)],
             on_group=lambda group, r: handed.append((group, list(r.ok), list(r.failed), r.posterior)),
         )
     assert len(result.groups) == 2
@@ -252,7 +245,7 @@ def test_several_classes_in_one_stream_give_each_class_its_serial_bytes(vae, tas
 
 
 @pytest.mark.timeout(120)
-def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_the_stream(vae, tasks):
+def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_the_stream(tiny_vae, tasks):
     import threading
 
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
@@ -271,12 +264,12 @@ def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_t
         handed.append((group, list(result.ok), result.posterior.mean.copy()))
 
     streamed = encode_stream(
-        vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, progress=progress, on_group=write
+        tiny_vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, progress=progress, on_group=write
     )
     assert overlapped == [True], "class 1 was not encoded while class 0 was being written"
     assert [g for g, *_ in handed] == [0, 1, 2]
     for (group, ok, mean), kept, part in zip(handed, streamed.groups, (tasks[:8], tasks[8:16], tasks[16:])):
-        e_ok, _, _, e_post, _ = serial(vae, part, batch_size=4)
+        e_ok, _, _, e_post, _ = serial(tiny_vae, part, batch_size=4)
         assert ok == e_ok == kept.ok
         np.testing.assert_array_equal(mean, e_post.mean)
 
@@ -288,23 +281,23 @@ def test_a_class_is_written_while_the_next_one_encodes_and_a_write_error_stops_t
         written.append(group)
 
     with pytest.raises(OSError, match="No space left"):
-        encode_stream(vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, on_group=failing)
+        encode_stream(tiny_vae, tasks, "cpu", batch_size=4, workers=1, chunk_size=4, groups=sizes, on_group=failing)
     assert written == [0]  # the class before the error is written, none after it
 
 
 @pytest.mark.timeout(120)
-def test_a_class_without_images_gets_latents_of_the_crop_size(vae, tasks):
+def test_a_class_without_images_gets_latents_of_the_crop_size(tiny_vae, tasks):
     """An empty class between others takes the shape from their tasks; with no task at all the
     shape comes from ``image_hw`` (0, C, S/8, S/8) as encode_posterior gives it, never (0, C, 0, 0)."""
     from imagenet_int8_assets.core.latents.encode import encode_posterior
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
-    expected = encode_posterior(vae, np.empty((0, SIZE, SIZE, 3), dtype=np.uint8), "cpu", 4, "fp32")
+    expected = encode_posterior(tiny_vae, np.empty((0, SIZE, SIZE, 3), dtype=np.uint8), "cpu", 4, "fp32")
     assert expected.mean.shape[2:] != (0, 0)
-    between = encode_stream(vae, tasks[:5], "cpu", batch_size=4, workers=0, groups=[0, 5])
+    between = encode_stream(tiny_vae, tasks[:5], "cpu", batch_size=4, workers=0, groups=[0, 5])
     handed = []
     alone = encode_stream(
-        vae, [], "cpu", batch_size=4, workers=2, flip=True, groups=[0, 0], image_hw=(SIZE, SIZE),
+        tiny_vae, [], "cpu", batch_size=4, workers=2, flip=True, groups=[0, 0], image_hw=(SIZE, SIZE),
         on_group=lambda group, r: handed.append((group, r.posterior, r.flipped)),
     )
     assert [g for g, _, _ in handed] == [0, 1] and [g.ok for g in alone.groups] == [[], []]
@@ -319,7 +312,7 @@ def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
 
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
     from imagenet_int8_assets.core.latents.vae import load_vae
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     overflowing = load_vae("tiny-random")
     with torch.no_grad():
@@ -333,17 +326,17 @@ def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
 
 
 @pytest.mark.timeout(120)
-def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(vae, tasks, reference):
+def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(tiny_vae, tasks, reference):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     ok, failed, _, post, flipped = reference
     some = tasks[:14]
     n_ok = sum(1 for i in ok if i < 14)
     with torch_threads(2):
-        slow_crops = encode_stream(vae, some, "cpu", batch_size=4, workers=1, chunk_size=4, crop_fn=slow_crop)
+        slow_crops = encode_stream(tiny_vae, some, "cpu", batch_size=4, workers=1, chunk_size=4, crop_fn=slow_crop)
         slow_encoder = encode_stream(
-            SlowVae(vae, 0.1), some, "cpu", batch_size=4, workers=2, chunk_size=2, queue_batches=2, flip=True
+            SlowVae(tiny_vae, 0.1), some, "cpu", batch_size=4, workers=2, chunk_size=2, queue_batches=2, flip=True
         )
     for result in (slow_crops, slow_encoder):
         group = result.groups[0]
@@ -359,7 +352,7 @@ def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(vae,
 
 
 @pytest.mark.timeout(120)
-def test_the_queue_bounds_how_far_the_workers_run_ahead(vae, source, tmp_path):
+def test_the_queue_bounds_how_far_the_workers_run_ahead(tiny_vae, source, tmp_path):
     import shutil
 
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
@@ -377,7 +370,7 @@ def test_the_queue_bounds_how_far_the_workers_run_ahead(vae, source, tmp_path):
         seen.append((len(list(started_dir.glob("*"))) if started_dir.exists() else 0, len(consumed)))
 
     result = encode_stream(
-        SlowVae(vae, 0.04, before=observe), tasks, "cpu", batch_size=2, workers=2, chunk_size=chunk,
+        SlowVae(tiny_vae, 0.04, before=observe), tasks, "cpu", batch_size=2, workers=2, chunk_size=chunk,
         queue_batches=queue, crop_fn=counting_crop, keep_crops=lambda g, indices, b: consumed.append(indices),
     )
     assert len(result.groups[0].ok) == len(tasks) and result.timing.peak_queued == queue
@@ -388,11 +381,11 @@ def test_the_queue_bounds_how_far_the_workers_run_ahead(vae, source, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_a_dying_crop_worker_costs_only_its_own_image(vae, source, tmp_path):
+def test_a_dying_crop_worker_costs_only_its_own_image(tiny_vae, source, tmp_path):
     import shutil
 
     from imagenet_int8_assets.core.latents.pipeline import WORKER_DIED, encode_stream
-    from imagenet_int8_assets_tests.conftest import torch_threads
+    from imagenet_int8_assets_tests.support.builds import torch_threads
 
     folder = tmp_path / "n01440764"
     folder.mkdir()
@@ -408,11 +401,11 @@ def test_a_dying_crop_worker_costs_only_its_own_image(vae, source, tmp_path):
     always = {names.index("n01440764_0003-kill-always.JPEG"), names.index("n01440764_0010-exit-always.JPEG")}
     with torch_threads(2):
         # the serial path, with the images that always kill their worker left out
-        ok, _, _, post, _ = serial(vae, [t for i, t in enumerate(tasks) if i not in always], batch_size=4)
+        ok, _, _, post, _ = serial(tiny_vae, [t for i, t in enumerate(tasks) if i not in always], batch_size=4)
         kept = [i for i in range(len(tasks)) if i not in always]
         ok = [kept[i] for i in ok]
         started = time.monotonic()
-        result = encode_stream(vae, tasks, "cpu", batch_size=4, workers=2, chunk_size=4, crop_fn=dying_crop)
+        result = encode_stream(tiny_vae, tasks, "cpu", batch_size=4, workers=2, chunk_size=4, crop_fn=dying_crop)
         seconds = time.monotonic() - started
     group = result.groups[0]
     assert group.ok == ok and names.index("n01440764_0009-die-once.JPEG") in group.ok
@@ -429,7 +422,7 @@ def test_a_dying_crop_worker_costs_only_its_own_image(vae, source, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(vae, tasks):
+def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(tiny_vae, tasks):
     from imagenet_int8_assets.core.latents.encode import EncodeOutOfMemory
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
@@ -437,7 +430,7 @@ def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(vae, tasks
     started = time.monotonic()
     with pytest.raises(EncodeOutOfMemory, match="One image does not fit"):
         encode_stream(
-            AlwaysOutOfMemory(vae, 0), tasks * 4, "cpu", batch_size=2, workers=2, chunk_size=2, crop_fn=slow_crop,
+            AlwaysOutOfMemory(tiny_vae, 0), tasks * 4, "cpu", batch_size=2, workers=2, chunk_size=2, crop_fn=slow_crop,
             log=lambda _: None,
         )
     # the chunks not started were cancelled: far less than cropping all 96 tasks (>= 1.4 s per worker)
@@ -446,13 +439,14 @@ def test_an_encoder_error_stops_the_workers_and_leaves_nothing_behind(vae, tasks
 
 
 @pytest.mark.timeout(60)
-def test_a_crop_function_error_is_raised_not_recorded(vae, tasks):
+def test_a_crop_function_error_is_raised_not_recorded(tiny_vae, tasks):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
 
     with pytest.raises(ValueError, match="unpack"):  # crop_task given a 1-tuple: a bug, not a bad image
-        encode_stream(vae, [(t[0],) for t in tasks[:6]], "cpu", batch_size=4, workers=1, chunk_size=3)
+        encode_stream(tiny_vae, [(t[0],) for t in tasks[:6]], "cpu", batch_size=4, workers=1, chunk_size=3)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_crop_workers_die_with_a_process_killed_mid_stream(tasks, tmp_path):
     """SIGKILL gives the stream no chance to shut its pool down; the workers must not live on."""

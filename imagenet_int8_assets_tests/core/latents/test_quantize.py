@@ -5,7 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagenet_int8_assets.core.latents.quantize import HIST_LIMIT, HIST_BINS, ChannelStats, dequantize, quantize, step
+from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.dataset.dataset_check import DatasetDamaged, decode_params
+from imagenet_int8_assets.core.latents.latent_store import read_latents, write_latents
+from imagenet_int8_assets.core.latents.quantize import (
+    DEFAULT_RANGE,
+    HIST_BINS,
+    HIST_LIMIT,
+    ChannelStats,
+    codes_range,
+    dequantize,
+    quantize,
+    recorded_range,
+    resolve_range,
+    step,
+)
 
 
 def test_published_decoder_round_trips_every_byte():
@@ -90,3 +104,46 @@ def test_non_finite_values_are_counted_not_mixed_in():
     assert [r["non_finite"] for r in rows] == [0, 2, 0, 1]
     assert rows[1]["count"] == 2 * 16 - 2 and np.isfinite(rows[1]["mean"]) and np.isfinite(rows[3]["max"])
     assert rows[0] == pytest.approx(clean.summary()[0])
+
+
+def test_the_range_is_the_setting_else_the_vaes_default():
+    assert resolve_range(0.0, 4.33) == 4.33 and resolve_range(0, 12.0) == 12.0
+    assert resolve_range(3.5, 4.33) == 3.5
+
+
+def test_codes_are_made_at_the_setting_else_the_vaes_default_and_every_record_reads_back_that_range(tmp_path):
+    """The range is decided where codes are made (``codes_range``: the setting, else the VAE's default
+    the latents record), recorded in a class's and the dataset's build.json, and read back by one
+    reader; a dataset without any range (the published Imagenet.int8) decodes at +-12."""
+    vae = {"requested": "flux1-vae", "quant_range": 4.33}  # VaeInfo.as_dict(): the VAE's default range
+    latent = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    write_latents(tmp_path, "c", ["a", "b"], {"latent": latent}, {"vae": vae, "seed": 0})
+    meta = read_latents(tmp_path, "c")[2]
+    # the latents do not depend on the range: a new range re-makes the codes, never the latents
+    assert "quant_range" not in meta
+    assert codes_range(0.0, meta) == 4.33 and codes_range(6.0, meta) == 6.0
+    with pytest.raises(ValueError, match="re-materialize vae_latents"):
+        codes_range(0.0, {"seed": 0})
+    # a class's build.json, and the dataset's record made from it, as mds writes them
+    root = tmp_path / "mds"
+    folder = mds.write_class_shards(root, "c", quantize(latent, 6.0), 1, "one", meta, value_range=codes_range(6.0, meta))
+    info = mds_index.read_build_info(folder)
+    assert recorded_range(info) == 6.0
+    assert recorded_range(mds_index.dataset_record(info, {"samples": 2, "per_class": {}, "versions": {}})) == 6.0
+    # no range recorded: the published +-12
+    assert recorded_range({"latent_shape": [4, 32, 32]}) == DEFAULT_RANGE == 12.0
+    for bad in (None, 0, -1.0, float("nan"), float("inf"), True, "12"):
+        with pytest.raises(ValueError, match="invalid quant_range"):
+            recorded_range({"quant_range": bad, "vae": vae})
+
+
+def test_a_dataset_decodes_with_its_recorded_range_and_refuses_a_damaged_one(tmp_path):
+    (tmp_path / "build.json").write_text('{"latent_shape": [4, 32, 32]}')
+    assert decode_params(tmp_path, {"version": 2, "shards": []}).value_range == 12.0
+    (tmp_path / "build.json").write_text('{"latent_shape": [16, 8, 8], "quant_range": 8}')
+    params = decode_params(tmp_path, {"version": 2, "shards": []})
+    assert params.value_range == 8.0 and params.latent_shape == (16, 8, 8)
+    (tmp_path / "build.json").write_text('{"quant_range": -1}')
+    with pytest.raises(DatasetDamaged, match=r"has an invalid quant_range -1; "):
+        decode_params(tmp_path, {"version": 2, "shards": []})
+    assert decode_params(tmp_path / "none", {"version": 2, "shards": []}).value_range == 12.0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from imagenet_int8_assets.core.latents.encode import encode_posterior
-from imagenet_int8_assets.core.latents.vae import PRESETS, VaeLoadError, build_random_vae, load_vae, resolve_device
+from imagenet_int8_assets.core.latents.vae import PRESETS, VaeLoadError, build_random_vae, load_vae
 
 
 def _params(module) -> int:
@@ -106,16 +106,6 @@ def test_fallback_is_explicit_and_recorded(tmp_path):
     (tmp_path / "noconfig").mkdir()
     with pytest.raises(VaeLoadError, match="config.json"):
         load_vae(str(tmp_path / "noconfig"))
-
-
-def test_device_resolution():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(VaeLoadError, match="IMAGENET_INT8_DEVICE"):
-            resolve_device("cuda")
-    with pytest.raises(VaeLoadError, match="Unknown device"):
-        resolve_device("tpu")
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

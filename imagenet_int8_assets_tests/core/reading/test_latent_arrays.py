@@ -1,7 +1,7 @@
 """load_latents: whole datasets as numpy arrays, equal sample for sample to a real StreamingDataset.
 
 Every dataset here is written by the project's own writer (``mds.write_class_shards`` and
-``mds_index.publish``) or, for the published Imagenet.int8 layout, by ``streaming.MDSWriter``; each
+``mds_index.swap_in_index``) or, for the published Imagenet.int8 layout, by ``streaming.MDSWriter``; each
 is read back both ways: ``load_latents`` and ``open_dataset`` (a real ``StreamingDataset``).
 """
 
@@ -46,7 +46,7 @@ def _build(root, monkeypatch, shape=(4, 32, 32), value_range=12.0, flips=False, 
         mds.write_class_shards(root, name, codes, label, text, info, value_range=value_range, flips_u8=flipped)
         data[name] = (codes, flipped)
     index, summary = mds_index.merged_index(root, list(CLASSES))
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, next(iter(CLASSES))), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, next(iter(CLASSES))), summary))
     return data
 
 

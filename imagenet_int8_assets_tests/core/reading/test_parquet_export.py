@@ -39,7 +39,7 @@ def _build_output(out, monkeypatch, flips=True):
         written[name] = (ids, codes)
     root = mds_root(out)
     index, summary = mds_index.merged_index(root, list(CLASSES))
-    mds_index.publish(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, "zz"), summary))
+    mds_index.swap_in_index(root, index, mds_index.dataset_record(mds_index.read_class_build_info(root, "zz"), summary))
     return root, written
 
 

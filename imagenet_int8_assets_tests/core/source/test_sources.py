@@ -18,7 +18,7 @@ from imagenet_int8_assets.core.source.sources import (
     scan_source,
 )
 from imagenet_int8_assets.sample import generate_sample_dataset
-from imagenet_int8_assets_tests.conftest import make_image_folder
+from imagenet_int8_assets_tests.support.builds import make_image_folder
 
 
 def test_imagenet_table_is_the_ilsvrc_2012_order():

@@ -12,7 +12,6 @@ Runs on the bundled sample (4 classes) with the tiny random VAE on CPU; no netwo
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,12 +25,13 @@ from imagenet_int8_assets_tests.support.dagster_dev import (
     RUNS_QUERY,
     DagsterDev,
     dagster_dev_env,
+    dev_folders,
     launch_backfill,
-    start_dagster_dev,
+    running_dagster_dev,
     unsynced,
+    use_home,
     wait_for_backfill,
     wait_for_classes,
-    wait_until_served,
 )
 
 CLASSES = ["n01440764", "n02102040", "n02979186", "n03000684"]
@@ -53,23 +53,16 @@ BACKFILL_DEADLINE_S = 480
 
 @pytest.fixture
 def dagster_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    out, home, tmp = tmp_path / "out", tmp_path / "home", tmp_path / "tmp"
-    for folder in (out, tmp):
-        folder.mkdir()
+    out, home, tmp = dev_folders(tmp_path)
 
     # IMAGENET_INT8_SOURCE unset: the bundled sample
     env = dagster_dev_env(out, home, tmp, IMAGENET_INT8_MAX_PARTITIONS_PER_RUN=str(PARTITIONS_PER_RUN))
     # This process reads the same instance and writes streaming's temporary files under tmp too.
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    use_home(monkeypatch, home, tmp)
     prepare_dagster_home(home)  # what `imagenet-int8` does: shipped dagster.yaml, gpu pool = 1
 
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
+    with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
         yield dev
-    finally:
-        dev.stop()
 
 
 # ------------------------------------------------------------------------------------------
@@ -82,8 +75,7 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
     started = time.monotonic()
 
     # ---- (1) the UI serves the whole graph with its class partitions ---------------------
-    served = wait_until_served(dev)
-    entry = next(e for e in served["workspace"]["locationEntries"] if e["name"] == LOCATION)
+    entry = next(e for e in dev.served["workspace"]["locationEntries"] if e["name"] == LOCATION)
     location = entry["locationOrLoadError"]
     assert location["__typename"] == "RepositoryLocation", f"location failed to load: {location}"
     assert location["repositories"], "the location has no repository"

@@ -1,55 +1,37 @@
-"""Automation and the demo's printed UI command, through a real `dagster dev` (webserver + daemon).
-
-1. With IMAGENET_INT8_AUTOMATION=true and nothing launched by hand, the ``class_folders`` sensor
-   registers the classes and requests the scan, and ``build_automation`` materializes the whole
-   graph; a class folder added later goes all the way into the published dataset with no reload.
-2. The ``dagster dev`` line that ``imagenet-int8 demo`` prints works verbatim in a bare, offline
-   shell, and a UI backfill of everything rebuilds the demo's dataset byte for byte with the
-   same (fallback) VAE.
+"""Declarative automation through a real `dagster dev` (webserver + daemon): with
+IMAGENET_INT8_AUTOMATION=true and nothing launched by hand, the ``class_folders`` sensor registers
+the classes and requests the scan, and ``build_automation`` materializes the whole graph; a class
+folder added later goes all the way into the published dataset with no reload. Runs that encode
+never overlap (the gpu pool).
 
 Tiny random VAE on CPU; no network, no mocks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shlex
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from imagenet_int8_assets.build.instance import prepare_dagster_home
-from imagenet_int8_assets_tests.conftest import BIN, cli_env, make_image_folder, run_cli
+from imagenet_int8_assets_tests.support.builds import make_image_folder
 from imagenet_int8_assets_tests.support.dagster_dev import (
-    ASSET_NODES_QUERY,
     ASSET_STATUS_QUERY,
     DagsterDev,
     dagster_dev_env,
-    free_port,
-    launch_backfill,
+    dev_folders,
     run_failures,
+    run_summary,
+    running_dagster_dev,
     runs_matching,
-    start_dagster_dev,
-    wait_for_backfill,
-    wait_until_served,
+    use_home,
 )
 
-ASSETS = [
-    "raw_manifest", "preprocessed_crops", "vae_latents", "quantization_stats", "mds_shards", "mds_dataset",
-    "reconstruction_report", "probe_features", "latent_probe",
-]
 LATENT_BYTES = 4 * 32 * 32
-UI_LINE_HEADER = "See the runs and assets in the UI:"
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 
-
-# ------------------------------------------------------------------------------------------
-# helpers
 
 
 def published_classes(out: Path) -> dict[str, int]:
@@ -100,13 +82,6 @@ def wait_for(dev: DagsterDev, what: str, ready, deadline: float, poll_s: float =
         time.sleep(poll_s)
 
 
-def run_summary(run: dict) -> str:
-    tags = {t["key"]: t["value"] for t in run["tags"]}
-    selection = sorted(p["path"][0] for p in run["assetSelection"] or [])
-    shown = {k: v for k, v in tags.items() if k.startswith("dagster/") and "json" not in k}
-    return f"{run['runId'][:8]} {run['status']} {selection} {shown}"
-
-
 def gpu_overlaps(runs: list[dict]) -> tuple[int, list]:
     gpu_runs = sorted(
         (r["startTime"], r["endTime"], r["runId"][:8])
@@ -136,22 +111,10 @@ def read_dataset(mds: Path) -> tuple[int, list[str]]:
         del dataset
 
 
-def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, tmp: Path) -> None:
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-
-
-# ------------------------------------------------------------------------------------------
-# 1. automation alone builds everything, and a new class folder without a reload
-
-
 @pytest.mark.timeout(600)
 def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: Path, monkeypatch):
     started = time.monotonic()
-    out, home, tmp = tmp_path / "out", tmp_path / "home", tmp_path / "tmp"
-    for folder in (out, tmp):
-        folder.mkdir()
+    out, home, tmp = dev_folders(tmp_path)
     source = make_image_folder(tmp_path / "source", {"a": 2, "b": 2})
     env = dagster_dev_env(
         out, home, tmp,
@@ -163,9 +126,7 @@ def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: P
     use_home(monkeypatch, home, tmp)
     prepare_dagster_home(home)  # shipped dagster.yaml, gpu pool = 1
 
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
-        wait_until_served(dev)
+    with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
         print(f"\n[auto] served after {time.monotonic() - started:.1f}s")
 
         # ---- (a) the first two classes, built by the sensors alone --------------------------
@@ -229,8 +190,6 @@ def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: P
         count, overlaps = gpu_overlaps(runs)
         print(f"[auto] encoding runs: {count}, overlapping: {overlaps or 'none'}")
         assert not overlaps, f"encoding runs overlapped despite the gpu pool: {overlaps}"
-    finally:
-        dev.stop()
 
     # ---- the published dataset ----------------------------------------------------------------
     samples, labels = read_dataset(out / "mds")
@@ -238,117 +197,3 @@ def test_daemon_materializes_a_new_class_end_to_end_without_a_reload(tmp_path: P
     assert sorted(set(labels)) == ["a", "b", "c"], labels
     assert sorted(labels) == ["a", "a", "b", "b", "c", "c"], labels
     print(f"[auto] whole test {time.monotonic() - started:.1f}s")
-
-
-# ------------------------------------------------------------------------------------------
-# 2. the demo's printed `dagster dev` line, verbatim, offline; its backfill uses the same VAE
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def published_shards(mds: Path) -> dict[str, str]:
-    """Every file that mds/index.json publishes (its shards), by path, with its hash."""
-    index = json.loads((mds / "index.json").read_text())
-    files = {}
-    for shard in index["shards"]:
-        for part in ("raw_data", "zip_data"):
-            info = shard.get(part)
-            if info:
-                path = mds / info["basename"]
-                files[info["basename"]] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
-
-
-@pytest.mark.timeout(600)
-def test_demo_printed_ui_command_works_verbatim_offline_and_its_backfill_uses_the_same_vae(tmp_path: Path, monkeypatch):
-    started = time.monotonic()
-    vae_id = "some-org/not-a-cached-vae"
-    env = cli_env(tmp_path, IMAGENET_INT8_VAE=vae_id, IMAGENET_INT8_DEMO_VAE_FALLBACK="tiny-random")
-    demo = run_cli([str(BIN / "imagenet-int8"), "demo"], env, timeout=300)
-    assert demo.returncode == 0, f"demo failed ({demo.returncode}):\n{demo.stdout[-5000:]}\n{demo.stderr[-10000:]}"
-    print(f"\n[demo] built in {time.monotonic() - started:.1f}s")
-    lines = demo.stdout.splitlines()
-    assert UI_LINE_HEADER in lines, f"no {UI_LINE_HEADER!r} in the demo's output:\n{demo.stdout}"
-    line = lines[lines.index(UI_LINE_HEADER) + 1].strip()
-    print(f"[demo] printed: {line}")
-    words = shlex.split(line)
-    assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
-    assert assignments.get("IMAGENET_INT8_VAE_FALLBACK") == "tiny-random", line
-    assert assignments.get("IMAGENET_INT8_VAE") == vae_id, line
-    assert "WARNING: real VAE weights were not available" in demo.stdout, demo.stdout
-    home = Path(assignments["DAGSTER_HOME"])
-    out = Path(assignments["IMAGENET_INT8_OUTPUT"])
-    mds = out / "mds"
-
-    index_before = (mds / "index.json").read_bytes()
-    shards_before = published_shards(mds)
-    assert shards_before, "the demo published no shards"
-
-    # A user's bare shell, offline. The line runs verbatim; the port comes from the environment
-    # (dagster dev passes no --port, so dagster-webserver reads DAGSTER_WEBSERVER_PORT) so that
-    # the test does not depend on port 3000 being free.
-    port = free_port()
-    tmp = tmp_path / "shell-tmp"
-    tmp.mkdir()
-    shell_env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-        "TMPDIR": str(tmp),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": env["HF_HUB_CACHE"],
-        "DAGSTER_WEBSERVER_PORT": str(port),
-    }
-    log = tmp_path / "dagster_dev.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            ["bash", "-c", line], cwd=tmp_path, env=shell_env, stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    dev = DagsterDev(proc, port, log, out, home)
-    try:
-        wait_until_served(dev)
-        print(f"[demo] the printed line serves on port {port} after {time.monotonic() - started:.1f}s")
-        nodes = {n["assetKey"]["path"][0]: n for n in dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
-        classes = nodes["vae_latents"]["partitionKeys"]
-        assert classes, "the demo registered no class partitions"
-
-        launched = time.monotonic()
-        backfill_id = launch_backfill(dev, classes, ASSETS)
-        backfill = wait_for_backfill(dev, backfill_id, started, 540)
-        print(f"[demo] backfill {backfill['status']} in {time.monotonic() - launched:.1f}s")
-        runs = runs_matching(dev, {"tags": [{"key": "dagster/backfill", "value": backfill_id}]})
-        assert runs and all(r["status"] == "SUCCESS" for r in runs), [run_summary(r) for r in runs]
-    finally:
-        dev.stop()
-
-    # ---- the same dataset, the same VAE ------------------------------------------------------
-    shards_after = published_shards(mds)
-    assert shards_after == shards_before, (
-        f"the UI backfill published different shards:\nbefore {shards_before}\nafter  {shards_after}"
-    )
-    index_after = (mds / "index.json").read_bytes()
-    assert index_after == index_before, "mds/index.json changed after the UI backfill"
-
-    use_home(monkeypatch, home, tmp)
-    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
-
-    with DagsterInstance.get() as instance:
-        assert Path(instance.root_directory).resolve() == home.resolve()
-        for key in classes:
-            records = instance.fetch_materializations(
-                AssetRecordsFilter(asset_key=AssetKey("vae_latents"), asset_partitions=[key]), limit=1
-            ).records
-            assert records, f"vae_latents[{key}] has no materialization"
-            entry = records[0].event_log_entry
-            run = instance.get_run_by_id(entry.run_id)
-            assert run.tags.get("dagster/backfill") == backfill_id, (key, run.tags)
-            metadata = entry.asset_materialization.metadata
-            assert metadata["vae"].value == vae_id, (key, metadata["vae"])
-            assert metadata["vae_fallback"].value is True, (key, metadata["vae_fallback"])
-    print(f"[demo] whole test {time.monotonic() - started:.1f}s")

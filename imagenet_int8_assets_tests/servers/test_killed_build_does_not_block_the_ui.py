@@ -1,4 +1,4 @@
-"""A killed `imagenet-int8 build` does not block the UI (issue 7, item 3).
+"""A killed `imagenet-int8 build` does not block the UI.
 
 A real build is killed with SIGKILL while its batched run holds the `gpu` pool (granularity run,
 limit 1), which leaves that run STARTED for good. Then a real `dagster dev` (webserver + daemon)
@@ -20,13 +20,12 @@ import pytest
 
 from imagenet_int8_assets.core.common.layout import manifest_path, mds_root
 from imagenet_int8_assets.build.dead_runs import PID_TAG
-from imagenet_int8_assets_tests.conftest import make_image_folder
+from imagenet_int8_assets_tests.support.builds import make_image_folder
 from imagenet_int8_assets_tests.support.dagster_dev import (
     dagster_dev_env,
     launch_backfill,
-    start_dagster_dev,
+    running_dagster_dev,
     wait_for_backfill,
-    wait_until_served,
 )
 from imagenet_int8_assets_tests.support.killed_build import kill_build_during_gpu_run
 
@@ -55,16 +54,12 @@ def test_backfill_from_the_ui_proceeds_after_a_build_was_killed_holding_the_gpu_
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
 
-    dev = start_dagster_dev(env, tmp_path / "dagster_dev.log", out, home)
-    try:
-        wait_until_served(dev)
+    with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
         backfill_id = launch_backfill(dev, CLASSES, ASSETS)
         print(f"[ui] backfill {backfill_id} launched after {time.monotonic() - started:.1f}s")
         backfill = wait_for_backfill(dev, backfill_id, started, BACKFILL_DEADLINE_S)
         assert all(run["status"] == "SUCCESS" for run in backfill["runs"]), backfill["runs"]
         print(f"[ui] backfill {backfill['status']} after {time.monotonic() - started:.1f}s")
-    finally:
-        dev.stop()
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
