@@ -1,14 +1,7 @@
 """``imagenet-int8``: build the whole dataset through Dagster from the command line.
 
-``imagenet-int8 build`` materializes every asset for every partition with the same assets the UI
-runs, in batched runs (one for the manifest, one per ``max partitions per run`` classes, one for
-the statistics and the merged dataset), showing a progress bar. The class runs go several at once,
-each in a process of its own (``class_runs``): one per device encodes while one more gets ready. ``imagenet-int8 demo`` does the
-same on the bundled sample data and says where the result is and how to read it. ``imagenet-int8
-publish`` builds what is missing, then runs ``hub_upload`` (the Hugging Face Hub repository).
-
-Runs are recorded in a persistent Dagster instance, DAGSTER_HOME (default
-``<output>/dagster_home``), so ``dagster dev`` with the same DAGSTER_HOME shows them afterwards.
+Argument parsing only: what ``build``, ``demo`` and ``publish`` do is ``build.driver``; ``presets``
+prints the VAE presets.
 """
 
 from __future__ import annotations
