@@ -3,6 +3,7 @@ its own for every test, the bundled sample built once per session, and a fake Hu
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import dagster as dg
@@ -10,6 +11,20 @@ import pytest
 
 from imagenet_int8_assets_tests.support.builds import materialize_all
 from imagenet_int8_assets_tests.support.shared_memory import release_streaming_segments, streaming_segments
+
+
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # The suite runs in a pytest process per core (pytest-xdist, setup.cfg): torch's default of a
+    # thread per core in each of them (and in the builds they start) only makes the threads spin.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the servers' (the longest) before the others (after servers/conftest.py
+    has marked its own): the suite runs on every core (pytest-xdist, setup.cfg), and the longest
+    tests started last would leave the other cores idle at the end."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "/servers/" not in str(item.fspath)))
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +42,16 @@ def own_tmpdir(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     before = streaming_segments()
     yield tmp
-    release_streaming_segments(before)
+    release_streaming_segments(before, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True, scope="module")
-def own_shared_memory_per_module():
+def own_shared_memory_per_module(tmp_path_factory):
     """The segments of datasets opened by module-scoped fixtures are unlinked when the module ends,
     so later datasets do not attach to (and keep descriptors for) every earlier module's."""
     before = streaming_segments()
     yield
-    release_streaming_segments(before)
+    release_streaming_segments(before, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

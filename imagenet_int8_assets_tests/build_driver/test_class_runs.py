@@ -276,6 +276,7 @@ def test_a_run_process_can_die_with_the_build_before_its_heavy_imports():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_build_killed_while_its_run_processes_start_leaves_none(tmp_path):
     proc, log = _two_class_build(tmp_path, "2")
     try:

@@ -41,6 +41,7 @@ def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
     assert info["samples"] == 5 and info["vae"]["requested"] == "tiny-random"
 
 
+@pytest.mark.slow
 def test_build_errors_are_clear_and_nonzero(tmp_path):
     env = cli_env(tmp_path)
     proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(tmp_path / "nowhere")], env)

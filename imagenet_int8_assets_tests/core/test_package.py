@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import imagenet_int8_assets
 
 PACKAGE = Path(imagenet_int8_assets.__file__).parent
@@ -26,6 +28,7 @@ print(sorted(k for k in sys.modules if k == "dagster" or k.startswith("dagster."
 """
 
 
+@pytest.mark.slow
 def test_core_and_reader_import_without_dagster():
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -140,6 +140,7 @@ def test_count_check_blocks_when_files_change_after_the_manifest(tmp_path):
     assert "a (2 written, 3 ok)" in _failed_steps(final)["mds_dataset"]
 
 
+@pytest.mark.slow
 def test_dataset_refuses_classes_built_with_different_settings(tmp_path):
     settings, defs, instance = _setup(tmp_path, {"a": 1, "b": 1})
     assert all(r.success for r in materialize_all(defs, instance))
@@ -187,6 +188,7 @@ def test_settings_errors_name_the_variable(tmp_path):
     assert settings.seed == 7 and settings.vae == "tiny-random" and settings.is_sample
 
 
+@pytest.mark.slow
 def test_report_before_a_new_class_is_published_reports_on_the_published_dataset(tmp_path):
     """Automation can run the report on a new quantization_stats materialization before
     mds_dataset publishes a new class (CI saw IndexError: the new class's offset past the end)."""

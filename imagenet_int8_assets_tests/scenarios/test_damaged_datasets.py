@@ -64,6 +64,7 @@ def damaged(root: Path) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_the_undamaged_copy_opens_and_reads_identically(undamaged_build, copy):
     assert len(undamaged_build["samples"]) == sum(CLASSES.values())
     ds = open_dataset(copy, shuffle=False)

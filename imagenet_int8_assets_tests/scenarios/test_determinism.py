@@ -97,6 +97,7 @@ def two_builds(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rebuilds_with_other_batch_sizes_give_identical_bytes(two_builds):
     (one, _), (three, _) = two_builds[1], two_builds[3]
     for key in ("c0", "c1"):

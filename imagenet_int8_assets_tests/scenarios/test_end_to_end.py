@@ -10,6 +10,7 @@ import textwrap
 
 import dagster as dg
 import numpy as np
+import pytest
 import pandas as pd
 
 from imagenet_int8_assets.core.dataset.mds_index import class_home
@@ -72,6 +73,7 @@ def test_every_run_and_check_succeeds(built_sample):
     assert all(c.passed for c in checks if c.check_name != "reconstruction_quality")
 
 
+@pytest.mark.slow
 def test_seed_reader_reads_every_good_image_exactly_once_unchanged(built_sample, tmp_path):
     settings = built_sample["settings"]
     out = settings.output_path

@@ -247,6 +247,7 @@ def test_ordinary_cifar_names_need_no_label_record(tmp_path):
     assert class_folder_names(["..", "label_0"]) == ["label_0_", "label_0"]
 
 
+@pytest.mark.slow
 def test_hostile_source_builds_every_good_image_exactly_once(tmp_path):
     """A loop, a link to the source, a cross-class link, an undecodable file name and an
     undecodable class folder: the whole graph builds, each good image is in the dataset once."""

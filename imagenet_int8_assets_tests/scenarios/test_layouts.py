@@ -71,6 +71,7 @@ def test_512_crops_give_4x64x64_latents(tmp_path):
     assert open_dataset(mds_root(settings.output_path))[0]["latent"].shape == (4, 64, 64)
 
 
+@pytest.mark.slow
 def test_low_precision_is_reported_against_fp32(tmp_path):
     settings, instance = _build(tmp_path, vae="tiny-random", precision="bf16")
     meta = _metadata(instance, "vae_latents", "n01440764")

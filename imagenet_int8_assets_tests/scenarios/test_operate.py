@@ -49,6 +49,7 @@ def _touch(path: Path) -> None:
 # loading the definitions
 
 
+@pytest.mark.slow
 def test_loading_the_definitions_scans_nothing_and_writes_nothing(tmp_path):
     """The sample source and a missing source load alike, instantly, and leave no file behind."""
     out = tmp_path / "out"

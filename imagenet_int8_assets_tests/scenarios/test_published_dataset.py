@@ -50,6 +50,7 @@ def _publish(settings, instance):
     )
 
 
+@pytest.mark.slow
 def test_rematerializing_a_class_leaves_the_published_dataset_alone_until_it_is_republished(tmp_path):
     make_image_folder(tmp_path / "src", {"a": 3, "b": 4, "c": 2})
     settings = _settings(tmp_path)
@@ -111,6 +112,7 @@ KILL_LOOP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_publication_killed_at_any_moment_leaves_one_whole_version(tmp_path):
     """SIGKILL a process that publishes two versions in a loop: index.json is always one of them."""
     make_image_folder(tmp_path / "src", {"a": 2, "b": 3})
@@ -190,6 +192,7 @@ def test_a_build_killed_after_remaking_a_class_keeps_the_previous_dataset(tmp_pa
     assert not [p for p in (tmp_path / "out").rglob(".tmp-*")] and not [p for p in (tmp_path / "out").rglob(".trash-*")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["index.json", "build.json", "classes"])
 def test_class_named_like_the_datasets_own_files(tmp_path, name):
     """A class folder named index.json (or build.json, classes) cannot collide with the layout."""
@@ -206,6 +209,7 @@ def test_class_named_like_the_datasets_own_files(tmp_path, name):
     assert texts == {name, "other"}
 
 
+@pytest.mark.slow
 def test_a_damaged_class_is_not_published_and_rebuilding_it_repairs_the_dataset(tmp_path):
     """The reader's advice ("rebuild class X, then mds_dataset") works: the rebuilt version has the
     same content id as the damaged one, which is replaced instead of kept."""

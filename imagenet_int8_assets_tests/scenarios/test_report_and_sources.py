@@ -30,6 +30,7 @@ def _check(result, name):
     )
 
 
+@pytest.mark.slow
 def test_reconstruction_check_warns_by_default_and_blocks_when_asked(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 2, "b": 2})
     instance = dg.DagsterInstance.ephemeral()
@@ -144,6 +145,7 @@ def test_report_decodes_only_the_classes_that_changed_and_matches_a_report_from_
     assert _report_files(out) == incremental
 
 
+@pytest.mark.slow
 def test_cifar10_python_folder_is_a_source_with_classes_as_partitions(tmp_path):
     folder = tmp_path / "downloads" / "cifar-10-batches-py"
     written = make_cifar(folder, full_train_batches())
@@ -166,6 +168,7 @@ def test_cifar10_python_folder_is_a_source_with_classes_as_partitions(tmp_path):
     assert np.ptp(crops[0]) > 0
 
 
+@pytest.mark.slow
 def test_cifar10_hostile_label_names_stay_labels_and_never_become_paths(tmp_path):
     """batches.meta naming classes '../../a' and '/b': the dataset keeps those texts as labels and
     every exported file stays inside the output."""

@@ -135,6 +135,7 @@ def test_other_backends_out_of_memory_errors_are_retried_and_other_errors_are_no
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("x")) and is_out_of_memory(MemoryError())
 
 
+@pytest.mark.slow
 def test_low_precision_and_its_precision_report_retry_too(tiny_vae, images):
     with torch_threads(2):
         clean = precision_error(tiny_vae, images[:4], "cpu", "bf16", 12.0)

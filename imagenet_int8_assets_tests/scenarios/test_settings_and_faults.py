@@ -187,6 +187,7 @@ def test_a_read_only_output_is_refused(tmp_path):
         assert "is not writable" in _step_errors(result)["raw_manifest"]
 
 
+@pytest.mark.slow
 def test_hub_vaes_are_resolved_without_loading_weights(tmp_path):
     """The local HF cache, HF_HUB_OFFLINE, a lookup that cannot reach the Hub, the demo's fallback."""
     revision = "0123456789abcdef0123456789abcdef01234567"
@@ -260,6 +261,7 @@ def test_cli_refuses_bad_settings_with_one_line_exit_2_and_no_work(tmp_path):
         assert proc.stdout == "", name
 
 
+@pytest.mark.slow
 def test_dagster_asset_materialize_gives_the_same_one_line_message(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     env = cli_env(tmp_path, IMAGENET_INT8_SOURCE=str(source), IMAGENET_INT8_OUTPUT=str(source / "out"),
@@ -303,6 +305,7 @@ def test_nothing_to_build_says_no_usable_images_with_the_counts(tmp_path):
         assert "Traceback" not in errors[step]
 
 
+@pytest.mark.slow
 def test_cli_stops_after_the_manifest_when_nothing_is_usable(tmp_path):
     env = cli_env(tmp_path)
     proc = run_cli([str(BIN / "imagenet-int8"), "build", "--source", str(_all_bad_source(tmp_path))], env, cwd=tmp_path)
@@ -382,6 +385,7 @@ def test_disk_full_names_the_step_and_a_rerun_completes_the_build(tmp_path):
         assert shlex.split(ui)[-4:] == [str(BIN / "dagster"), "dev", "-m", "imagenet_int8_assets"]
 
 
+@pytest.mark.slow
 def test_a_full_dagster_home_is_reported_in_one_line(tmp_path):
     source = make_image_folder(tmp_path / "src", {"a": 1})
     with tmpfs(tmp_path / "home", "8m") as home:

@@ -87,6 +87,8 @@ def test_demo_printed_ui_command_works_verbatim_offline_and_its_backfill_uses_th
         "HF_HUB_CACHE": env["HF_HUB_CACHE"],
         "DAGSTER_WEBSERVER_PORT": str(port),
     }
+    if "OMP_NUM_THREADS" in env:  # the demo's: build.json records the CPU thread count (part of a class version)
+        shell_env["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
     with running_dagster_dev(
         shell_env, tmp_path / "dagster_dev.log", out, home, command=["bash", "-c", line], cwd=tmp_path, port=port
     ) as dev:

@@ -1,29 +1,35 @@
-"""End to end through the real UI stack: `dagster dev` (webserver + daemon) in a subprocess.
+"""End to end through the real UI stack: `dagster dev` (webserver + daemon) in a subprocess, on
+the output of an `imagenet-int8 build` that was killed.
 
-Proves that (1) the webserver serves the whole asset graph with its class partitions and (2) the
-user's first click, "Materialize all" (a backfill of every materializable asset over every
-partition, launched the way the UI launches it: the GraphQL mutation ``launchPartitionBackfill``
-posted to ``/graphql``), is carried out by the daemon, ends with the BACKFILL's status
-"completed successfully" (not only its runs), leaves nothing for "Materialize unsynced", and
-produces a dataset that StreamingDataset reads.
+First a real build is killed with SIGKILL while its batched run holds the `gpu` pool (granularity
+run, limit 1), which leaves that run STARTED for good. Then `dagster dev` on the same DAGSTER_HOME
+and output proves that (1) the webserver serves the whole asset graph with its class partitions
+and (2) the user's first click, "Materialize all" (a backfill of every materializable asset over
+every partition, launched the way the UI launches it: the GraphQL mutation
+``launchPartitionBackfill`` posted to ``/graphql``), is carried out by the daemon, ends with the
+BACKFILL's status "completed successfully" (not only its runs), leaves nothing for "Materialize
+unsynced", and produces a dataset that StreamingDataset reads. Nobody runs the CLI again: our
+sensor fails the dead run, so that the backfill's gpu runs are not held in QUEUED ("blocked by
+global concurrency limits").
 
 Runs on the bundled sample (4 classes) with the tiny random VAE on CPU; no network, no mocks.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from imagenet_int8_assets.build.instance import prepare_dagster_home
+from imagenet_int8_assets.build.dead_runs import PID_TAG
 from imagenet_int8_assets_tests.support.dagster_dev import (
     ASSET_NODES_QUERY,
     ASSET_STATUS_QUERY,
     LOCATION,
     RUNS_QUERY,
-    DagsterDev,
     dagster_dev_env,
     dev_folders,
     launch_backfill,
@@ -33,6 +39,7 @@ from imagenet_int8_assets_tests.support.dagster_dev import (
     wait_for_backfill,
     wait_for_classes,
 )
+from imagenet_int8_assets_tests.support.killed_build import kill_build_during_gpu_run
 
 CLASSES = ["n01440764", "n02102040", "n02979186", "n03000684"]
 ASSETS = [
@@ -52,26 +59,31 @@ BACKFILL_DEADLINE_S = 480
 
 
 @pytest.fixture
-def dagster_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def killed_then_dagster_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A build killed while its run holds the gpu pool, then `dagster dev` on its DAGSTER_HOME."""
     out, home, tmp = dev_folders(tmp_path)
 
     # IMAGENET_INT8_SOURCE unset: the bundled sample
     env = dagster_dev_env(out, home, tmp, IMAGENET_INT8_MAX_PARTITIONS_PER_RUN=str(PARTITIONS_PER_RUN))
+    command = [str(Path(sys.executable).parent / "imagenet-int8"), "build"]
+    # the CLI prepares DAGSTER_HOME as it would for the UI: shipped dagster.yaml, gpu pool = 1
+    killed = kill_build_during_gpu_run(command, env, tmp_path, home, tmp_path / "build.log")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
+
     # This process reads the same instance and writes streaming's temporary files under tmp too.
     use_home(monkeypatch, home, tmp)
-    prepare_dagster_home(home)  # what `imagenet-int8` does: shipped dagster.yaml, gpu pool = 1
-
     with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
-        yield dev
+        yield killed, dev
 
 
 # ------------------------------------------------------------------------------------------
 # the test
 
 
-@pytest.mark.timeout(600)
-def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_dev: DagsterDev):
-    dev = dagster_dev
+@pytest.mark.timeout(720)
+def test_after_a_killed_build_the_ui_serves_the_graph_and_materialize_all_builds_the_dataset(killed_then_dagster_dev):
+    killed, dev = killed_then_dagster_dev
     started = time.monotonic()
 
     # ---- (1) the UI serves the whole graph with its class partitions ---------------------
@@ -165,6 +177,13 @@ def test_ui_serves_graph_and_backfill_of_all_partitions_builds_dataset(dagster_d
         assert materialized == set(CLASSES), f"mds_shards partitions materialized: {sorted(materialized)}"
         for name in ("raw_manifest", "quantization_stats", "mds_dataset", "reconstruction_report", "latent_probe"):
             assert instance.get_latest_materialization_event(AssetKey(name)) is not None, name
+        # the killed build's run was failed by our sensor, saying why; nothing is left queued or started
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+        failure = instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert len(failure) == 1 and "died without finishing it" in failure[0].message, failure
+        assert f"pid {killed.tags[PID_TAG]}" in failure[0].message
+        stuck = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED]))
+        assert not stuck, [(r.run_id, r.status) for r in stuck]
 
     import pandas as pd
     from streaming import StreamingDataset

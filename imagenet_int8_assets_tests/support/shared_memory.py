@@ -7,16 +7,55 @@ import contextlib
 import gc
 import os
 import re
+from pathlib import Path
 
 
-def release_streaming_segments(before: set[str]) -> None:
+def release_streaming_segments(before: set[str], ours: Path) -> None:
     """Unlink the StreamingDataset segments created since ``before`` (a ``streaming_segments()``)
-    and close the unlinked ones this process still holds when it holds many descriptors."""
+    except another pytest process's, and close the unlinked ones this process still holds when it
+    holds many descriptors.
+
+    /dev/shm is the whole machine's: the suite's other workers (pytest-xdist) create segments while
+    this test runs, and unlinking one of theirs would pull it from under their datasets (a
+    DataLoader worker then finds ``/000004_locals`` gone). Whose a segment is cannot be told from
+    who holds it: every new StreamingDataset attaches to all the existing ones while it looks for a
+    free prefix. It is told from the dataset's registration, ``NNNNNN_locals``, which lists the
+    dataset's local folders: a prefix whose folders all lie under another pytest process's temp
+    root (``/tmp/pytest-of-<user>/...``, not under ``ours``, this process's ``getbasetemp()``) is
+    theirs and kept; every other new one is this test's garbage once the test ends."""
     gc.collect()
+    ours = Path(ours).resolve()
+    pytest_root = next((p for p in ours.parents if p.name.startswith("pytest-of-")), None)
+    by_prefix: dict[str, list[str]] = {}
     for name in streaming_segments() - before:
-        with contextlib.suppress(OSError):
-            os.unlink(f"/dev/shm/{name}")
+        by_prefix.setdefault(name[:6], []).append(name)
+    for prefix, names in by_prefix.items():
+        folders = registered_folders(prefix)
+        if pytest_root and folders and all(_under(f, pytest_root) and not _under(f, ours) for f in folders):
+            continue  # another pytest process's dataset
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
     close_unlinked_streaming_memory()
+
+
+def registered_folders(prefix: str) -> list[Path]:
+    """The local folders that the StreamingDataset registered under ``prefix`` lists in its
+    ``NNNNNN_locals`` segment (an int32 byte count, then the folders and the prefix joined by NUL);
+    [] when there is no such segment or it cannot be read."""
+    try:
+        data = Path(f"/dev/shm/{prefix}_locals").read_bytes()
+        size = int.from_bytes(data[:4], "little", signed=True)
+        return [Path(f) for f in data[4:size].decode("utf-8").split("\0")[:-1] if f]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except OSError:
+        return False
 
 
 def close_unlinked_streaming_memory(threshold: int = 256) -> None:

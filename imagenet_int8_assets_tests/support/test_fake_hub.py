@@ -428,6 +428,7 @@ def test_the_fake_refuses_what_the_hub_refuses(fake_hub, files):
     assert fake_hub.server_errors == []
 
 
+@pytest.mark.slow
 def test_stats_route_reset_and_the_token_written_nowhere(fake_hub, files, tmp_path, capfd):
     from huggingface_hub import snapshot_download
 

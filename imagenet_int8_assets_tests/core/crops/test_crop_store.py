@@ -74,6 +74,7 @@ def builds(tmp_path_factory):
     return {"source": source, **built}
 
 
+@pytest.mark.slow
 def test_every_crop_and_latent_storage_gives_the_same_dataset_bytes(builds):
     reference = _dataset_files(builds["raw"]["settings"].output_path)
     assert len(reference) > 1
@@ -268,6 +269,7 @@ def test_converting_a_class_to_another_storage_marks_nothing_stale(builds):
         assert job.execute_in_process(instance=instance, partition_key="a", asset_selection=steps).success
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["raw", "none"])
 def test_crops_then_latents_in_separate_runs_give_the_one_step_bytes(builds, tmp_path, mode):
     """A build crops while it encodes (crops_and_latents, one pass over the source). The same

@@ -83,6 +83,7 @@ def test_builtin_uint8_encoding_would_silently_read_one_byte(three_classes):
     assert open_dataset(mds_index.current_version_dir(root, "n01440764"))[0]["latent"].shape == (4, 32, 32)
 
 
+@pytest.mark.slow
 def test_reader_helper_works_in_spawned_dataloader_workers(three_classes):
     import torch
 

@@ -55,6 +55,7 @@ def _samples(dataset) -> list[tuple]:
     return [(s["label"], s["label_as_text"], s["latent"].tobytes()) for s in (dataset[i] for i in range(len(dataset)))]
 
 
+@pytest.mark.slow
 def test_publish_uploads_the_versions_then_the_index_and_streaming_reads_the_bucket(sample_mds, s3_env, tmp_path):
     bucket = s3_env.new_bucket()
     client, puts = _recording_client(s3_env)
@@ -273,6 +274,7 @@ def _samples_of(dataset, ids) -> list[tuple]:
 # ---- a bucket set on a built output is published; the summary says "published" only when it is ----
 
 
+@pytest.mark.slow
 def test_a_bucket_set_on_a_built_output_gets_the_dataset_and_the_summary_tells_the_truth(
     built_sample, s3_env, tmp_path, monkeypatch
 ):
@@ -329,6 +331,7 @@ def test_credentials_in_the_url_are_refused_and_never_shown(s3_env, tmp_path, mo
 # ---- a missing or unreachable bucket is found before any work ------------------------------------
 
 
+@pytest.mark.slow
 def test_check_bucket_names_a_missing_bucket_and_fails_fast_on_a_silent_endpoint(s3_env, monkeypatch):
     bucket = s3_env.new_bucket()
     RemoteMds(f"s3://{bucket}/x").check_bucket()  # exists: nothing to say

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -217,7 +218,6 @@ def _run_snippet(card: str, dataset: Path, work: Path) -> dict:
     code = _python_block(card, "### 1.")
     download_dir = re.search(r'remote_train_dir = "\./([^"]+)"', code).group(1)
     work.mkdir()
-    (work / "tmp").mkdir()
     (work / download_dir).symlink_to(dataset, target_is_directory=True)
     (work / "snippet.py").write_text(code)
     driver = (
@@ -226,7 +226,8 @@ def _run_snippet(card: str, dataset: Path, work: Path) -> dict:
         "np.savez('batch.npz', latents=np.asarray(g['latents']), labels=np.asarray(g['labels']), "
         "texts=np.asarray(list(g['texts'])))\n"
     )
-    env = {**os.environ, "TMPDIR": str(work / "tmp")}
+    # a TMPDIR of its own, short: multiprocessing's sockets live there (AF_UNIX paths are limited)
+    env = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="snippet")}
     out = subprocess.run([sys.executable, "-c", driver], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     with np.load(work / "batch.npz") as batch:
@@ -246,6 +247,7 @@ def _check_batch(batch: dict, expected: dict, shape: tuple) -> None:
         assert expected[latent.tobytes()] == (int(label), str(text))
 
 
+@pytest.mark.slow
 def test_streaming_snippet_reads_the_built_dataset_like_open_dataset(card_output, tmp_path):
     card = dc.render_card(dc.card_inputs(card_output), repo_id=REPO_ID, parquet=False)
     assert '_encodings["uint8"] = uint8' in card and "* 24.0" in card
@@ -253,6 +255,7 @@ def test_streaming_snippet_reads_the_built_dataset_like_open_dataset(card_output
     _check_batch(batch, _expected(mds_root(card_output)), (4, 32, 32))
 
 
+@pytest.mark.slow
 def test_streaming_snippet_for_the_ndarray_layout(tmp_path):
     """A dataset outside the published schema (range +-8): ndarray:uint8 column, other constants."""
     root = tmp_path / "out" / "mds"

@@ -259,6 +259,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_two_devices_build_the_same_latents_as_one(tmp_path):
     """Two runs at once, in two processes (a worker and this one), one class each on its own
     simulated device, give the bytes of one run encoding both classes on one device."""

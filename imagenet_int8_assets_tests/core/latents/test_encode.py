@@ -125,6 +125,7 @@ def _same(a, b):
     assert a.reencoded_fp32 == b.reencoded_fp32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_flight", [0, 2])
 def test_posterior_encoder_fed_in_pieces_gives_the_encode_posterior_bytes(in_flight):
     """Pieces of any size form the same passes; on the CPU ``in_flight=2`` runs the bookkeeping

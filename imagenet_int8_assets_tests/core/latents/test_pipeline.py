@@ -186,6 +186,7 @@ def reference(tiny_vae, tasks):
 # tests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_overlapped_gives_the_serial_bytes_ids_failures_and_flips(tiny_vae, tasks, reference):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
@@ -325,6 +326,7 @@ def test_fp16_overflows_are_reencoded_in_fp32_in_the_stream_too(tasks):
     assert_same(result.groups[0], ok, failed, post)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_slow_producer_or_a_slow_encoder_changes_the_timing_not_the_bytes(tiny_vae, tasks, reference):
     from imagenet_int8_assets.core.latents.pipeline import encode_stream
@@ -380,6 +382,7 @@ def test_the_queue_bounds_how_far_the_workers_run_ahead(tiny_vae, source, tmp_pa
     assert any(started > chunks * chunk for started, chunks in seen), seen
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_dying_crop_worker_costs_only_its_own_image(tiny_vae, source, tmp_path):
     import shutil

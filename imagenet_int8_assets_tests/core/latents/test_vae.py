@@ -77,6 +77,7 @@ def _run_load(env: dict, spec: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_hub_id_loads_from_the_offline_cache_and_records_the_revision(tmp_path):
     """A Hub id resolves through huggingface_hub's real cache lookup, with HF_HUB_OFFLINE=1."""
     model = load_vae("tiny-random").model
@@ -142,6 +143,7 @@ def test_presets_declare_sensible_ranges():
     assert PRESETS["flux1-vae"].quant_range == pytest.approx(12 * 0.13025 / 0.3611, abs=0.01)
 
 
+@pytest.mark.slow
 def test_aura_preset_loads_the_published_file_name_from_the_offline_cache(tmp_path):
     """A full-size bf16 safetensors file under the published `.pt` name, through load_vae's real path."""
     from safetensors.torch import save_file
@@ -168,6 +170,7 @@ def test_aura_preset_loads_the_published_file_name_from_the_offline_cache(tmp_pa
     assert len(result["weights_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_flux_preset_loads_its_vae_subfolder_from_the_offline_cache(tmp_path):
     model = load_vae("tiny-random-16").model
     revision = "1111111111111111111111111111111111111111"

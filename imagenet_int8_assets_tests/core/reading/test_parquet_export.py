@@ -133,6 +133,7 @@ def test_one_class_version_and_the_image_id_check(tmp_path, monkeypatch, hf_offl
     assert not (tmp_path / "bad.parquet").exists()
 
 
+@pytest.mark.slow
 def test_a_real_build_exports_with_its_image_ids(built_sample, tmp_path, hf_offline):
     from imagenet_int8_assets.core.latents.latent_store import read_latents
 
