@@ -178,38 +178,29 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
         phases[name] = round(phases.get(name, 0.0) + now - t, 4)
         t = now
 
-    import io
-
-    from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json
-    from imagenet_int8_assets.core.common.layout import manifest_path, mds_root, source_classes_path, stats_path
+    from imagenet_int8_assets.core.common.files import atomic_write_json
+    from imagenet_int8_assets.core.common.layout import mds_root, stats_path
     from imagenet_int8_assets.core.common.parallel import default_workers
     from imagenet_int8_assets.core.crops.crop_store import write_crops
-    from imagenet_int8_assets.core.dataset import mds, mds_index
     from imagenet_int8_assets.core.dataset.publish_dataset import publish_dataset
+    from imagenet_int8_assets.core.dataset.shards_step import write_class_version
     from imagenet_int8_assets.core.latents.devices import resolve_device
     from imagenet_int8_assets.core.latents.encode_step import CropSource, EncodeConfig, encode_classes
-    from imagenet_int8_assets.core.latents.latent_store import read_latents
-    from imagenet_int8_assets.core.latents.quantize import codes_range, quantize
     from imagenet_int8_assets.core.latents.vae import load_vae
+    from imagenet_int8_assets.core.quality import probe_step
+    from imagenet_int8_assets.core.quality.probe import save_features
     from imagenet_int8_assets.core.quality.quantization_stats import latent_statistics
     from imagenet_int8_assets.core.quality.report_step import ReportConfig, report_reconstructions
     from imagenet_int8_assets.core.source.images import DEFAULT_MAX_PIXELS
     from imagenet_int8_assets.core.source.manifest import ok_rows_by_class, read_manifest, recorded_labels
-    from imagenet_int8_assets.core.source.sources import class_data_versions, find_class_folders, resolve_source_root
-    from imagenet_int8_assets.core.source.sources import scan_source
+    from imagenet_int8_assets.core.source.scan_step import scan_manifest, write_manifest
+    from imagenet_int8_assets.core.source.sources import resolve_source_root
 
     lap("imports")
-    workers = s["workers"] if s["workers"] > 0 else default_workers()
-    source = Path(source).expanduser().resolve()
-    keys = sorted(find_class_folders(source).names)  # raw_manifest
-    frame, labels = scan_source(source, max_pixels=DEFAULT_MAX_PIXELS, workers=workers, previous=None, extra_classes=[])
-    versions, buffer = class_data_versions(frame, labels), io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(manifest_path(output), buffer.getvalue())
-    atomic_write_json(source_classes_path(output), {
-        "classes": keys, "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},
-        "versions": {k: versions[k] for k in keys}, "vanished": [],
-    })
+    workers, quant = (s["workers"] if s["workers"] > 0 else default_workers()), s.get("quant_range", 0.0)
+    scan = scan_manifest(Path(source).expanduser().resolve(), output, DEFAULT_MAX_PIXELS, workers)  # raw_manifest
+    write_manifest(output, scan)
+    keys = sorted(scan.classes)
     lap("scan")
 
     class Crops:  # what preprocessed_crops writes, as each class is encoded (assets/crops.CropWriter)
@@ -230,77 +221,26 @@ def reference_build(source: Path, output: Path, s: dict) -> dict[str, Any]:
     lap("vae_load")
     encoded = encode_classes(config, keys, lambda: (vae, ""), crop_source=CropSource(rows, root), crop_writer=Crops())
     lap("crops_encode")
-    labels, mroot = recorded_labels(output, keys), mds_root(output)  # mds_shards
-    for key in keys:
-        _, arrays, meta = read_latents(output, key)
-        value_range = codes_range(s.get("quant_range", 0.0), meta)
-        mds.write_class_shards(
-            mroot, key, quantize(arrays["latent"], value_range), labels.index[key], labels.text[key],
-            {**meta, "label": labels.index[key], "label_as_text": labels.text[key]}, value_range=value_range,
-        )
-        mds_index.collect_garbage(mroot, [key])
+    labels = recorded_labels(output, keys)
+    for key in keys:  # mds_shards
+        write_class_version(output, key, labels.index[key], labels.text[key], quant)
     lap("shards")
-    atomic_write_json(stats_path(output), latent_statistics(output, keys, s.get("quant_range", 0.0)).record)  # quantization_stats
+    atomic_write_json(stats_path(output), latent_statistics(output, keys, quant).record)  # quantization_stats
     lap("stats")
-    publish_dataset(mroot, keys, {k: len(r) for k, r in rows.items()})  # mds_dataset
+    publish_dataset(mds_root(output), keys, {k: len(r) for k, r in rows.items()})  # mds_dataset
     lap("dataset")
     report_reconstructions(ReportConfig(output, s["report_per_class"], s["report_grid_images"], s["seed"],
                                         resolve_device(s["device"])), keys)
     lap("report")
-    _reference_probe(output, keys, s)
+    probed = probe_step.probed_classes(keys, s["probe_max_classes"], s["seed"])  # probe_features, latent_probe
+    features = probe_step.collect_probe_features(output, probed, labels, s["probe_per_class"], s["probe_pool"], s["seed"])
+    save_features(probe_step.features_path(output), features.labels, features.class_names, features.arrays)
+    outcome = probe_step.probe_latents(output, s["seed"])
+    if outcome.report is not None:
+        outcome.report.write(probe_step.report_dir(output))
     lap("probe")
-    return {"phases": phases, "files": len(frame), "images": encoded.written,
+    return {"phases": phases, "files": len(scan.frame), "images": encoded.written,
             "classes": len(keys), "workers": workers}
-
-
-def _reference_probe(output: Path, keys: list[str], s: dict) -> None:
-    """probe_features and latent_probe, as their assets call the core (no stage function yet)."""
-    import numpy as np
-
-    from imagenet_int8_assets.core.common.layout import probe_dir
-    from imagenet_int8_assets.core.latents.latent_store import read_latents
-    from imagenet_int8_assets.core.quality.probe import (
-        FEATURES_FILE,
-        build_feature_sets,
-        load_features,
-        run_probe,
-        save_features,
-        too_few_to_probe,
-    )
-    from imagenet_int8_assets.core.quality.probe_report import build_probe_report
-    from imagenet_int8_assets.core.quality.reconstruct import choose_samples
-    from imagenet_int8_assets.core.source.manifest import recorded_labels
-
-    labels = recorded_labels(output, keys)
-    chosen = keys
-    if len(keys) > s["probe_max_classes"]:
-        picked = choose_samples(len(keys), s["probe_max_classes"], s["seed"], "probe:classes")
-        chosen = [keys[int(i)] for i in picked]
-    sets: dict[str, list] = {}
-    y = []
-    for key in chosen:
-        ids, arrays, _ = read_latents(output, key)
-        pick = choose_samples(len(ids), s["probe_per_class"], s["seed"], f"probe:{key}")
-        if not len(pick):
-            continue
-        features = build_feature_sets(
-            arrays["latent"][pick],
-            arrays["mean"][pick] if "std" in arrays else None,
-            arrays["std"][pick] if "std" in arrays else None,
-            pool=s["probe_pool"],
-        )
-        for name, values in features.items():
-            sets.setdefault(name, []).append(values)
-        y.extend([labels.index[key]] * len(pick))
-    feature_arrays = {name: np.concatenate(parts) for name, parts in sets.items()}
-    present = sorted(set(y))
-    names = [labels.text[k] for k in chosen if labels.index[k] in present]
-    save_features(probe_dir(output) / FEATURES_FILE, y, names, feature_arrays)
-    labels_, class_names, features = load_features(probe_dir(output) / FEATURES_FILE)
-    if too_few_to_probe(labels_) is None:
-        yy = np.searchsorted(np.unique(labels_), labels_)
-        result = run_probe(features, yy, class_names, seed=s["seed"])
-        build_probe_report(result, features["sample"], yy, class_names).write(probe_dir(output) / "report")
 
 
 def reference_main(config_path: str, result_path: str) -> int:

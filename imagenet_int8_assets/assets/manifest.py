@@ -1,8 +1,5 @@
 """raw_manifest: one row per file under the source, with a status and a reason."""
 
-
-import io
-
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
@@ -18,20 +15,17 @@ from dagster import (
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from imagenet_int8_assets.assets.metadata import DATASET_GROUP, markdown_table, progress_logger
-from imagenet_int8_assets.core.common.files import atomic_write_bytes, atomic_write_json
-from imagenet_int8_assets.core.common.layout import manifest_path, source_classes_path
 from imagenet_int8_assets.core.source.manifest import (
     DatasetClasses,
     ManifestRefusal,
-    dataset_kept_classes,
-    previous_manifest,
     read_source_classes,
     recorded_labels,
     require_classes_in_source,
     require_usable_images,
 )
 from imagenet_int8_assets.core.source.manifest import dataset_classes as split_dataset_classes
-from imagenet_int8_assets.core.source.sources import ClassLabels, class_data_versions, find_class_folders, scan_source
+from imagenet_int8_assets.core.source.scan_step import scan_manifest, write_manifest
+from imagenet_int8_assets.core.source.sources import ClassLabels
 from imagenet_int8_assets.partitions import (
     class_partitions,
     register_classes,
@@ -117,18 +111,17 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
     settings.require_recorded_settings_or_fail()
     settings.record_settings()
     source = settings.prepare_source()
-    root_classes = find_class_folders(source).names
     registered = registered_classes(context.instance)
-    vanished = [k for k in dataset_kept_classes(settings.output_path, registered) if k not in set(root_classes)]
     context.log.info(f"Scanning {source} with {settings.worker_count()} worker process(es)")
-    frame, labels = scan_source(
+    scan = scan_manifest(
         source,
+        settings.output_path,
         max_pixels=settings.max_pixels,
         workers=settings.worker_count(),
+        registered=registered,
         progress=progress_logger(context.log.info, "files probed"),
-        previous=previous_manifest(settings.output_path),
-        extra_classes=vanished,
     )
+    frame, labels, root_classes, versions, vanished = scan.frame, scan.labels, scan.classes, scan.versions, scan.vanished
     rewritten = int(frame.attrs.get("rewritten_files", 0))
     if rewritten:
         examples = ", ".join(frame.attrs.get("rewritten_examples", []))
@@ -138,20 +131,7 @@ def raw_manifest(context: AssetExecutionContext, settings: ImagenetInt8Settings)
             "classes get a new data version and are rebuilt."
         )
     new_classes = register_classes(context.instance, root_classes)
-    versions = class_data_versions(frame, labels)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    path = manifest_path(settings.output_path)
-    atomic_write_bytes(path, buffer.getvalue())
-    atomic_write_json(
-        source_classes_path(settings.output_path),
-        {
-            "classes": list(root_classes),
-            "labels": {k: [labels.index[k], labels.text[k]] for k in labels.index},
-            "versions": {k: versions[k] for k in root_classes},
-            "vanished": vanished,
-        },
-    )
+    path = write_manifest(settings.output_path, scan)
     observed = _observed_versions(context.instance)
     changed = [k for k in root_classes if observed.get(k) != versions[k]]
     # counted once for all classes: a mask over every row per class costs about 0.12 s at ImageNet

@@ -21,13 +21,12 @@ from imagenet_int8_assets.assets.manifest import (
 )
 from imagenet_int8_assets.assets.metadata import DATASET_GROUP, PartitionMetadata, markdown_table
 from imagenet_int8_assets.assets.partition_checks import per_partition_results
-from imagenet_int8_assets.core.dataset import mds_index, publish_checks
+from imagenet_int8_assets.core.dataset import publish_checks
 from imagenet_int8_assets.core.dataset.publish_dataset import DatasetUnreadable, publish_dataset
-from imagenet_int8_assets.core.latents.encode import non_finite_count
-from imagenet_int8_assets.core.latents.quantize import codes_range, quantize, recorded_range
+from imagenet_int8_assets.core.dataset.shards_step import NonFiniteLatents, write_class_version
+from imagenet_int8_assets.core.latents.quantize import recorded_range
 from imagenet_int8_assets.core.common.files import bytes_per_image, folder_bytes
 from imagenet_int8_assets.core.common.layout import mds_root
-from imagenet_int8_assets.core.latents.latent_store import read_latents
 from imagenet_int8_assets.core.common.urls import redact_url
 from imagenet_int8_assets.core.source.manifest import COUNT_COLUMNS, ok_counts_by_class, read_manifest
 from imagenet_int8_assets.partitions import class_partitions
@@ -37,8 +36,8 @@ from imagenet_int8_assets.resources import (
 )
 
 # `core.dataset.mds` imports mosaicml-streaming, which imports torch, torchvision and transformers
-# (about 10 s). Only the two steps that write or open shards import it, inside their bodies, so
-# loading the definitions and running the checks stay fast; index files go through mds_index.
+# (about 10 s). Only the stage functions that write or open shards import it, inside their bodies,
+# so loading the definitions and running the checks stay fast; index files go through mds_index.
 
 READER_SNIPPET = """```python
 from imagenet_int8_assets.reader import open_dataset   # registers the 'uint8' encoding
@@ -86,41 +85,26 @@ def count_rows(settings: ImagenetInt8Settings, keys: list[str]) -> list[dict]:
     ),
 )
 def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -> MaterializeResult:
-    from imagenet_int8_assets.core.dataset import mds
-
     settings.require_recorded_settings_or_fail()
     require_classes_in_source_or_fail(settings, context.partition_keys)
     labels = recorded_labels_or_fail(settings, context.partition_keys)
     root = mds_root(settings.output_path)
     manifest = read_manifest(settings.output_path, COUNT_COLUMNS)
     space = SpaceNeeds("mds_shards", settings.output_path, sum(ok_counts_by_class(manifest, context.partition_keys).values()))
+
+    def class_space(images: int, nbytes: int, key: str) -> SpaceNeeds:
+        space.writing(images, nbytes, key)
+        return space
+
     partition_metadata, samples, remote = PartitionMetadata(context), 0, remote_mds(settings)
     for key in context.partition_keys:
-        ids, arrays, meta = read_latents(settings.output_path, key)
-        latent = arrays["latent"]
-        bad = non_finite_count(*arrays.values())
-        if bad:
-            raise Failure(
-                f"{key}: {bad} non-finite latent values; re-materialize vae_latents for this class "
-                "(the latents_are_finite check explains which) before writing shards."
+        try:
+            written = write_class_version(
+                settings.output_path, key, labels.index[key], labels.text[key], settings.quant_range, space=class_space
             )
-        value_range = codes_range(settings.quant_range, meta)
-        flips = arrays.get("latent_flip")
-        space.writing(len(ids), latent.size * (1 if flips is None else 2), key)
-        with space.guard():
-            folder = mds.write_class_shards(
-                root,
-                key,
-                quantize(latent, value_range),
-                labels.index[key],
-                labels.text[key],
-                {**meta, "label": labels.index[key], "label_as_text": labels.text[key]},
-                value_range=value_range,
-                flips_u8=quantize(flips, value_range) if flips is not None else None,
-            )
-        mds_index.collect_garbage(root, [key])  # unpublished older versions of this class
-        index = mds_index.read_index(folder)
-        count = mds_index.index_sample_count(index)
+        except NonFiniteLatents as exc:
+            raise Failure(str(exc)) from None
+        folder, index, count = written.folder, written.index, written.samples
         extra = {}
         if remote is not None:  # the version's files, never replacing an object; mds_dataset publishes
             mirrored = _remote_or_fail(lambda: remote.mirror_version(root, folder))
@@ -145,6 +129,7 @@ def mds_shards(context: AssetExecutionContext, settings: ImagenetInt8Settings) -
         samples += count
     context.log.info(f"{samples} samples of {len(context.partition_keys)} class(es) written as MDS shards under {root}")
     return MaterializeResult()
+
 
 def _every_n_uploads(context: AssetExecutionContext, n: int):
     count = 0
