@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imagenet_int8_assets.core.latents.vae import RANDOM_PRESETS
     from imagenet_int8_assets.build.instance import dagster_home_path
     from imagenet_int8_assets.resources import (
+        PARTITIONS_PER_RUN_VAR,
         SAMPLE_SOURCE,
         ImagenetInt8Settings,
         SettingsError,
@@ -126,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SettingsError(
                 f"--max-partitions-per-run={args.max_partitions_per_run}: use a positive number of classes."
             )
+        if args.max_partitions_per_run is not None:  # the flag is the variable (the UI line printed at the end carries it)
+            os.environ[PARTITIONS_PER_RUN_VAR] = str(args.max_partitions_per_run)
         max_partitions_per_run()
         if args.runs_at_once is not None and args.runs_at_once <= 0:
             raise SettingsError(f"--runs-at-once={args.runs_at_once}: use a positive number of runs.")

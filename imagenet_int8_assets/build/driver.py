@@ -288,8 +288,14 @@ def _settings_env(settings, changed_only: bool = False) -> dict[str, str]:
 
 
 def _ui_command(settings, home) -> str:
-    """``dagster dev`` with this build's DAGSTER_HOME and every non-default setting, quoted for a shell."""
+    """``dagster dev`` with this build's DAGSTER_HOME, every non-default setting and a non-default
+    number of classes per batched run (the UI's backfill policy), quoted for a shell."""
+    from imagenet_int8_assets.resources import DEFAULT_MAX_PARTITIONS_PER_RUN, PARTITIONS_PER_RUN_VAR
+    from imagenet_int8_assets.resources import max_partitions_per_run
+
     env = {"DAGSTER_HOME": str(home), **_settings_env(settings, changed_only=True)}
+    if max_partitions_per_run() != DEFAULT_MAX_PARTITIONS_PER_RUN:
+        env[PARTITIONS_PER_RUN_VAR] = str(max_partitions_per_run())
     assignments = [f"{var}={shlex.quote(value)}" for var, value in env.items()]
     dagster = shlex.quote(str(Path(sys.executable).parent / "dagster"))
     return " ".join([*assignments, dagster, "dev", "-m", "imagenet_int8_assets"])

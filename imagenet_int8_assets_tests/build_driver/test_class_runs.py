@@ -65,7 +65,7 @@ def test_runs_at_once_over_two_devices_encode_each_class_once_with_the_serial_by
             assert len(events) == 1, key
             leases[key] = events[0].asset_materialization.metadata["device_lease"].value
         # which device each run got depends on timing (a run whose encode ends before the next one
-        # leases frees cpu:0 again); two encodes at once on two devices: test_core_devices
+        # leases frees cpu:0 again); two encodes at once on two devices: core/latents/test_devices.py
         assert set(leases.values()) <= {"cpu:0", "cpu:1"}, leases
         for record in records:  # each run process loaded its VAE before it was given its run
             loaded = [e.user_message for e in instance.all_logs(record.dagster_run.run_id) if "Loaded VAE" in (e.user_message or "")]

@@ -119,7 +119,7 @@ def test_a_manifest_of_an_earlier_release_is_a_baseline(tmp_path):
     frame.drop(columns=NEW_COLUMNS).to_parquet(path, index=False)  # as an earlier release wrote it
     old = pd.read_parquet(path)
     _, labels = scan_source(root)
-    earlier = class_data_versions(old, labels)  # the earlier releases' versions (pinned in test_core_sources)
+    earlier = class_data_versions(old, labels)  # the earlier releases' versions (pinned in core/source/test_sources.py)
 
     upgraded, versions = _scan(root, old)
     assert versions == earlier and upgraded.attrs["reused_rows"] == 4 and (upgraded["change"] == "").all()

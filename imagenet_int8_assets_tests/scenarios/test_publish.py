@@ -181,7 +181,8 @@ def test_a_killed_upload_resumes_sending_only_the_rest(tmp_path, fake_hub):
     env = _env(tmp_path, fake_hub, IMAGENET_INT8_SOURCE=str(source))
     assert run_cli([str(BIN / "imagenet-int8"), "build"], env, cwd=tmp_path).returncode == 0
     args = PUBLISH + ["--allow-random-weights", "--files-per-commit", "2"]
-    fake_hub.slow("POST", r"/commit/", 1.0)  # time to kill between an LFS upload and its commit
+    # time to kill between an LFS upload and its commit (3 s: the suite runs three tests at once on two cores)
+    fake_hub.slow("POST", r"/commit/", 3.0)
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -194,12 +195,12 @@ def test_a_killed_upload_resumes_sending_only_the_rest(tmp_path, fake_hub):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     fake_hub.slow("POST", r"/commit/", 0)
-    time.sleep(2.5)  # a commit the killed client had already sent is still applied (as on the Hub): let it land
+    time.sleep(3.5)  # a commit the killed client had already sent is still applied (as on the Hub): let it land
     before = fake_hub.stats(REPO_ID)
     done_before = {p for c in before["commits"] for p in c["added_paths"]}
     assert done_before and not set(FINAL_FILES) & done_before  # killed part-way: the index is not there yet
     # LFS objects the killed client uploaded for a commit it never sent (0 when its commit had gone
-    # out; test_core_hub_upload covers that case deterministically)
+    # out; core/hub/test_hub_upload.py covers that case deterministically)
     uploaded_not_committed = before["lfs_uploads"] - sum(len(c["lfs_paths"]) for c in before["commits"])
 
     fake_hub.reset_stats(REPO_ID)

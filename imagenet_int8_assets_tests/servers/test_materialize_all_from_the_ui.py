@@ -1,23 +1,29 @@
-"""End to end through the real UI stack: `dagster dev` (webserver + daemon) in a subprocess, on
-the output of an `imagenet-int8 build` that was killed.
+"""The user's ordinary path through the real UI stack, end to end: `imagenet-int8 demo`, then the
+`dagster dev` line it prints, run verbatim in a bare offline shell (a real webserver + daemon), on
+an output where a build was killed.
 
-First a real build is killed with SIGKILL while its batched run holds the `gpu` pool (granularity
-run, limit 1), which leaves that run STARTED for good. Then `dagster dev` on the same DAGSTER_HOME
-and output proves that (1) the webserver serves the whole asset graph with its class partitions
-and (2) the user's first click, "Materialize all" (a backfill of every materializable asset over
-every partition, launched the way the UI launches it: the GraphQL mutation
-``launchPartitionBackfill`` posted to ``/graphql``), is carried out by the daemon, ends with the
-BACKFILL's status "completed successfully" (not only its runs), leaves nothing for "Materialize
-unsynced", and produces a dataset that StreamingDataset reads. Nobody runs the CLI again: our
-sensor fails the dead run, so that the backfill's gpu runs are not held in QUEUED ("blocked by
-global concurrency limits").
+1. The demo builds the bundled sample (4 classes) with a VAE that is not available offline, so it
+   falls back to random weights (tiny-random here) and prints the UI line with that fallback.
+2. A real `imagenet-int8 build --force` with the same settings is killed with SIGKILL while its
+   batched run holds the `gpu` pool (granularity run, limit 1), which leaves that run STARTED for
+   good. Nobody runs the CLI again: our sensor must fail the dead run, so that the backfill's gpu
+   runs are not held in QUEUED ("blocked by global concurrency limits").
+3. The printed line serves the whole asset graph with its class partitions; the user's first click,
+   "Materialize all" (a backfill of every materializable asset over every partition, launched the
+   way the UI launches it: the GraphQL mutation ``launchPartitionBackfill`` posted to
+   ``/graphql``), is carried out by the daemon, ends with the BACKFILL's status "completed
+   successfully" (not only its runs), leaves nothing for "Materialize unsynced", and publishes
+   byte for byte the demo's dataset, made with the same (fallback) VAE, which StreamingDataset reads.
 
-Runs on the bundled sample (4 classes) with the tiny random VAE on CPU; no network, no mocks.
+Tiny random VAE on CPU; no network, no mocks.
 """
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import json
+import os
+import shlex
 import time
 from pathlib import Path
 
@@ -25,13 +31,13 @@ import dagster as dg
 import pytest
 
 from imagenet_int8_assets.build.dead_runs import PID_TAG
+from imagenet_int8_assets_tests.support.builds import BIN, cli_env, run_cli
 from imagenet_int8_assets_tests.support.dagster_dev import (
     ASSET_NODES_QUERY,
     ASSET_STATUS_QUERY,
     LOCATION,
     RUNS_QUERY,
-    dagster_dev_env,
-    dev_folders,
+    free_port,
     launch_backfill,
     running_dagster_dev,
     unsynced,
@@ -49,41 +55,101 @@ ASSETS = [
 PARTITIONED = {"preprocessed_crops", "vae_latents", "mds_shards"}
 PARTITIONS_PER_RUN = 2
 LATENT_BYTES = 4 * 32 * 32
+VAE_ID = "some-org/not-a-cached-vae"
+UI_LINE_HEADER = "See the runs and assets in the UI:"
 
-# The backfill must finish this long after the test starts, leaving the rest of the 600 s
-# pytest-timeout for the checks and the teardown (so a slow run fails with diagnostics).
-BACKFILL_DEADLINE_S = 480
+# The backfill must finish this long after the test starts, leaving the rest of the pytest-timeout
+# for the checks and the teardown (so a slow run fails with diagnostics).
+BACKFILL_DEADLINE_S = 600
+
+
+def published_shards(mds: Path) -> dict[str, str]:
+    """Every file that mds/index.json publishes (its shards), by path, with its hash."""
+    index = json.loads((mds / "index.json").read_text())
+    files = {}
+    for shard in index["shards"]:
+        for part in ("raw_data", "zip_data"):
+            info = shard.get(part)
+            if info:
+                files[info["basename"]] = hashlib.sha256((mds / info["basename"]).read_bytes()).hexdigest()
+    return files
+
 
 # ------------------------------------------------------------------------------------------
 # fixture
 
 
 @pytest.fixture
-def killed_then_dagster_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A build killed while its run holds the gpu pool, then `dagster dev` on its DAGSTER_HOME."""
-    out, home, tmp = dev_folders(tmp_path)
+def demo_killed_build_then_dagster_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The demo, a build killed while its run holds the gpu pool, then the demo's printed
+    `dagster dev` line in a bare shell; yields (demo facts, the killed run, the DagsterDev)."""
+    started = time.monotonic()
+    env = cli_env(
+        tmp_path, IMAGENET_INT8_VAE=VAE_ID, IMAGENET_INT8_DEMO_VAE_FALLBACK="tiny-random",
+        IMAGENET_INT8_MAX_PARTITIONS_PER_RUN=str(PARTITIONS_PER_RUN),
+    )
+    demo = run_cli([str(BIN / "imagenet-int8"), "demo"], env, timeout=300)
+    assert demo.returncode == 0, f"demo failed ({demo.returncode}):\n{demo.stdout[-5000:]}\n{demo.stderr[-10000:]}"
+    print(f"\n[ui] demo built in {time.monotonic() - started:.1f}s")
+    assert "WARNING: real VAE weights were not available" in demo.stdout, demo.stdout
+    lines = demo.stdout.splitlines()
+    assert UI_LINE_HEADER in lines, f"no {UI_LINE_HEADER!r} in the demo's output:\n{demo.stdout}"
+    line = lines[lines.index(UI_LINE_HEADER) + 1].strip()
+    print(f"[ui] printed: {line}")
+    words = shlex.split(line)
+    assignments = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    assert assignments.get("IMAGENET_INT8_VAE_FALLBACK") == "tiny-random", line
+    assert assignments.get("IMAGENET_INT8_VAE") == VAE_ID, line
+    assert assignments.get("IMAGENET_INT8_MAX_PARTITIONS_PER_RUN") == str(PARTITIONS_PER_RUN), line
+    home, out = Path(assignments["DAGSTER_HOME"]), Path(assignments["IMAGENET_INT8_OUTPUT"])
+    mds = out / "mds"
+    facts = {"mds": mds, "index": (mds / "index.json").read_bytes(), "shards": published_shards(mds)}
+    assert facts["shards"], "the demo published no shards"
 
-    # IMAGENET_INT8_SOURCE unset: the bundled sample
-    env = dagster_dev_env(out, home, tmp, IMAGENET_INT8_MAX_PARTITIONS_PER_RUN=str(PARTITIONS_PER_RUN))
-    command = [str(Path(sys.executable).parent / "imagenet-int8"), "build"]
-    # the CLI prepares DAGSTER_HOME as it would for the UI: shipped dagster.yaml, gpu pool = 1
-    killed = kill_build_during_gpu_run(command, env, tmp_path, home, tmp_path / "build.log")
+    # A user's bare shell, offline. The printed line runs verbatim; the port comes from the
+    # environment (dagster dev passes no --port, so dagster-webserver reads DAGSTER_WEBSERVER_PORT)
+    # so that the test does not depend on port 3000 being free.
+    port = free_port()
+    tmp = tmp_path / "shell-tmp"
+    tmp.mkdir()
+    shell_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "TMPDIR": str(tmp),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": env["HF_HUB_CACHE"],
+        "DAGSTER_WEBSERVER_PORT": str(port),
+    }
+    if "OMP_NUM_THREADS" in env:  # the demo's: build.json records the CPU thread count (part of a class version)
+        shell_env["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
+
+    # The same settings, from the CLI: `build --force` killed while its first class run holds the gpu pool.
+    killed = kill_build_during_gpu_run(
+        [str(BIN / "imagenet-int8"), "build", "--force"], {**shell_env, **assignments}, tmp_path, home,
+        tmp_path / "build.log",
+    )
+    print(f"[ui] build killed during run {killed.run_id[:8]} after {time.monotonic() - started:.1f}s")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.STARTED
 
     # This process reads the same instance and writes streaming's temporary files under tmp too.
     use_home(monkeypatch, home, tmp)
-    with running_dagster_dev(env, tmp_path / "dagster_dev.log", out, home) as dev:
-        yield killed, dev
+    with running_dagster_dev(
+        shell_env, tmp_path / "dagster_dev.log", out, home, command=["bash", "-c", line], cwd=tmp_path, port=port
+    ) as dev:
+        print(f"[ui] the printed line serves on port {port} after {time.monotonic() - started:.1f}s")
+        yield facts, killed, dev
 
 
 # ------------------------------------------------------------------------------------------
 # the test
 
 
-@pytest.mark.timeout(720)
-def test_after_a_killed_build_the_ui_serves_the_graph_and_materialize_all_builds_the_dataset(killed_then_dagster_dev):
-    killed, dev = killed_then_dagster_dev
+@pytest.mark.timeout(900)
+def test_demo_then_its_printed_ui_after_a_killed_build_materialize_all_republishes_the_same_dataset(
+    demo_killed_build_then_dagster_dev,
+):
+    demo, killed, dev = demo_killed_build_then_dagster_dev
     started = time.monotonic()
 
     # ---- (1) the UI serves the whole graph with its class partitions ---------------------
@@ -93,7 +159,7 @@ def test_after_a_killed_build_the_ui_serves_the_graph_and_materialize_all_builds
     assert location["repositories"], "the location has no repository"
     print(f"\n[ui] location loaded after {time.monotonic() - started:.1f}s")
 
-    wait_for_classes(dev, CLASSES)  # the class_folders sensor registers them on its first tick
+    wait_for_classes(dev, CLASSES)  # registered by the demo's scan
     nodes = {tuple(n["assetKey"]["path"]): n for n in dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
     assert {k[0] for k in nodes if len(k) == 1} >= set(ASSETS), f"asset nodes served: {sorted(nodes)}"
     for name in ASSETS:
@@ -184,6 +250,21 @@ def test_after_a_killed_build_the_ui_serves_the_graph_and_materialize_all_builds
         assert f"pid {killed.tags[PID_TAG]}" in failure[0].message
         stuck = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED]))
         assert not stuck, [(r.run_id, r.status) for r in stuck]
+        # every class was encoded by the backfill with the demo's VAE (its fallback, recorded as such)
+        for key in CLASSES:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=AssetKey("vae_latents"), asset_partitions=[key]), limit=1
+            ).records
+            assert records, f"vae_latents[{key}] has no materialization"
+            entry = records[0].event_log_entry
+            assert instance.get_run_by_id(entry.run_id).tags.get("dagster/backfill") == backfill_id, key
+            metadata = entry.asset_materialization.metadata
+            assert metadata["vae"].value == VAE_ID and metadata["vae_fallback"].value is True, (key, metadata["vae"])
+
+    # ---- the same dataset as the demo's, byte for byte ---------------------------------------
+    shards_after = published_shards(demo["mds"])
+    assert shards_after == demo["shards"], f"the UI backfill published other shards:\nbefore {demo['shards']}\nafter  {shards_after}"
+    assert (demo["mds"] / "index.json").read_bytes() == demo["index"], "mds/index.json changed after the UI backfill"
 
     import pandas as pd
     from streaming import StreamingDataset
