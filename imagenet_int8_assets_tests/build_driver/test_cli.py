@@ -30,6 +30,8 @@ def test_build_materializes_everything_through_a_persistent_instance(tmp_path):
     assert f"Dataset: {tmp_path / 'out' / 'mds'}" in proc.stdout
     assert "5 samples in 3 classes" in proc.stdout and "1 bad" in proc.stdout
     assert "15/15" in proc.stderr  # the progress bar reached its end: 1 + 3 classes * 3 + 5 steps
+    ui_line = proc.stdout.splitlines()[proc.stdout.splitlines().index("See the runs and assets in the UI:") + 1]
+    assert "IMAGENET_INT8_MAX_PARTITIONS_PER_RUN=2 " in ui_line  # the UI's backfills batch as this build did
     home = tmp_path / "out" / "dagster_home"
     assert (home / "dagster.yaml").is_file()
     with dg.DagsterInstance.from_config(str(home)) as instance:
