@@ -858,10 +858,11 @@ def _effective(name: str, values: dict):
     """A recorded setting's value as it acts: a range of 0 is the VAE's default range, so 0 and
     the VAE's default (12 for SDXL) are the same setting; everything else as it is."""
     if name == "quant_range" and not values.get(name):
+        from imagenet_int8_assets.core.latents.quantize import resolve_range
         from imagenet_int8_assets.core.latents.vae import vae_default_range
 
-        default = vae_default_range(str(values.get("vae", "")))
-        return float(default) if default is not None else 0.0
+        default = vae_default_range(str(values.get("vae", "")))  # None: the VAE's config is not at hand
+        return resolve_range(0.0, default) if default is not None else 0.0
     return values.get(name)
 
 
