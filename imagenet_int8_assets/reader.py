@@ -27,7 +27,12 @@ import warnings
 from imagenet_int8_assets.core.dataset.dataset_check import FAST_HASHES, VERIFY_MODES, DatasetDamaged, check_dataset
 from imagenet_int8_assets.core.reading.latent_arrays import LatentArrays, load_latents
 from imagenet_int8_assets.core.reading.latent_torch import FlipUnsupported, batch, decode_codes
-from imagenet_int8_assets.core.dataset.mds import LatentStreamingDataset, Uint8Latents, register_uint8_encoding
+from imagenet_int8_assets.core.dataset.mds import (
+    LatentStreamingDataset,
+    Uint8Latents,
+    open_streaming,
+    register_uint8_encoding,
+)
 from imagenet_int8_assets.core.reading.parquet_export import export_parquet
 from imagenet_int8_assets.core.latents.quantize import dequantize
 from imagenet_int8_assets.core.common.urls import redact_url
@@ -56,7 +61,9 @@ def open_dataset(
         raise ValueError(f"open_dataset(verify={verify!r}): use one of {', '.join(VERIFY_MODES)}")
     kwargs.setdefault("batch_size", 1)
     if "://" in os.fspath(path):  # a remote: only downloads can be checked
-        dataset = _CheckedDownloads(remote=os.fspath(path), local=None if local is None else os.fspath(local), **kwargs)
+        dataset = open_streaming(
+            _CheckedDownloads, remote=os.fspath(path), local=None if local is None else os.fspath(local), **kwargs
+        )
         _decode_as_recorded(dataset, kwargs)
         dataset.verified = _check_downloads(dataset, verify, os.fspath(path))
         return dataset
@@ -66,9 +73,9 @@ def open_dataset(
     kwargs.setdefault("latent_shape", check.decode.latent_shape)
     kwargs.setdefault("value_range", check.decode.value_range)
     if local is None:
-        dataset = LatentStreamingDataset(local=os.fspath(path), **kwargs)
+        dataset = open_streaming(LatentStreamingDataset, local=os.fspath(path), **kwargs)
     else:
-        dataset = LatentStreamingDataset(local=os.fspath(local), remote=os.fspath(path), **kwargs)
+        dataset = open_streaming(LatentStreamingDataset, local=os.fspath(local), remote=os.fspath(path), **kwargs)
     dataset.verified = check.verified
     return dataset
 

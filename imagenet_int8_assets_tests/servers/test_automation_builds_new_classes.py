@@ -95,11 +95,11 @@ def gpu_overlaps(runs: list[dict]) -> tuple[int, list]:
 
 
 def read_dataset(mds: Path) -> tuple[int, list[str]]:
-    from streaming import StreamingDataset
+    from imagenet_int8_assets.core.dataset.mds import open_streaming
 
     import imagenet_int8_assets.reader  # noqa: F401  (registers the 'uint8' latent encoding)
 
-    dataset = StreamingDataset(local=str(mds), batch_size=1, shuffle=False)
+    dataset = open_streaming(local=str(mds), batch_size=1, shuffle=False)
     try:
         labels = []
         for i in range(dataset.num_samples):

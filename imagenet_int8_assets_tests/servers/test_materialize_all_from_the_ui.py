@@ -267,7 +267,7 @@ def test_demo_then_its_printed_ui_after_a_killed_build_materialize_all_republish
     assert (demo["mds"] / "index.json").read_bytes() == demo["index"], "mds/index.json changed after the UI backfill"
 
     import pandas as pd
-    from streaming import StreamingDataset
+    from imagenet_int8_assets.core.dataset.mds import open_streaming
 
     import imagenet_int8_assets.reader  # noqa: F401  (registers the 'uint8' latent encoding)
 
@@ -278,7 +278,7 @@ def test_demo_then_its_printed_ui_after_a_killed_build_materialize_all_republish
     assert ok > 0, manifest["status"].value_counts()
     assert set(manifest.loc[manifest["status"] == "ok", "class_folder"]) == set(CLASSES)
 
-    dataset = StreamingDataset(local=str(dev.out / "mds"), batch_size=1, shuffle=False)
+    dataset = open_streaming(local=str(dev.out / "mds"), batch_size=1, shuffle=False)
     try:
         assert dataset.num_samples == ok, f"{dataset.num_samples} samples in the dataset, {ok} ok rows in the manifest"
         labels = set()

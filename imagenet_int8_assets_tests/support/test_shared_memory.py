@@ -17,12 +17,14 @@ from imagenet_int8_assets_tests.support.shared_memory import (
 
 
 def _dataset(root: Path):
-    from streaming import MDSWriter, StreamingDataset
+    from streaming import MDSWriter
+
+    from imagenet_int8_assets.core.dataset.mds import open_streaming
 
     with MDSWriter(out=str(root / "mds"), columns={"x": "bytes"}) as writer:
         for i in range(3):
             writer.write({"x": np.full(4, i, np.uint8).tobytes()})
-    dataset = StreamingDataset(local=str(root / "mds"), batch_size=1, shuffle=False)
+    dataset = open_streaming(local=str(root / "mds"), batch_size=1, shuffle=False)
     assert dataset[2]["x"] == bytes([2] * 4)
     return dataset
 

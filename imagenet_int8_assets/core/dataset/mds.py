@@ -16,6 +16,7 @@ encoding too, whatever their start method.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,32 @@ class LatentStreamingDataset(StreamingDataset):
         return out
 
 
+PREFIX_RACE_ATTEMPTS = 5
+
+
+def open_streaming(cls: type = StreamingDataset, **kwargs: Any):
+    """``cls(**kwargs)`` (a StreamingDataset class), tried again when another process registered
+    the same shared-memory prefix at the same moment.
+
+    StreamingDataset looks for the first free prefix (``/dev/shm/NNNNNN_*``), then creates its
+    ``NNNNNN_locals`` segment: two processes on one machine that open datasets together can pick
+    the same prefix, and the later one fails with ``FileExistsError``. Trying again picks the next
+    free prefix. Any other error, and the race lost ``PREFIX_RACE_ATTEMPTS`` times, is raised.
+    """
+    for attempt in range(1, PREFIX_RACE_ATTEMPTS + 1):
+        try:
+            return cls(**kwargs)
+        except FileExistsError as exc:
+            if "_locals" not in str(exc) or attempt == PREFIX_RACE_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
+
+
 def verify_readable(root: str | os.PathLike) -> dict:
     """Open ``root`` with a real StreamingDataset; returns its sample count and first sample."""
     register_uint8_encoding()
-    dataset = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
+    dataset = open_streaming(local=str(root), batch_size=1, shuffle=False)
     try:
         count = int(dataset.num_samples)
         first = dataset[0] if count else None

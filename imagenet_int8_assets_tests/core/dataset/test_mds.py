@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from streaming import StreamingDataset
 
 from imagenet_int8_assets.core.dataset import mds, mds_index
+from imagenet_int8_assets.core.dataset.mds import open_streaming
 from imagenet_int8_assets.core.latents.quantize import dequantize
 from imagenet_int8_assets.reader import LatentStreamingDataset, open_dataset
 
@@ -58,7 +58,7 @@ def test_merged_index_reads_every_sample_once_in_class_order(three_classes):
     _publish(root, sorted(data))
     assert (root / "index.json").read_bytes() == again  # idempotent
     assert json.loads(again)["imagenet_int8"]["per_class"] == summary["per_class"]
-    ds = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
+    ds = open_streaming(local=str(root), batch_size=1, shuffle=False)
     assert ds.num_samples == 12
     expected = [(f, i) for f in sorted(data) for i in range(len(data[f]))]
     for n, (folder, i) in enumerate(expected):
@@ -76,7 +76,7 @@ def test_builtin_uint8_encoding_would_silently_read_one_byte(three_classes):
     saved = _encodings["uint8"]
     try:
         _encodings["uint8"] = UInt8
-        ds = StreamingDataset(local=str(mds_index.current_version_dir(root, "n01440764")), batch_size=1, shuffle=False)
+        ds = open_streaming(local=str(mds_index.current_version_dir(root, "n01440764")), batch_size=1, shuffle=False)
         assert np.asarray(ds[0]["vae_output"]).size == 1
     finally:
         _encodings["uint8"] = saved
@@ -178,5 +178,42 @@ def test_other_layouts_use_the_builtin_ndarray_encoding_and_read_back(tmp_path, 
         np.testing.assert_allclose(sample["latent"], dequantize(codes[i], value_range), atol=1e-6)
         np.testing.assert_allclose(sample["latent_flip"], dequantize(flips[i], value_range), atol=1e-6)
     # a plain StreamingDataset needs no registration for these columns
-    plain = StreamingDataset(local=str(root), batch_size=1, shuffle=False)
+    plain = open_streaming(local=str(root), batch_size=1, shuffle=False)
     np.testing.assert_array_equal(plain[0]["vae_output"], codes[0])
+
+
+def test_opening_a_dataset_survives_another_process_taking_the_same_shared_memory_prefix(tmp_path, monkeypatch):
+    """Two processes that open datasets at the same moment can pick the same free prefix; the later
+    one's ``NNNNNN_locals`` then exists already. Played here by handing out, once, a prefix whose
+    segment another process has just created (the race cannot be timed from one process)."""
+    import os
+    from multiprocessing import resource_tracker, shared_memory
+
+    import streaming.base.shared.prefix as prefix
+    from streaming import StreamingDataset
+
+    root = tmp_path / "mds"
+    mds.write_class_shards(root, "a", np.zeros((2, 4, 4, 4), np.uint8), 0, "a", {"seed": 0})
+    folder = mds_index.current_version_dir(root, "a")
+    taken = 900000 + os.getpid() % 90000
+    theirs = shared_memory.SharedMemory(name=f"{taken:06}_locals", create=True, size=16)
+    resource_tracker.unregister(theirs._name, "shared_memory")
+    real, handed = prefix._check_and_find_retrying, []
+
+    def racing(streams_local, streams_remote, shm_name, retry):
+        if len(handed) < len(prefix.SHM_TO_CLEAN):  # the first registration looks: the taken prefix
+            handed.append(shm_name)
+            return taken
+        return real(streams_local, streams_remote, shm_name, retry)
+
+    monkeypatch.setattr(prefix, "_check_and_find_retrying", racing)
+    try:
+        with pytest.raises(FileExistsError, match="_locals"):  # what a plain StreamingDataset does
+            StreamingDataset(local=str(folder), batch_size=1, shuffle=False)
+        handed.clear()
+        dataset = open_streaming(local=str(folder), batch_size=1, shuffle=False)
+        assert dataset.num_samples == 2 and dataset._shm_prefix_int != taken
+        del dataset
+    finally:
+        theirs.close()
+        theirs.unlink()

@@ -45,11 +45,11 @@ def test_a_class_is_quantized_at_its_recorded_range_and_rewritten_as_a_new_versi
     assert space.calls == [(3, latent.size, "a")] and space.inside == 1
     assert first.folder.parent == mds_root(tmp_path) / "classes" / "a"
     assert mds_index.index_sample_count(mds_index.read_index(first.folder)) == 3
-    from streaming import StreamingDataset
+    from imagenet_int8_assets.core.dataset.mds import open_streaming
 
     import imagenet_int8_assets.reader  # noqa: F401  (registers the 'uint8' encoding)
 
-    dataset = StreamingDataset(local=str(first.folder), batch_size=1, shuffle=False)
+    dataset = open_streaming(local=str(first.folder), batch_size=1, shuffle=False)
     try:
         codes = np.stack([np.frombuffer(dataset[i]["vae_output"], np.uint8) for i in range(3)])
         assert np.array_equal(codes, quantize(latent, 6.0).reshape(3, -1))
