@@ -46,8 +46,9 @@ def probe_features(context: AssetExecutionContext, settings: ImagenetInt8Setting
     features = collect_probe_features(
         settings.output_path, keys, labels, settings.probe_per_class, settings.probe_pool, settings.seed
     )
-    if features.warning():  # classes built in both modes: rebuilding the latent-only ones brings the set back
-        context.log.warning(features.warning())
+    warning = features.warning()
+    if warning:  # classes built in both modes: rebuilding the latent-only ones brings the set back
+        context.log.warning(warning)
     path = features_path(settings.output_path)
     space = SpaceNeeds("probe_features", settings.output_path)
     space.writing(1, features.nbytes())

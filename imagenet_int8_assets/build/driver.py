@@ -294,8 +294,9 @@ def _ui_command(settings, home) -> str:
     from imagenet_int8_assets.resources import max_partitions_per_run
 
     env = {"DAGSTER_HOME": str(home), **_settings_env(settings, changed_only=True)}
-    if max_partitions_per_run() != DEFAULT_MAX_PARTITIONS_PER_RUN:
-        env[PARTITIONS_PER_RUN_VAR] = str(max_partitions_per_run())
+    per_run = max_partitions_per_run()
+    if per_run != DEFAULT_MAX_PARTITIONS_PER_RUN:
+        env[PARTITIONS_PER_RUN_VAR] = str(per_run)
     assignments = [f"{var}={shlex.quote(value)}" for var, value in env.items()]
     dagster = shlex.quote(str(Path(sys.executable).parent / "dagster"))
     return " ".join([*assignments, dagster, "dev", "-m", "imagenet_int8_assets"])

@@ -174,14 +174,15 @@ def open_streaming(cls: type = StreamingDataset, **kwargs: Any):
     the same prefix, and the later one fails with ``FileExistsError``. Trying again picks the next
     free prefix. Any other error, and the race lost ``PREFIX_RACE_ATTEMPTS`` times, is raised.
     """
-    for attempt in range(1, PREFIX_RACE_ATTEMPTS + 1):
+    attempt = 1
+    while True:
         try:
             return cls(**kwargs)
         except FileExistsError as exc:
-            if "_locals" not in str(exc) or attempt == PREFIX_RACE_ATTEMPTS:
+            if "_locals" not in str(exc) or attempt >= PREFIX_RACE_ATTEMPTS:
                 raise
-            time.sleep(0.05 * attempt)
-    raise AssertionError("unreachable")
+        time.sleep(0.05 * attempt)
+        attempt += 1
 
 
 def verify_readable(root: str | os.PathLike) -> dict:

@@ -42,7 +42,6 @@ class ProbeFeatures:
     labels: list[int]
     class_names: list[str]
     arrays: dict[str, np.ndarray]
-    classes: list[str]
     incomplete: list[str] = field(default_factory=list)
     latent_only: list[str] = field(default_factory=list)
 
@@ -94,7 +93,6 @@ def collect_probe_features(
         labels=y,
         class_names=[labels.text[k] for k in keys if labels.index[k] in present],
         arrays={name: np.concatenate(parts) for name, parts in sets.items() if name not in incomplete},
-        classes=list(keys),
         incomplete=incomplete,
         latent_only=latent_only,
     )
